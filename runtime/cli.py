@@ -1,0 +1,142 @@
+"""Command line. The only place where errors become exit codes (DESIGN.md):
+0 ok · 2 usage/config · 3 weight integrity · 4 secrets · 5 sandbox · 6 engine · 1 a bug."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from runtime import __version__, telemetry
+from runtime.errors import HarnessError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from runtime import launcher
+
+    return launcher.serve(args.config, args.set)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from runtime import check
+
+    if args.json:
+        telemetry.set_stream(sys.stderr)  # stdout is the report
+    report = check.report(args.config, args.set)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(check.render(report))
+    return 0
+
+
+def _demo_init(args: argparse.Namespace) -> int:
+    from runtime.demo import assets
+
+    made = assets.ensure(Path(args.dir), force=args.force)
+    for line in made:
+        print(line, file=sys.stderr)
+    print(Path(args.dir).resolve() / assets.CONFIG_NAME)
+    return 0
+
+
+def _demo_serve(args: argparse.Namespace) -> int:
+    from runtime import launcher
+    from runtime.demo import assets
+
+    for line in assets.ensure(Path(args.dir)):
+        print(line, file=sys.stderr)
+    return launcher.serve(
+        Path(args.dir) / assets.CONFIG_NAME,
+        args.set,
+        on_ready=lambda cfg: print(assets.usage(Path(args.dir), cfg), file=sys.stderr, flush=True),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="Hardened launcher: verifies, sandboxes and serves vLLM behind mTLS.",
+    )
+    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="TOML configuration file")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY.PATH=VALUE",
+            help="override one config value (TOML syntax), e.g. --set limits.max_tokens=32",
+        )
+
+    p = sub.add_parser("serve", help="verify, sandbox, start the engine and serve it over mTLS")
+    with_config(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check", help="validate the config and report the controls in force")
+    with_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.set_defaults(func=_check)
+
+    demo = sub.add_parser("demo", help="demo assets: tiny model, PKI, config")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    p = demo_sub.add_parser("init", help="create whatever is missing under --dir")
+    p.add_argument("--dir", default=".demo")
+    p.add_argument("--force", action="store_true", help="rebuild everything")
+    p.set_defaults(func=_demo_init)
+    p = demo_sub.add_parser("serve", help="init, then serve the demo in the foreground")
+    p.add_argument("--dir", default=".demo")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(func=_demo_serve)
+    return parser
+
+
+def _logging() -> None:
+    # Library logs (uvicorn) go to stderr; stdout is reserved for JSON events.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _logging()
+    func: Callable[[argparse.Namespace], int] = args.func
+    serving = args.command == "serve" or getattr(args, "demo_command", None) == "serve"
+    try:
+        return func(args)
+    except HarnessError as exc:
+        print(exc.diagnostics(), file=sys.stderr)
+        if serving:
+            telemetry.emit(
+                "shutdown",
+                "failed",
+                exit_code=exc.exit_code,
+                error=type(exc).__name__,
+                message=exc.message,
+            )
+        return exc.exit_code
+    except BaseException as exc:
+        from runtime.launcher import StopRequested
+
+        if isinstance(exc, StopRequested):
+            telemetry.emit("shutdown", "ok", exit_code=0, reason=f"{exc} before serving")
+            return 0
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            raise
+        traceback.print_exc()
+        print(
+            "harness: internal error: this is a bug in harness, not in your configuration; "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1

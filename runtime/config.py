@@ -1,0 +1,196 @@
+"""The TOML configuration, validated into one typed, immutable object.
+
+Every module reads this one schema. Unknown keys are errors (a typo in a security setting
+must never be silently ignored); relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from runtime.errors import ConfigError
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base", Path.cwd())
+    return (base / value.expanduser()).resolve() if not value.is_absolute() else value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+
+# Names that must never reach the engine, whatever `env_passthrough` says.
+SECRET_LIKE = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|APIKEY|PRIVATE_KEY|CREDENTIALS?)($|_)"
+    r"|^(VAULT_|AWS_SECRET|HF_TOKEN|HUGGING_FACE_HUB_TOKEN)",
+    re.IGNORECASE,
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    dir: ConfigPath
+    served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+class TLSSection(_Section):
+    cert: ConfigPath
+    key: ConfigPath
+    client_ca: ConfigPath
+
+
+class FrontSection(_Section):
+    listen: str = "127.0.0.1:8443"
+    tls: TLSSection
+    # Client identities (SAN URI such as spiffe://..., SAN DNS name, or SAN email) allowed in.
+    allowed_identities: list[str] = Field(min_length=1)
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
+    drain_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        split_listen(value)
+        return value
+
+    @field_validator("allowed_identities")
+    @classmethod
+    def _identities(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not item or item != item.strip() or "*" in item:
+                raise ValueError(f"{item!r}: identities are exact strings, no wildcards or spaces")
+        return value
+
+
+class LimitsSection(_Section):
+    # Hard cap on generated tokens per request; also passed to vLLM as max_new_tokens.
+    max_tokens: int = Field(default=256, ge=1, le=1 << 20)
+
+
+class EngineSection(_Section):
+    device: Literal["cpu", "cuda"] = "cpu"
+    # Parent of the engine's private runtime dir (its socket, tmp and caches).
+    runtime_dir: ConfigPath = Path("/tmp")  # noqa: S108 - a private 0700 subdir is made inside
+    python: ConfigPath = Path(sys.executable)
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=16, ge=1, le=4096)
+    # Needed on CPU: without it vLLM sizes the KV cache from 0.92 of RAM.
+    kv_cache_memory_bytes: int | None = Field(default=None, ge=1 << 20)
+    ready_timeout_s: float = Field(default=600.0, gt=0)
+    stop_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    # A private network namespace (only a loopback) for the engine. `auto` uses one when
+    # harness may create it (CAP_SYS_ADMIN); `required` refuses to start without one.
+    network_namespace: Literal["auto", "required", "off"] = "auto"
+    # Extra variables copied from harness's environment into the engine's (allowlist).
+    env_passthrough: list[str] = Field(default_factory=list)
+
+    @field_validator("env_passthrough")
+    @classmethod
+    def _no_secrets(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if SECRET_LIKE.search(name):
+                raise ValueError(f"{name!r} looks like a secret; the engine never gets secrets")
+        return value
+
+
+class Config(_Section):
+    model: ModelSection
+    front: FrontSection
+    limits: LimitsSection = LimitsSection()
+    engine: EngineSection = EngineSection()
+    source: Path = Path("<memory>")
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """'127.0.0.1:8443' or '[::1]:8443' -> (host, port)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([0-9.]+|localhost):(\d{1,5})", value)
+    if not match:
+        raise ValueError(f"{value!r} is not HOST:PORT (an IP address, or [IPv6]:PORT)")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if host != "localhost":
+        ipaddress.ip_address(host)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a table")
+    node[leaf] = value
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, apply `KEY.PATH=VALUE` overrides, validate. Raises ConfigError (exit 2)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file", fix="pass --config with an existing TOML file"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}", fix="fix the TOML syntax") from exc
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE")
+        _set_dotted(data, key.strip(), raw.strip())
+    if "source" in data:
+        raise ConfigError(f"{path}: unknown key 'source'", fix="remove it")
+    data["source"] = path.resolve()
+    try:
+        return Config.model_validate(data, context={"base": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc), fix=_fix(exc)) from None
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key '{key}'")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: missing required key '{key}'")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: '{key}': {msg} (got {err.get('input')!r})")
+    return "\n  ".join(lines)
+
+
+def _fix(exc: ValidationError) -> str:
+    kinds = {err["type"] for err in exc.errors()}
+    if "extra_forbidden" in kinds:
+        return "check the spelling against the configuration reference in README.md"
+    return "correct the values named above (see the configuration reference in README.md)"

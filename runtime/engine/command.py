@@ -1,0 +1,145 @@
+"""Build the engine's argv and environment from the config. Pure: no I/O, unit-tested.
+
+The environment is built from an allowlist, never inherited: the engine must not see the
+front's secrets, cloud credentials or proxy settings (facts: shared notes on vLLM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.config import SECRET_LIKE, Config
+
+ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """The engine's private, writable runtime dir and what lives in it."""
+
+    root: Path
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "engine.sock"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def home(self) -> Path:
+        return self.root / "home"
+
+    @property
+    def rpc(self) -> Path:
+        return self.root / "rpc"
+
+    def dirs(self) -> tuple[Path, ...]:
+        return (self.tmp, self.cache, self.home, self.rpc)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: Path
+    socket: Path
+
+
+def build_argv(cfg: Config, paths: RuntimePaths) -> list[str]:
+    eng = cfg.engine
+    argv = [
+        str(eng.python),
+        "-I",  # isolated: no user site, no PYTHON* variables, no cwd on sys.path
+        "-m",
+        ENGINE_MODULE,
+        "--model",
+        str(cfg.model.dir),
+        "--served-model-name",
+        cfg.model.served_name,
+        # A Unix socket only: the engine never binds a TCP port.
+        "--uds",
+        str(paths.socket),
+        "--load-format",
+        "safetensors",
+        # Ignore the model's generation_config.json and cap generation server-side; vLLM clamps
+        # silently, so the front is the one that rejects over-cap requests.
+        "--generation-config",
+        "vllm",
+        "--override-generation-config",
+        json.dumps({"max_new_tokens": cfg.limits.max_tokens}),
+        "--max-num-seqs",
+        str(eng.max_num_seqs),
+        "--disable-fastapi-docs",
+    ]
+    if eng.max_model_len is not None:
+        argv += ["--max-model-len", str(eng.max_model_len)]
+    if eng.device == "cpu":
+        # No C++ compiler or compile cache at run time on CPU: run eagerly.
+        argv += ["--enforce-eager"]
+    if eng.kv_cache_memory_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(eng.kv_cache_memory_bytes)]
+    return argv
+
+
+def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> dict[str, str]:
+    eng = cfg.engine
+    cache = paths.cache
+    user = "harness-engine"
+    env = {
+        "PATH": f"{Path(eng.python).parent}:/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        # torch calls getpwuid; an unknown uid crashes without these.
+        "HOME": str(paths.home),
+        "USER": user,
+        "LOGNAME": user,
+        "TMPDIR": str(paths.tmp),
+        # Offline, no telemetry: vLLM posts usage stats to an outside host by default.
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "DO_NOT_TRACK": "1",
+        # Otherwise vLLM "connects" a UDP socket to 8.8.8.8 to learn its own address.
+        "VLLM_HOST_IP": "127.0.0.1",
+        # n x max_tokens is the real output bound; vLLM's default allows 16384 sequences.
+        "VLLM_MAX_N_SEQUENCES": str(eng.max_num_seqs),
+        "VLLM_MEDIA_URL_ALLOW_REDIRECTS": "0",
+        # Caches may hold code-executing formats: keep them private and ephemeral.
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "HF_HOME": str(cache / "huggingface"),
+        "XDG_CACHE_HOME": str(cache),
+        "XDG_CONFIG_HOME": str(paths.home / ".config"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "NUMBA_CACHE_DIR": str(cache / "numba"),
+        "OUTLINES_CACHE_DIR": str(cache / "outlines"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "VLLM_RPC_BASE_PATH": str(paths.rpc),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    for name in eng.env_passthrough:
+        # Config validation already refuses secret-like names; check again at the boundary.
+        if name in parent_env and not SECRET_LIKE.search(name) and name not in env:
+            env[name] = parent_env[name]
+    return env
+
+
+def build_plan(
+    cfg: Config, paths: RuntimePaths, parent_env: dict[str, str] | None = None
+) -> EnginePlan:
+    parent = dict(os.environ) if parent_env is None else parent_env
+    return EnginePlan(
+        argv=tuple(build_argv(cfg, paths)),
+        env=build_env(cfg, paths, parent),
+        cwd=paths.root,
+        socket=paths.socket,
+    )

@@ -1,0 +1,1 @@
+"""The front: the only network listener. mTLS, client identity, route allowlist, proxy."""

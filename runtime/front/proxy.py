@@ -1,0 +1,272 @@
+"""The front's ASGI app: an exact route allowlist and a streaming proxy to the engine's socket.
+
+Routes are matched on the raw request target exactly as received (`scope["raw_path"]`), never
+on a decoded or normalised form: `/%761/models`, `/v1/../pause` and `//v1/models` are unknown
+routes, and the engine never sees them. The upstream path sent is our constant, not the
+client's bytes, and the query string is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime import telemetry
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Route -> allowed methods. Everything else is 404 from the front.
+FORWARDED: dict[bytes, frozenset[str]] = {
+    b"/v1/models": frozenset({"GET"}),
+    b"/v1/completions": frozenset({"POST"}),
+    b"/v1/chat/completions": frozenset({"POST"}),
+}
+LOCAL = frozenset({b"/healthz", b"/readyz"})
+
+# Only these request headers reach the engine; nothing the client sends about hosts,
+# forwarding, auth or encodings does.
+REQUEST_HEADERS = frozenset({b"content-type", b"accept"})
+# Hop-by-hop headers are the front's own business.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"server",
+        b"date",
+    }
+)
+IDENTITY_KEY = "harness.identity"
+
+
+@dataclass
+class FrontState:
+    """Shared with the supervisor: readiness flips to false while draining."""
+
+    engine_ready: bool = False
+    draining: bool = False
+    in_flight: int = field(default=0)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine_ready and not self.draining
+
+
+def _error_body(status: int, message: str, code: str) -> bytes:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return json.dumps(
+        {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    ).encode()
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()
+) -> None:  # type: ignore[assignment]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send(
+        {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Rejected(Exception):
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class FrontApp:
+    def __init__(self, engine_socket: Path, state: FrontState, *, max_body_bytes: int) -> None:
+        self.engine_socket = engine_socket
+        self.state = state
+        self.max_body_bytes = max_body_bytes
+        self.client: httpx.AsyncClient | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _open_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(self.engine_socket)),
+            base_url="http://engine",
+            # No read timeout: generation streams for as long as the engine generates.
+            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+        )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.client = self._open_client()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.client is not None:
+                    await self.client.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # websockets: not a route we serve
+            return
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        raw_path = scope.get("raw_path")
+        identity = scope.get(IDENTITY_KEY)
+        audit = {"request_id": request_id, "identity": identity, "method": scope["method"]}
+        route = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else None
+        try:
+            status = await self._handle(scope, receive, send, raw_path, request_id)
+        except _Rejected as rej:
+            await _respond(send, rej.status, _error_body(rej.status, rej.message, rej.code))
+            failed = rej.status >= 500
+            telemetry.emit(
+                "request" if failed else "request_rejected",
+                "failed" if failed else "blocked",
+                **audit,
+                route=_loggable(route),
+                status=rej.status,
+                reason=rej.code,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            return
+        if status is not None:
+            telemetry.emit(
+                "request",
+                "allowed" if status < 400 else "failed",
+                **audit,
+                route=route,
+                status=status,
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, raw_path: Any, request_id: str
+    ) -> int | None:
+        # Exact match on the raw target; the decoded `path` must agree (defence in depth).
+        if scope.get("root_path") or not isinstance(raw_path, bytes):
+            raise _Rejected(404, "Not found", "route_not_allowed")
+        if raw_path in LOCAL and scope["path"].encode() == raw_path:
+            await self._local(raw_path, send)
+            return None
+        methods = FORWARDED.get(raw_path)
+        if methods is None or scope["path"].encode() != raw_path:
+            raise _Rejected(404, "Not found", "route_not_allowed")
+        if scope["method"] not in methods:
+            raise _Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
+        if self.state.draining:
+            raise _Rejected(503, "The server is shutting down", "draining")
+        body = await self._read_body(scope, receive)
+        return await self._forward(scope, receive, send, raw_path, body, request_id)
+
+    async def _local(self, raw_path: bytes, send: Send) -> None:
+        if raw_path == b"/healthz":
+            await _respond(send, 200, b'{"status":"ok"}')
+        elif self.state.ready:
+            await _respond(send, 200, b'{"status":"ready"}')
+        else:
+            status = "draining" if self.state.draining else "starting"
+            await _respond(send, 503, json.dumps({"status": status}).encode())
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                raise _Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError  # client went away; nothing to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # counted while it streams in, not after
+                raise _Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, route: bytes, body: bytes, request_id: str
+    ) -> int:
+        assert self.client is not None, "lifespan startup did not run"
+        headers = [(k, v) for k, v in scope["headers"] if k in REQUEST_HEADERS]
+        headers.append((b"x-request-id", request_id.encode()))
+        request = self.client.build_request(
+            scope["method"], route.decode(), headers=headers, content=body
+        )
+        self.state.in_flight += 1
+        try:
+            try:
+                upstream = await self.client.send(request, stream=True)
+            except httpx.TransportError:
+                raise _Rejected(
+                    502, "The model engine is unavailable", "engine_unavailable"
+                ) from None
+            relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
+            disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+            try:
+                await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # A client that leaves cancels generation: closing the upstream stream makes
+                # vLLM abort the request instead of generating into the void.
+                if not relay.done():
+                    relay.cancel()
+                disconnect.cancel()
+                await upstream.aclose()
+            if relay.cancelled():
+                return 499
+            if isinstance(relay.exception(), httpx.HTTPError):
+                # The engine broke off mid-response; the client sees a truncated stream.
+                return 502
+            relay.result()
+            return upstream.status_code
+        finally:
+            self.state.in_flight -= 1
+
+    async def _relay(self, upstream: httpx.Response, send: Send, request_id: str) -> None:
+        headers = [
+            (k.lower(), v)
+            for k, v in upstream.headers.raw
+            if k.lower() not in HOP_BY_HOP and k.lower() != b"x-request-id"
+        ]
+        headers.append((b"x-request-id", request_id.encode()))
+        await send(
+            {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
+        )
+        # Chunk by chunk: a server-sent-event stream is never buffered whole.
+        async for chunk in upstream.aiter_raw():
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _loggable(route: str | None) -> str | None:
+    """Rejected targets are attacker-chosen: log a bounded, printable form."""
+    if route is None:
+        return None
+    return route[:256].encode("ascii", "backslashreplace").decode()

@@ -1,0 +1,128 @@
+"""The front's server: uvicorn on a pre-bound socket, with our TLS context and a protocol
+that checks the client's identity right after the handshake, before any HTTP is read.
+
+uvicorn does not hand the peer certificate to the app, and headers are client-controlled;
+so the identity is taken from the TLS connection itself and attached to each request's scope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from runtime import telemetry
+from runtime.config import FrontSection, split_listen
+from runtime.errors import ConfigError
+from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState
+from runtime.front.tls import match_identity, peer_identities
+
+
+def bind(front: FrontSection) -> socket.socket:
+    """Bind the listening socket early: a busy port fails in a second, not after the engine
+    has loaded, and later the front can drop the privilege to bind."""
+    host, port = split_listen(front.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"front.listen {front.listen}: cannot bind: {exc.strerror}",
+            fix="choose a free port, or stop the process that holds it",
+        ) from exc
+    sock.set_inheritable(False)
+    return sock
+
+
+def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
+    class IdentityCheckingProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+            sans = peer_identities(ssl_object.getpeercert() if ssl_object else None)
+            identity = match_identity(sans, allowed)
+            if identity is None:
+                telemetry.emit(
+                    "tls_handshake_rejected",
+                    "blocked",
+                    reason="identity_not_allowed",
+                    client=_peer(transport),
+                    presented=[f"{kind}:{value}"[:256] for kind, value in sans][:8],
+                )
+                transport.close()
+                return
+            inner = self.app
+
+            async def app_with_identity(scope: Any, receive: Any, send: Any) -> None:
+                scope[IDENTITY_KEY] = identity
+                await inner(scope, receive, send)
+
+            self.app = app_with_identity
+
+    return IdentityCheckingProtocol
+
+
+def _peer(transport: asyncio.BaseTransport) -> str | None:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else None
+
+
+class FrontServer(uvicorn.Server):
+    """uvicorn's server, with SIGTERM/SIGINT meaning *drain*: readiness goes false, no new
+    connections, in-flight requests finish within front.drain_timeout_s. Unlike plain
+    uvicorn, the signal is not re-raised afterwards: the supervisor still has to stop the
+    engine and exit 0."""
+
+    def __init__(self, config: uvicorn.Config, state: FrontState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.stop_signal: int | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.state.draining = True
+        if self.stop_signal is None:
+            self.stop_signal = sig
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl+C: stop waiting
+        self.should_exit = True
+
+    def request_stop(self) -> None:
+        self.state.draining = True
+        self.should_exit = True
+
+
+def build_server(
+    front: FrontSection,
+    app: FrontApp,
+    state: FrontState,
+    ssl_context: ssl.SSLContext,
+) -> FrontServer:
+    config = uvicorn.Config(
+        app,
+        http=_identity_protocol(tuple(front.allowed_identities)),
+        ssl_context_factory=_fixed(ssl_context),
+        lifespan="on",
+        log_config=None,
+        access_log=False,  # the front emits its own audit events
+        proxy_headers=False,  # never trust X-Forwarded-* from clients
+        server_header=False,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=int(front.drain_timeout_s),
+    )
+    return FrontServer(config, state)
+
+
+def _fixed(
+    ctx: ssl.SSLContext,
+) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    return lambda _config, _default: ctx

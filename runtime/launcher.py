@@ -1,0 +1,130 @@
+"""`harness serve`: the startup sequence of DESIGN.md, top to bottom.
+
+Each step is one call that either returns or raises a HarnessError carrying its exit code.
+Weight verification (step 2), secrets (step 3), resource caps beyond the token cap (step 4)
+and the engine sandbox (step 5) are not built yet; README.md says what is enforced today.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from runtime import config as config_mod
+from runtime import telemetry
+from runtime.config import Config
+from runtime.engine.process import Engine
+from runtime.errors import EngineError
+from runtime.front import server as front_server
+from runtime.front import tls
+from runtime.front.proxy import FrontApp, FrontState
+
+ENGINE_FAILED = EngineError.exit_code
+
+
+class StopRequested(BaseException):
+    """SIGTERM/SIGINT before the front serves: unwind, stop the engine, exit 0."""
+
+
+def serve(
+    config_path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    on_ready: Callable[[Config], None] | None = None,
+) -> int:
+    _stop_on_signals()
+
+    # 1. Configuration: validated, typed, unknown keys refused (exit 2).
+    cfg = config_mod.load(config_path, overrides)
+    telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
+
+    # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
+
+    # The front's TLS material and port are checked before the engine spends a minute
+    # loading: a wrong path or a busy port fails now (exit 2).
+    ssl_context = tls.server_context(cfg.front.tls)
+    listener = front_server.bind(cfg.front)
+
+    # 5. Engine: a child on a Unix socket only, with an allowlisted environment.
+    with listener, Engine.create(cfg) as engine:
+        engine.start()
+        engine.wait_ready()
+
+        # 7. Front: mTLS, identity allowlist, route allowlist; supervise until stopped.
+        code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, on_ready))
+        engine_code = engine.stop()
+    telemetry.emit(
+        "shutdown",
+        "ok" if code == 0 else "failed",
+        exit_code=code,
+        engine_exit_code=engine_code,
+    )
+    return code
+
+
+async def _serve_front(
+    cfg: Config,
+    engine: Engine,
+    listener: object,
+    ssl_context: object,
+    on_ready: Callable[[Config], None] | None,
+) -> int:
+    state = FrontState(engine_ready=True)
+    app = FrontApp(engine.socket, state, max_body_bytes=cfg.front.max_body_bytes)
+    server = front_server.build_server(cfg.front, app, state, ssl_context)  # type: ignore[arg-type]
+    died: list[int] = []
+
+    # The engine's death wakes us at once (pidfd), not at the next poll.
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(engine.pid)
+
+    def on_engine_exit() -> None:
+        loop.remove_reader(pidfd)
+        code = engine.returncode()
+        died.append(code if code is not None else -1)
+        telemetry.emit("engine_exit", "failed", pid=engine.pid, exit_code=died[0])
+        server.request_stop()
+
+    loop.add_reader(pidfd, on_engine_exit)
+    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, on_ready))
+    try:
+        await server.serve(sockets=[listener])  # type: ignore[list-item]
+    finally:
+        watch_ready.cancel()
+        if not died:
+            loop.remove_reader(pidfd)
+        os.close(pidfd)
+    if died:
+        return ENGINE_FAILED
+    if not server.started:
+        return 1
+    return 0
+
+
+async def _announce_ready(
+    server: front_server.FrontServer, cfg: Config, on_ready: Callable[[Config], None] | None
+) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    telemetry.emit(
+        "front_listen",
+        "ok",
+        listen=cfg.front.listen,
+        tls="1.3",
+        client_cert="required",
+        allowed_identities=list(cfg.front.allowed_identities),
+    )
+    if on_ready is not None:
+        on_ready(cfg)
+
+
+def _stop_on_signals() -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        raise StopRequested(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

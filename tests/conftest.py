@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime.demo import assets
+from tests.support import Harness
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Demo assets built once per session, exactly as `harness demo init` builds them."""
+    root = tmp_path_factory.mktemp("demo")
+    assets.ensure(root)
+    return root
+
+
+class Servers:
+    """The real engine takes ~50 s to start, so one `harness serve` is shared by the session.
+    Tests that end a server (`take`) get the shared one and the next `shared()` starts anew."""
+
+    def __init__(self, demo_dir: Path, workdir: Path) -> None:
+        self.demo_dir = demo_dir
+        self.workdir = workdir
+        self._shared: Harness | None = None
+        self._all: list[Harness] = []
+
+    def start(self, overrides: list[str] | None = None) -> Harness:
+        harness = Harness(self.demo_dir / assets.CONFIG_NAME, self.workdir, overrides)
+        self._all.append(harness)
+        return harness
+
+    def shared(self) -> Harness:
+        if self._shared is None or not self._shared.alive():
+            self._shared = self.start()
+            self._shared.wait_ready()
+        return self._shared
+
+    def take(self) -> Harness:
+        harness = self.shared()
+        self._shared = None
+        return harness
+
+    def close(self) -> None:
+        for harness in self._all:
+            harness.kill()
+
+
+@pytest.fixture(scope="session")
+def servers(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    manager = Servers(demo_dir, tmp_path_factory.mktemp("servers"))
+    yield manager
+    manager.close()
+
+
+@pytest.fixture()
+def harness(servers: Servers) -> Harness:
+    return servers.shared()

@@ -1,0 +1,170 @@
+"""Helpers shared by the tests: a real `harness serve` process and real mTLS clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parents[1]
+ENGINE_READY_TIMEOUT = 600
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def client_context(
+    ca: Path,
+    cert: Path | None = None,
+    key: Path | None = None,
+    *,
+    max_tls: ssl.TLSVersion | None = None,
+) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    if max_tls is not None:
+        ctx.maximum_version = max_tls
+    return ctx
+
+
+def raw_request(
+    url: str, ctx: ssl.SSLContext, method: str, target: bytes, body: bytes = b""
+) -> tuple[int, bytes]:
+    """Send a request target byte for byte (HTTP clients normalise `..` and `//`)."""
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    head = (
+        f"{method} ".encode() + target + b" HTTP/1.1\r\nHost: localhost\r\n"
+        b"Content-Type: application/json\r\nConnection: close\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    )
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(head + body)
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def openai_client(base_url: str, ctx: ssl.SSLContext) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key="unused",
+        http_client=httpx.Client(verify=ctx, timeout=120),
+        max_retries=0,
+    )
+
+
+class Harness:
+    """One `harness serve` child process; events on stdout, logs on stderr, both to files."""
+
+    def __init__(self, config: Path, workdir: Path, overrides: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.stdout_path = workdir / f"harness-{self.port}.events"
+        self.stderr_path = workdir / f"harness-{self.port}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "runtime",
+            "serve",
+            "--config",
+            str(config),
+            "--set",
+            f'front.listen="127.0.0.1:{self.port}"',
+        ]
+        for item in overrides or []:
+            args += ["--set", item]
+        env = dict(os.environ, HARNESS_TEST_CANARY="must-not-reach-the-engine")
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.stdout_path.open("wb"),
+            stderr=self.stderr_path.open("wb"),
+        )
+
+    # -- observation ----------------------------------------------------------------------
+    def events(self, event_type: str | None = None) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stdout_path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if event_type is None or record["event_type"] == event_type:
+                    out.append(record)
+        return out
+
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    @property
+    def engine_pid(self) -> int:
+        return self.events("engine_start")[0]["pid"]
+
+    def wait_for_event(self, event_type: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(event_type)
+            if found:
+                return found[0]
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        raise AssertionError(
+            f"no {event_type} event (exit={self.proc.poll()}); log tail:\n{self.log()[-3000:]}"
+        )
+
+    def wait_for(self, event_type: str, timeout: float = 5, **match: Any) -> dict[str, Any]:
+        """The latest event of this type whose fields equal `match` (events land a moment
+        after the response the client already has)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [
+                e for e in self.events(event_type) if all(e.get(k) == v for k, v in match.items())
+            ]
+            if found:
+                return found[-1]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {event_type} event matching {match}")
+            time.sleep(0.05)
+
+    def wait_ready(self) -> None:
+        self.wait_for_event("front_listen", ENGINE_READY_TIMEOUT)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    # -- control --------------------------------------------------------------------------
+    def terminate(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        # Never leave an engine behind, whatever happened to harness.
+        for record in self.events("engine_start"):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(record["pid"], signal.SIGKILL)

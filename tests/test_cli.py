@@ -1,0 +1,97 @@
+"""Exit codes of the CLI contract, through the real `harness` entry point."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from runtime.demo import assets
+from tests.support import REPO, free_port
+
+
+def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def _events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_unknown_key_exits_2_naming_it(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    config = tmp_path / assets.CONFIG_NAME
+    config.write_text(config.read_text().replace("[limits]", "[limits]\nmax_tokenz = 3"))
+    result = _harness("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert "unknown key 'limits.max_tokenz'" in result.stderr and "fix:" in result.stderr
+    [event] = _events(result.stdout)
+    assert event["event_type"] == "shutdown" and event["exit_code"] == 2
+
+
+def test_busy_port_exits_2_before_the_engine_starts(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        result = _harness(
+            "serve",
+            "--config",
+            str(tmp_path / assets.CONFIG_NAME),
+            "--set",
+            f'front.listen="127.0.0.1:{port}"',
+        )
+    assert result.returncode == 2
+    assert f"front.listen 127.0.0.1:{port}: cannot bind" in result.stderr
+    assert "engine_start" not in {e["event_type"] for e in _events(result.stdout)}
+    assert time.monotonic() - started < 30
+
+
+def test_engine_that_dies_during_startup_exits_6(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    result = _harness(
+        "serve",
+        "--config",
+        str(tmp_path / assets.CONFIG_NAME),
+        "--set",
+        f'front.listen="127.0.0.1:{free_port()}"',
+        "--set",
+        'engine.python="/bin/false"',
+    )
+    assert result.returncode == 6
+    assert "the engine exited with code 1 before it was ready" in result.stderr
+    events = _events(result.stdout)
+    assert events[-1]["event_type"] == "shutdown" and events[-1]["exit_code"] == 6
+    # The private runtime dir is removed on the way out.
+    [start] = [e for e in events if e["event_type"] == "engine_start"]
+    assert not Path(start["socket"]).parent.exists()
+
+
+def test_check_json_reports_controls(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    result = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    controls = report["controls"]
+    assert controls["front_tls"]["minimum_version"] == "TLSv1.3"
+    assert controls["token_cap"]["max_tokens"] == 64
+    assert controls["engine_environment"]["mode"] == "allowlist"
+    assert controls["weight_integrity"]["status"] == "not_built"
+
+
+def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    (tmp_path / "pki" / "server-key.pem").write_text("not a key")
+    result = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME))
+    assert result.returncode == 2 and "front.tls.key" in result.stderr

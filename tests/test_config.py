@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runtime import config
+from runtime.errors import ConfigError
+
+VALID = """
+[model]
+dir = "model"
+served_name = "demo"
+
+[front]
+listen = "127.0.0.1:8443"
+allowed_identities = ["spiffe://cluster.local/ns/gw/sa/gateway"]
+
+[front.tls]
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "pki/ca.pem"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "harness.toml"
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_resolves_paths_against_its_folder(tmp_path: Path) -> None:
+    cfg = config.load(_write(tmp_path, VALID))
+    assert cfg.model.dir == tmp_path / "model"
+    assert cfg.front.tls.client_ca == tmp_path / "pki" / "ca.pem"
+    assert cfg.limits.max_tokens == 256
+    assert cfg.engine.network_namespace == "auto"
+
+
+def test_overrides_use_toml_syntax(tmp_path: Path) -> None:
+    cfg = config.load(
+        _write(tmp_path, VALID),
+        ["limits.max_tokens=32", 'front.listen="[::1]:9443"', "engine.device=cuda"],
+    )
+    assert cfg.limits.max_tokens == 32
+    assert cfg.front.listen == "[::1]:9443"
+    assert cfg.engine.device == "cuda"
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (("[front]", "[front]\nlissten = 1"), "unknown key 'front.lissten'"),
+        (("[model]", "[model]\nauto_map = 1"), "unknown key 'model.auto_map'"),
+        (('served_name = "demo"', ""), "missing required key 'model.served_name'"),
+        (('"127.0.0.1:8443"', '"0.0.0.0"'), "'front.listen'"),
+        (('"127.0.0.1:8443"', '"example.com:443"'), "'front.listen'"),
+        (('"127.0.0.1:8443"', '"127.0.0.1:99999"'), "out of range"),
+        (('["spiffe://cluster.local/ns/gw/sa/gateway"]', "[]"), "'front.allowed_identities'"),
+        (('["spiffe://cluster.local/ns/gw/sa/gateway"]', '["spiffe://*"]'), "wildcards"),
+        (('served_name = "demo"', 'served_name = "../x y"'), "'model.served_name'"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, edit: tuple[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(_write(tmp_path, VALID.replace(*edit, 1)))
+    assert needle in info.value.message
+    assert str(tmp_path / "harness.toml") in info.value.message
+    assert info.value.exit_code == 2 and info.value.fix
+
+
+def test_bad_values_in_sections_with_defaults(tmp_path: Path) -> None:
+    for extra, needle in [
+        ("[limits]\nmax_tokens = 0", "'limits.max_tokens'"),
+        ("[engine]\ndevice = 'tpu'", "'engine.device'"),
+        ("[engine]\nnetwork_namespace = 'maybe'", "'engine.network_namespace'"),
+        ("[engine]\nenv_passthrough = ['AWS_SECRET_ACCESS_KEY']", "looks like a secret"),
+        ("[engine]\nenv_passthrough = ['HF_TOKEN']", "looks like a secret"),
+        ("[engine]\nenv_passthrough = ['OPENAI_API_KEY']", "looks like a secret"),
+        ("[engine]\nenv_passthrough = ['A=B']", "not an environment variable name"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            config.load(_write(tmp_path, VALID + "\n" + extra + "\n"))
+        assert needle in info.value.message, extra
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(_write(tmp_path, "[model\n"))
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match=r"expected KEY\.PATH=VALUE"):
+        config.load(_write(tmp_path, VALID), ["limits.max_tokens"])
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("127.0.0.1:8443", ("127.0.0.1", 8443)),
+        ("[::1]:443", ("::1", 443)),
+        ("0.0.0.0:1", ("0.0.0.0", 1)),
+        ("localhost:80", ("localhost", 80)),
+    ],
+)
+def test_split_listen(value: str, expected: tuple[str, int]) -> None:
+    assert config.split_listen(value) == expected

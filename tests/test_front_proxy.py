@@ -1,0 +1,318 @@
+"""The front in-process, for real: uvicorn + our TLS context + our identity protocol, in front
+of a real HTTP server on a Unix socket that records what reaches it. No vLLM: fast tier."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from runtime.config import Config
+from runtime.demo import pki
+from runtime.front import server as front_server
+from runtime.front.proxy import FrontApp, FrontState
+from runtime.front.tls import server_context
+from tests.support import client_context, free_port, raw_request
+
+ALLOWED = "spiffe://test.local/ns/gateway/sa/ai-gateway"
+
+
+@dataclass
+class Upstream:
+    """A real HTTP server on a Unix socket standing where the engine would."""
+
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.seen.append(
+            {
+                "path": scope["raw_path"],
+                "query": scope["query_string"],
+                "headers": dict(scope["headers"]),
+                "body": body,
+            }
+        )
+        if scope["path"] == "/v1/chat/completions":
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+            # Hold the rest of the stream until the test has seen the first chunk.
+            await asyncio.to_thread(self.gate.wait, 30)
+            await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+            return
+        payload = json.dumps({"object": "list", "data": [{"id": "demo"}]}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _run_in_thread(server: uvicorn.Server, **kwargs: Any) -> threading.Thread:
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(**kwargs)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    return thread
+
+
+@dataclass
+class Front:
+    url: str
+    upstream: Upstream
+    server: front_server.FrontServer
+    state: FrontState
+    thread: threading.Thread
+    pki_dir: Path
+    events: list[dict[str, Any]]
+
+    def ctx(self, name: str = "client") -> ssl.SSLContext:
+        return client_context(
+            self.pki_dir / "ca.pem", self.pki_dir / f"{name}.pem", self.pki_dir / f"{name}-key.pem"
+        )
+
+
+@pytest.fixture()
+def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Front]:
+    from runtime import telemetry
+
+    events: list[dict[str, Any]] = []
+    real_emit = telemetry.emit
+    monkeypatch.setattr(telemetry, "emit", lambda *a, **k: events.append(real_emit(*a, **k)))
+
+    ca = pki.make_ca("test CA")
+    ca.write(tmp_path / "ca.pem")
+    pki.server_cert(ca).write(tmp_path / "server.pem", tmp_path / "server-key.pem")
+    pki.client_cert(ca, ALLOWED).write(tmp_path / "client.pem", tmp_path / "client-key.pem")
+    pki.client_cert(ca, "spiffe://test.local/ns/x/sa/other").write(
+        tmp_path / "other.pem", tmp_path / "other-key.pem"
+    )
+
+    upstream = Upstream()
+    sock_path = tmp_path / "engine.sock"
+    up_server = uvicorn.Server(
+        uvicorn.Config(upstream, uds=str(sock_path), log_config=None, lifespan="off")
+    )
+    up_thread = _run_in_thread(up_server)
+
+    port = free_port()
+    cfg = Config.model_validate(
+        {
+            "model": {"dir": str(tmp_path), "served_name": "demo"},
+            "front": {
+                "listen": f"127.0.0.1:{port}",
+                "allowed_identities": [ALLOWED],
+                "max_body_bytes": 4096,
+                "drain_timeout_s": 10,
+                "tls": {
+                    "cert": str(tmp_path / "server.pem"),
+                    "key": str(tmp_path / "server-key.pem"),
+                    "client_ca": str(tmp_path / "ca.pem"),
+                },
+            },
+        }
+    )
+    state = FrontState(engine_ready=True)
+    app = FrontApp(sock_path, state, max_body_bytes=cfg.front.max_body_bytes)
+    listener = front_server.bind(cfg.front)
+    server = front_server.build_server(cfg.front, app, state, server_context(cfg.front.tls))
+    thread = _run_in_thread(server, sockets=[listener])
+    yield Front(f"https://127.0.0.1:{port}", upstream, server, state, thread, tmp_path, events)
+    upstream.gate.set()
+    server.should_exit = True
+    thread.join(15)
+    up_server.should_exit = True
+    up_thread.join(15)
+    listener.close()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/pause",
+        b"/collective_rpc",
+        b"/v1/../pause",
+        b"/v1/%2e%2e/pause",
+        b"/%761/models",
+        b"//v1/models",
+        b"/invocations",
+        b"/v1/models/",
+        b"/v1//models",
+        b"/v1/models%2f",
+        b"/V1/models",
+        b"/v1/models;x",
+        b"/health",
+        b"/metrics",
+        b"/tokenize",
+        b"/v1/models/../models",
+    ],
+)
+def test_unlisted_targets_get_404_and_never_reach_upstream(front: Front, target: bytes) -> None:
+    for method in ("GET", "POST"):
+        status, body = raw_request(front.url, front.ctx(), method, target, b"{}")
+        assert status == 404, (method, target)
+        assert json.loads(body)["error"]["code"] == "route_not_allowed"
+    assert front.upstream.seen == []
+
+
+def test_allowed_route_reaches_upstream_with_a_clean_request(front: Front) -> None:
+    with httpx.Client(verify=front.ctx()) as client:
+        response = client.get(
+            f"{front.url}/v1/models?debug=1",
+            headers={
+                "authorization": "Bearer x",
+                "x-forwarded-for": "1.2.3.4",
+                "cookie": "a=b",
+                "accept": "application/json",
+            },
+        )
+    assert response.status_code == 200
+    [seen] = front.upstream.seen
+    assert seen["path"] == b"/v1/models" and seen["query"] == b""
+    assert b"authorization" not in seen["headers"] and b"cookie" not in seen["headers"]
+    assert b"x-forwarded-for" not in seen["headers"]
+    assert seen["headers"][b"accept"] == b"application/json"
+    assert seen["headers"][b"x-request-id"] == response.headers["x-request-id"].encode()
+
+
+def test_wrong_method_is_405(front: Front) -> None:
+    with httpx.Client(verify=front.ctx()) as client:
+        assert client.delete(f"{front.url}/v1/completions").status_code == 405
+        assert client.get(f"{front.url}/v1/completions").status_code == 405
+    assert front.upstream.seen == []
+
+
+def test_body_over_the_cap_is_413_and_not_forwarded(front: Front) -> None:
+    with httpx.Client(verify=front.ctx()) as client:
+        declared = client.post(
+            f"{front.url}/v1/completions",
+            content=b"x" * 5000,
+            headers={"content-type": "application/json"},
+        )
+
+        def chunks() -> Iterator[bytes]:  # no content-length: counted while it streams in
+            for _ in range(10):
+                yield b"y" * 1000
+
+        streamed = client.post(
+            f"{front.url}/v1/completions",
+            content=chunks(),
+            headers={"content-type": "application/json"},
+        )
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert streamed.json()["error"]["code"] == "body_too_large"
+    assert front.upstream.seen == []
+
+
+def test_stream_is_relayed_chunk_by_chunk(front: Front) -> None:
+    """The upstream holds its second chunk until the client has seen the first: a front that
+    buffered the stream would never deliver the first, and this test would time out."""
+    with (
+        httpx.Client(verify=front.ctx(), timeout=20) as client,
+        client.stream(
+            "POST", f"{front.url}/v1/chat/completions", json={"model": "demo", "stream": True}
+        ) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines) == "data: 1"
+        front.upstream.gate.set()
+        rest = [line for line in lines if line]
+    assert rest == ["data: 2", "data: [DONE]"]
+
+
+def test_identity_not_on_the_allowlist_is_closed_before_http(front: Front) -> None:
+    with (
+        pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)),
+        httpx.Client(verify=front.ctx("other")) as client,
+    ):
+        client.get(f"{front.url}/v1/models")
+    assert front.upstream.seen == []
+    [event] = [e for e in front.events if e["event_type"] == "tls_handshake_rejected"]
+    assert event["presented"] == ["URI:spiffe://test.local/ns/x/sa/other"]
+
+
+def test_request_events_carry_identity_and_no_body(front: Front) -> None:
+    secret_prompt = "the prompt text must never be logged"
+    with httpx.Client(verify=front.ctx()) as client:
+        client.post(f"{front.url}/v1/completions", json={"prompt": secret_prompt})
+    raw_request(front.url, front.ctx(), "GET", b"/pause")
+    deadline = time.monotonic() + 5
+    while len(front.events) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ok = next(e for e in front.events if e["event_type"] == "request")
+    rejected = next(e for e in front.events if e["event_type"] == "request_rejected")
+    assert ok["identity"] == rejected["identity"] == ALLOWED
+    assert ok["route"] == "/v1/completions" and ok["status"] == 200
+    assert rejected["route"] == "/pause" and rejected["reason"] == "route_not_allowed"
+    assert secret_prompt not in json.dumps(front.events)
+
+
+def test_drain_finishes_open_streams_and_refuses_new_connections(front: Front) -> None:
+    with (
+        httpx.Client(verify=front.ctx(), timeout=20) as client,
+        client.stream(
+            "POST", f"{front.url}/v1/chat/completions", json={"stream": True}
+        ) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines) == "data: 1"
+        front.server.handle_exit(signal.SIGTERM, None)  # what SIGTERM does
+        assert front.state.draining and not front.state.ready
+        time.sleep(0.3)
+        with pytest.raises(httpx.ConnectError), httpx.Client(verify=front.ctx()) as other:
+            other.get(f"{front.url}/healthz")
+        front.upstream.gate.set()
+        rest = [line for line in lines if line]
+    assert rest == ["data: 2", "data: [DONE]"]
+    front.thread.join(10)
+    assert not front.thread.is_alive()
+
+
+def test_tls_context_is_tls13_only_and_requires_client_certs(front: Front) -> None:
+    host, port = front.url.removeprefix("https://").split(":")
+    ctx = client_context(
+        front.pki_dir / "ca.pem",
+        front.pki_dir / "client.pem",
+        front.pki_dir / "client-key.pem",
+        max_tls=ssl.TLSVersion.TLSv1_2,
+    )
+    with socket.create_connection((host, int(port))) as raw, pytest.raises(ssl.SSLError):
+        ctx.wrap_socket(raw, server_hostname="localhost")
+    ok = front.ctx()
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        ok.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        assert tls.version() == "TLSv1.3"

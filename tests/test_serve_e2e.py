@@ -1,0 +1,256 @@
+"""The whole chain, for real: the openai client -> mTLS front -> vLLM (CPU) on a Unix socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import Harness, client_context, openai_client, raw_request
+
+pytestmark = pytest.mark.engine
+
+
+def _client_ctx(demo_dir: Path) -> ssl.SSLContext:
+    pki = demo_dir / "pki"
+    return client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+
+
+def test_completion_through_the_front(harness: Harness, demo_dir: Path) -> None:
+    api = openai_client(harness.url, _client_ctx(demo_dir))
+    result = api.completions.create(model="demo", prompt="hello world", max_tokens=8)
+    assert result.model == "demo"
+    assert result.usage is not None and 0 < result.usage.completion_tokens <= 8
+    request = harness.wait_for("request", route="/v1/completions")
+    assert request["status"] == 200
+    assert request["identity"] == "spiffe://harness.demo/ns/gateway/sa/ai-gateway"
+
+
+def test_streamed_chat_chunks_arrive_before_the_stream_ends(
+    harness: Harness, demo_dir: Path
+) -> None:
+    api = openai_client(harness.url, _client_ctx(demo_dir))
+    arrivals = []
+    stream = api.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=64,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+    end = time.monotonic()
+    assert len(arrivals) >= 32
+    # The tiny model generates 64 tokens in a few ms, so timing here proves little; the
+    # deterministic proof that the front never buffers a stream is in test_front_proxy.py
+    # (an upstream that holds the rest of its stream until the client saw the first chunk).
+    assert arrivals == sorted(arrivals) and arrivals[0] < end
+
+
+def test_max_tokens_cap_is_enforced_by_the_engine(harness: Harness, demo_dir: Path) -> None:
+    api = openai_client(harness.url, _client_ctx(demo_dir))
+    result = api.completions.create(
+        model="demo", prompt="hello", max_tokens=200, extra_body={"ignore_eos": True}
+    )
+    assert result.usage is not None and result.usage.completion_tokens <= 64
+
+
+def _get(url: str, ctx: ssl.SSLContext) -> httpx.Response:
+    with httpx.Client(verify=ctx, timeout=10) as client:
+        return client.get(url)
+
+
+def test_client_without_certificate_fails(harness: Harness, demo_dir: Path) -> None:
+    ctx = client_context(demo_dir / "pki" / "ca.pem")
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+        _get(f"{harness.url}/v1/models", ctx)
+
+
+def test_client_certificate_from_another_ca_fails(
+    harness: Harness, demo_dir: Path, tmp_path: Path
+) -> None:
+    from runtime.demo import pki
+
+    other = pki.make_ca("some other CA")
+    pki.client_cert(other, "spiffe://harness.demo/ns/gateway/sa/ai-gateway").write(
+        tmp_path / "c.pem", tmp_path / "k.pem"
+    )
+    ctx = client_context(demo_dir / "pki" / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
+    with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+        _get(f"{harness.url}/v1/models", ctx)
+
+
+def test_tls12_only_client_fails(harness: Harness, demo_dir: Path) -> None:
+    pki = demo_dir / "pki"
+    ctx = client_context(
+        pki / "ca.pem", pki / "client.pem", pki / "client-key.pem", max_tls=ssl.TLSVersion.TLSv1_2
+    )
+    with pytest.raises(httpx.ConnectError):
+        _get(f"{harness.url}/v1/models", ctx)
+
+
+def test_same_ca_but_identity_not_allowed_is_closed_before_http(
+    harness: Harness, demo_dir: Path, tmp_path: Path
+) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from runtime.demo import pki
+
+    pki_dir = demo_dir / "pki"
+    ca = pki.Issued(
+        x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key((pki_dir / "ca-key.pem").read_bytes(), None),  # type: ignore[arg-type]
+    )
+    pki.client_cert(ca, "spiffe://harness.demo/ns/other/sa/intruder").write(
+        tmp_path / "c.pem", tmp_path / "k.pem"
+    )
+    ctx = client_context(pki_dir / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
+    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)):
+        _get(f"{harness.url}/v1/models", ctx)
+    rejected = harness.wait_for("tls_handshake_rejected")
+    assert rejected["presented"] == ["URI:spiffe://harness.demo/ns/other/sa/intruder"]
+
+
+FORBIDDEN = [
+    "/pause",
+    "/collective_rpc",
+    "/v1/../pause",
+    "/%761/models",
+    "//v1/models",
+    "/invocations",
+    "/v1/models/",
+    "/V1/models",
+    "/v1/models%00",
+    "/health",
+    "/metrics",
+    "/v1/models/../models",
+    "/v1/%2e%2e/pause",
+    "/tokenize",
+    "/v1/completions/../../pause",
+]
+
+
+def test_routes_outside_the_allowlist_never_reach_the_engine(
+    harness: Harness, demo_dir: Path
+) -> None:
+    ctx = _client_ctx(demo_dir)
+    marker = f"probe{os.getpid()}{time.monotonic_ns()}"
+    with httpx.Client(verify=ctx, timeout=10) as client:
+        # Positive control: an allowed route does show up in the engine's access log.
+        assert client.get(f"{harness.url}/v1/models?{marker}").status_code == 200
+    for path in FORBIDDEN:
+        for method in ("GET", "POST"):
+            status, body = raw_request(harness.url, ctx, method, path.encode(), b"{}")
+            assert status == 404, (method, path)
+            assert json.loads(body)["error"]["code"] == "route_not_allowed"
+    time.sleep(0.5)
+    access = [line for line in harness.log().splitlines() if '"GET ' in line or '"POST ' in line]
+    assert any('"GET /v1/models HTTP' in line for line in access), "positive control failed"
+    assert not any(marker in line for line in access), "query string was forwarded"
+    for line in access:
+        target = re.search(r'"(?:GET|POST) (\S+) HTTP', line)
+        assert target and target.group(1) in {
+            "/health",
+            "/v1/models",
+            "/v1/completions",
+            "/v1/chat/completions",
+        }, line
+
+
+def _listening_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_engine_processes_have_no_tcp_listener(harness: Harness) -> None:
+    listening = _listening_inodes()
+    engine = _process_group(harness.engine_pid)
+    assert harness.engine_pid in engine and len(engine) >= 2  # API server + EngineCore at least
+    for pid in engine:
+        assert not (_socket_inodes(pid) & listening), f"engine process {pid} listens on TCP"
+    # Positive control: the same method sees the front's listener.
+    assert _socket_inodes(harness.proc.pid) & listening
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs CAP_SYS_ADMIN")
+def test_engine_runs_in_a_private_network_namespace(harness: Harness) -> None:
+    """torch.distributed (gloo) in vLLM's worker listens on loopback TCP ports; in the engine's
+    own namespace they are reachable by nobody else, and there is no interface but lo."""
+    assert harness.events("network_namespace")[0]["isolated"] is True
+    own = os.readlink(f"/proc/{harness.proc.pid}/ns/net")
+    for pid in _process_group(harness.engine_pid):
+        assert os.readlink(f"/proc/{pid}/ns/net") != own
+    devices = Path(f"/proc/{harness.engine_pid}/net/dev").read_text().splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in devices] == ["lo"]
+    # Inside that namespace, whatever listens is bound to loopback only.
+    for line in Path(f"/proc/{harness.engine_pid}/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "0A":
+            assert local.startswith("0100007F:"), line
+
+
+def test_engine_environment_is_the_allowlist(harness: Harness) -> None:
+    from runtime.config import SECRET_LIKE
+
+    environ = Path(f"/proc/{harness.engine_pid}/environ").read_bytes().split(b"\0")
+    names = {item.split(b"=", 1)[0].decode() for item in environ if item}
+    assert names == set(harness.events("engine_start")[0]["env_names"])
+    assert "HARNESS_TEST_CANARY" not in names
+    assert not [n for n in names if SECRET_LIKE.search(n)]
+    assert {"HF_HUB_OFFLINE", "VLLM_NO_USAGE_STATS", "VLLM_HOST_IP"} <= names
+
+
+def test_every_event_has_the_mandatory_fields(harness: Harness) -> None:
+    events = harness.events()
+    assert {"config_loaded", "engine_start", "engine_ready", "front_listen"} <= {
+        e["event_type"] for e in events
+    }
+    for event in events:
+        for key in ("timestamp_utc", "event_type", "outcome", "pod_name", "namespace"):
+            assert event.get(key), (key, event)
+        assert event["outcome"] in {"allowed", "blocked", "failed", "ok"}
+
+
+def test_readyz_and_healthz(harness: Harness, demo_dir: Path) -> None:
+    ctx = _client_ctx(demo_dir)
+    assert _get(f"{harness.url}/healthz", ctx).status_code == 200
+    assert _get(f"{harness.url}/readyz", ctx).json() == {"status": "ready"}

@@ -1,0 +1,74 @@
+"""Supervision with the real engine. These tests end the server they use, so they run last
+(file order) and take the session's shared server; a later test would start a new one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Servers
+from tests.support import client_context, openai_client
+
+pytestmark = pytest.mark.engine
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
+    servers: Servers, demo_dir: Path
+) -> None:
+    harness = servers.take()
+    pki = demo_dir / "pki"
+    ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+    api = openai_client(harness.url, ctx)
+    stream = api.chat.completions.create(
+        model="demo",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=64,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    chunks = iter(stream)
+    first = next(chunks)
+    assert first.choices
+    harness.proc.send_signal(signal.SIGTERM)
+    rest = list(chunks)  # must not be cut
+    contents = [c for c in [first, *rest] if c.choices and c.choices[0].delta.content]
+    finishes = [c.choices[0].finish_reason for c in rest if c.choices]
+    assert len(contents) == 64 and finishes[-1] == "length"
+    assert harness.proc.wait(timeout=120) == 0
+    shutdown = harness.events("shutdown")[-1]
+    assert shutdown["outcome"] == "ok" and shutdown["exit_code"] == 0
+    # After draining, the engine and all of vLLM's children are gone, and the port is closed.
+    assert not _group_alive(harness.engine_pid)
+    with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as client:
+        client.get(f"{harness.url}/healthz")
+
+
+def test_engine_death_makes_harness_exit_6(servers: Servers) -> None:
+    harness = servers.take()
+    os.kill(harness.engine_pid, signal.SIGKILL)
+    started = time.monotonic()
+    assert harness.proc.wait(timeout=120) == 6
+    assert time.monotonic() - started < 60
+    exit_event = harness.events("engine_exit")[-1]
+    assert exit_event["outcome"] == "failed" and exit_event["exit_code"] == -signal.SIGKILL
+    shutdown = harness.events("shutdown")[-1]
+    assert shutdown["outcome"] == "failed" and shutdown["exit_code"] == 6
+    assert not _group_alive(harness.engine_pid)
