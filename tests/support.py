@@ -60,6 +60,8 @@ def raw_request(
         data = b""
         while chunk := tls.recv(65536):
             data += chunk
+    if not data:
+        raise ConnectionError("the server closed the connection without a response")
     status_line, _, rest = data.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
 

@@ -114,9 +114,12 @@ def test_same_ca_but_identity_not_allowed_is_closed_before_http(
         tmp_path / "c.pem", tmp_path / "k.pem"
     )
     ctx = client_context(pki_dir / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
-    with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)):
-        _get(f"{harness.url}/v1/models", ctx)
+    served_before = len(harness.events("request"))
+    for _ in range(10):
+        with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)):
+            _get(f"{harness.url}/v1/models", ctx)
     rejected = harness.wait_for("tls_handshake_rejected")
+    assert len(harness.events("request")) == served_before
     assert rejected["presented"] == ["URI:spiffe://harness.demo/ns/other/sa/intruder"]
 
 

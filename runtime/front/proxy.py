@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class FrontState:
 
     engine_ready: bool = False
     draining: bool = False
-    in_flight: int = field(default=0)
 
     @property
     def ready(self) -> bool:
@@ -214,34 +213,28 @@ class FrontApp:
         request = self.client.build_request(
             scope["method"], route.decode(), headers=headers, content=body
         )
-        self.state.in_flight += 1
         try:
-            try:
-                upstream = await self.client.send(request, stream=True)
-            except httpx.TransportError:
-                raise _Rejected(
-                    502, "The model engine is unavailable", "engine_unavailable"
-                ) from None
-            relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
-            disconnect = asyncio.ensure_future(_wait_disconnect(receive))
-            try:
-                await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # A client that leaves cancels generation: closing the upstream stream makes
-                # vLLM abort the request instead of generating into the void.
-                if not relay.done():
-                    relay.cancel()
-                disconnect.cancel()
-                await upstream.aclose()
-            if relay.cancelled():
-                return 499
-            if isinstance(relay.exception(), httpx.HTTPError):
-                # The engine broke off mid-response; the client sees a truncated stream.
-                return 502
-            relay.result()
-            return upstream.status_code
+            upstream = await self.client.send(request, stream=True)
+        except httpx.TransportError:
+            raise _Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
+        relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
+        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self.state.in_flight -= 1
+            # A client that leaves cancels generation: closing the upstream stream makes
+            # vLLM abort the request instead of generating into the void.
+            if not relay.done():
+                relay.cancel()
+            disconnect.cancel()
+            await upstream.aclose()
+        if relay.cancelled():
+            return 499
+        if isinstance(relay.exception(), httpx.HTTPError):
+            # The engine broke off mid-response; the client sees a truncated stream.
+            return 502
+        relay.result()
+        return upstream.status_code
 
     async def _relay(self, upstream: httpx.Response, send: Send, request_id: str) -> None:
         headers = [

@@ -46,12 +46,19 @@ def bind(front: FrontSection) -> socket.socket:
 
 def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
     class IdentityCheckingProtocol(HttpToolsProtocol):
+        rejected = False
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
             sans = peer_identities(ssl_object.getpeercert() if ssl_object else None)
             identity = match_identity(sans, allowed)
             if identity is None:
+                # The client's first request may arrive in the same read as its handshake,
+                # and asyncio delivers it even after close(): drop it in data_received, and
+                # never let the app run for this connection.
+                self.rejected = True
+                self.app = _refuse
                 telemetry.emit(
                     "tls_handshake_rejected",
                     "blocked",
@@ -59,7 +66,7 @@ def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
                     client=_peer(transport),
                     presented=[f"{kind}:{value}"[:256] for kind, value in sans][:8],
                 )
-                transport.close()
+                transport.abort()
                 return
             inner = self.app
 
@@ -69,7 +76,16 @@ def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
 
             self.app = app_with_identity
 
+        def data_received(self, data: bytes) -> None:
+            if self.rejected:
+                return
+            super().data_received(data)
+
     return IdentityCheckingProtocol
+
+
+async def _refuse(scope: Any, receive: Any, send: Any) -> None:
+    raise RuntimeError("a connection whose identity was refused reached the app")
 
 
 def _peer(transport: asyncio.BaseTransport) -> str | None:
@@ -117,7 +133,7 @@ def build_server(
         proxy_headers=False,  # never trust X-Forwarded-* from clients
         server_header=False,
         timeout_keep_alive=5,
-        timeout_graceful_shutdown=int(front.drain_timeout_s),
+        timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
     )
     return FrontServer(config, state)
 
