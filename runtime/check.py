@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtime import __version__
+from runtime import __version__, launcher
 from runtime import config as config_mod
 from runtime.engine.command import RuntimePaths, build_plan
 from runtime.front import tls
@@ -16,6 +16,7 @@ from runtime.front.proxy import FORWARDED, LOCAL
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
+    weights = launcher.verify_weights(cfg)  # step 2, or exit 3
     plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"))
     return {
         "harness_version": __version__,
@@ -53,7 +54,19 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "mode": "allowlist",
                 "names": sorted(plan.env),
             },
-            "weight_integrity": {"status": "not_built"},
+            "weight_integrity": {
+                "status": "partial",
+                "model_dir_policy": "enforced",
+                "safetensors_headers": "enforced",
+                "fingerprint_recheck": "enforced",
+                "writable_model_dir": "allowed (unsafe)"
+                if cfg.model.unsafe_allow_writable
+                else "refused",
+                "sha256_and_signature": "not_built",
+                "files": len(weights.files),
+                "bytes": weights.total_bytes,
+                "tensors": weights.tensors,
+            },
             "secrets_from_tmpfs": {"status": "not_built"},
             "privilege_drop": {"status": "not_built"},
             "landlock": {"status": "not_built"},

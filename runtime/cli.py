@@ -24,8 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _check(args: argparse.Namespace) -> int:
     from runtime import check
 
-    if args.json:
-        telemetry.set_stream(sys.stderr)  # stdout is the report
+    telemetry.set_stream(sys.stderr)  # stdout is the report
     report = check.report(args.config, args.set)
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -48,6 +48,8 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     dir: ConfigPath
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+    # Development only: serve from a model dir that harness's uid could modify.
+    unsafe_allow_writable: bool = False
 
 
 class TLSSection(_Section):

@@ -1,8 +1,9 @@
 """`harness serve`: the startup sequence of DESIGN.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
-Weight verification (step 2), secrets (step 3), resource caps beyond the token cap (step 4)
-and the engine sandbox (step 5) are not built yet; README.md says what is enforced today.
+Signature verification (step 2), secrets (step 3), resource caps beyond the token cap
+(step 4) and the engine's privilege drop, Landlock and seccomp (step 5) are not built yet;
+README.md says what is enforced today.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from runtime import config as config_mod
 from runtime import telemetry
 from runtime.config import Config
 from runtime.engine.process import Engine
-from runtime.errors import EngineError
+from runtime.errors import EngineError, IntegrityError
 from runtime.front import server as front_server
 from runtime.front import tls
 from runtime.front.proxy import FrontApp, FrontState
+from runtime.integrity import model_dir
 
 ENGINE_FAILED = EngineError.exit_code
 
@@ -42,6 +44,9 @@ def serve(
     cfg = config_mod.load(config_path, overrides)
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
 
+    # 2. Weights: model-dir policy and strict safetensors headers, fingerprinted (exit 3).
+    weights = verify_weights(cfg)
+
     # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
 
     # The front's TLS material and port are checked before the engine spends a minute
@@ -49,10 +54,14 @@ def serve(
     ssl_context = tls.server_context(cfg.front.tls)
     listener = front_server.bind(cfg.front)
 
-    # 5. Engine: a child on a Unix socket only, with an allowlisted environment.
+    # 5. Engine: stage 2 enters a private network namespace and execs vLLM, listening on a
+    #    Unix socket only, with an allowlisted environment.
     with listener, Engine.create(cfg) as engine:
         engine.start()
         engine.wait_ready()
+
+        # 6. The weights the engine loaded are the ones verified in step 2.
+        recheck_weights(weights)
 
         # 7. Front: mTLS, identity allowlist, route allowlist; supervise until stopped.
         code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, on_ready))
@@ -64,6 +73,63 @@ def serve(
         engine_exit_code=engine_code,
     )
     return code
+
+
+def verify_weights(cfg: Config) -> model_dir.Verified:
+    try:
+        verified = model_dir.verify(cfg.model.dir)
+    except IntegrityError as exc:
+        telemetry.emit(
+            "weight_integrity_check", "blocked", model=str(cfg.model.dir), error=exc.message
+        )
+        raise
+    writable = model_dir.writable_reason(verified.root)
+    if writable and not cfg.model.unsafe_allow_writable:
+        telemetry.emit(
+            "weight_integrity_check", "blocked", model=str(verified.root), error=writable
+        )
+        raise IntegrityError(
+            f"model.dir: {writable}: the weights could change after verification",
+            fix="mount the model read-only (Kubernetes: readOnly: true); for development "
+            "only, set model.unsafe_allow_writable = true",
+        )
+    if writable:
+        telemetry.emit(
+            "unsafe_setting", "allowed", setting="model.unsafe_allow_writable", risk=writable
+        )
+    telemetry.emit(
+        "weight_integrity_check",
+        "ok",
+        model=str(verified.root),
+        files=len(verified.files),
+        bytes=verified.total_bytes,
+        tensors=verified.tensors,
+        seconds=round(verified.seconds, 3),
+        checks=["model_dir_policy", "safetensors_headers", "fingerprints"],
+        signature="not_built",
+    )
+    return verified
+
+
+def recheck_weights(weights: model_dir.Verified) -> None:
+    try:
+        model_dir.recheck(weights)
+    except IntegrityError as exc:
+        telemetry.emit(
+            "weight_integrity_check",
+            "blocked",
+            model=str(weights.root),
+            stage="after_load",
+            error=exc.message,
+        )
+        raise
+    telemetry.emit(
+        "weight_integrity_check",
+        "ok",
+        model=str(weights.root),
+        stage="after_load",
+        files=len(weights.files),
+    )
 
 
 async def _serve_front(

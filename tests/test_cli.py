@@ -87,7 +87,9 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     assert controls["front_tls"]["minimum_version"] == "TLSv1.3"
     assert controls["token_cap"]["max_tokens"] == 64
     assert controls["engine_environment"]["mode"] == "allowlist"
-    assert controls["weight_integrity"]["status"] == "not_built"
+    assert controls["weight_integrity"]["status"] == "partial"
+    assert controls["weight_integrity"]["files"] == 4
+    assert controls["weight_integrity"]["sha256_and_signature"] == "not_built"
 
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
@@ -95,3 +97,36 @@ def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
     (tmp_path / "pki" / "server-key.pem").write_text("not a key")
     result = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME))
     assert result.returncode == 2 and "front.tls.key" in result.stderr
+
+
+def test_hostile_model_exits_3_before_the_engine_starts(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    (tmp_path / "model" / "modeling_evil.py").write_text("import os\n")
+    result = _harness("serve", "--config", str(tmp_path / assets.CONFIG_NAME))
+    assert result.returncode == 3
+    assert "modeling_evil.py: refused: Python code" in result.stderr and "fix:" in result.stderr
+    events = _events(result.stdout)
+    assert [e["event_type"] for e in events] == [
+        "config_loaded",
+        "weight_integrity_check",
+        "shutdown",
+    ]
+    assert events[1]["outcome"] == "blocked" and events[2]["exit_code"] == 3
+
+
+def test_writable_model_dir_is_refused_unless_explicitly_allowed(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    result = _harness(
+        "check",
+        "--config",
+        str(tmp_path / assets.CONFIG_NAME),
+        "--set",
+        "model.unsafe_allow_writable=false",
+    )
+    assert result.returncode == 3
+    assert "not on a read-only mount" in result.stderr
+    assert "model.unsafe_allow_writable" in result.stderr  # the fix names the switch
+    allowed = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME))
+    assert allowed.returncode == 0
+    unsafe = [e for e in _events(allowed.stderr) if e["event_type"] == "unsafe_setting"]
+    assert unsafe and unsafe[0]["setting"] == "model.unsafe_allow_writable"

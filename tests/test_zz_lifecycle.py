@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runtime.demo import assets
 from tests.conftest import Servers
-from tests.support import client_context, openai_client
+from tests.support import Harness, client_context, openai_client
 
 pytestmark = pytest.mark.engine
 
@@ -60,6 +62,25 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     assert not _group_alive(harness.engine_pid)
     with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as client:
         client.get(f"{harness.url}/healthz")
+
+
+def test_weights_changed_while_the_engine_loads_exits_3(
+    servers: Servers, demo_dir: Path, tmp_path: Path
+) -> None:
+    """Step 6: the fingerprints taken at verification are checked again once the engine is
+    ready; a file touched in between stops everything with exit 3."""
+    copy = tmp_path / "demo"
+    shutil.copytree(demo_dir, copy)
+    harness = Harness(copy / assets.CONFIG_NAME, tmp_path)
+    try:
+        harness.wait_for_event("engine_start", 60)
+        os.utime(copy / "model" / "tokenizer_config.json")
+        assert harness.proc.wait(timeout=600) == 3
+        assert "tokenizer_config.json changed after verification" in harness.log()
+        assert harness.events("shutdown")[-1]["exit_code"] == 3
+        assert not _group_alive(harness.engine_pid)
+    finally:
+        harness.kill()
 
 
 def test_engine_death_makes_harness_exit_6(servers: Servers) -> None:

@@ -33,6 +33,8 @@ CONFIG_TEMPLATE = """\
 [model]
 dir = "model"
 served_name = "{served_name}"
+# The demo model sits in a writable folder; in production mount the model read-only.
+unsafe_allow_writable = true
 
 [front]
 listen = "{listen}"
