@@ -55,14 +55,16 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "names": sorted(plan.env),
             },
             "weight_integrity": {
-                "status": "partial",
+                "status": "enforced" if cfg.model.signature else "unsigned (unsafe)",
+                "signature": str(cfg.model.signature.path) if cfg.model.signature else None,
+                "method": cfg.model.signature.method if cfg.model.signature else None,
                 "model_dir_policy": "enforced",
                 "safetensors_headers": "enforced",
+                "sha256_manifest": "enforced" if cfg.model.signature else "not_checked",
                 "fingerprint_recheck": "enforced",
                 "writable_model_dir": "allowed (unsafe)"
                 if cfg.model.unsafe_allow_writable
                 else "refused",
-                "sha256_and_signature": "not_built",
                 "files": len(weights.files),
                 "bytes": weights.total_bytes,
                 "tensors": weights.tensors,

@@ -33,6 +33,64 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from runtime.integrity import signature
+
+    telemetry.set_stream(sys.stderr)
+    result = signature.verify_model(
+        Path(args.model_dir),
+        Path(args.signature),
+        signature.KeyTrust(Path(args.public_key)),
+        progress=_progress_bar if sys.stderr.isatty() and not args.json else None,
+    )
+    verified = result.verified
+    report = {
+        "ok": True,
+        "model": str(verified.root),
+        "signature": str(result.signature),
+        "method": result.method,
+        "signer": result.signer,
+        "root_digest": result.root_digest,
+        "files": verified.digests,
+        "bytes": verified.total_bytes,
+        "tensors": verified.tensors,
+        "seconds": round(verified.seconds, 3),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        rate = verified.total_bytes / 1e6 / verified.seconds if verified.seconds else 0
+        print(
+            f"verified {len(verified.files)} files, {verified.total_bytes} bytes in "
+            f"{verified.seconds:.2f} s ({rate:.0f} MB/s)\n  signer: {result.signer}\n"
+            f"  root digest: sha256:{result.root_digest}"
+        )
+    return 0
+
+
+def _progress_bar(done: int, total: int, done_bytes: int) -> None:
+    width = 30
+    filled = width * done // total
+    end = "\n" if done == total else ""
+    print(
+        f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} files, "
+        f"{done_bytes / 1e6:.0f} MB",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from runtime.integrity import signature
+
+    model = Path(args.model_dir)
+    target = Path(args.signature) if args.signature else model / "model.sig"
+    digest = signature.sign_model(model, Path(args.private_key), target)
+    print(f"signed {model} -> {target}\n  root digest: sha256:{digest}")
+    return 0
+
+
 def _demo_init(args: argparse.Namespace) -> int:
     from runtime.demo import assets
 
@@ -82,6 +140,19 @@ def _parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("verify", help="check a model dir against its OMS signature (exit 3)")
+    p.add_argument("model_dir")
+    p.add_argument("--signature", required=True, help="OMS v1.0 bundle (model.sig)")
+    p.add_argument("--public-key", required=True, help="the signer's PEM ECDSA public key")
+    p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    p.set_defaults(func=_verify)
+
+    p = sub.add_parser("sign", help="sign a model dir in the OMS v1.0 format")
+    p.add_argument("model_dir")
+    p.add_argument("--private-key", required=True, help="PEM ECDSA P-256/384/521 private key")
+    p.add_argument("--signature", help="where to write the bundle (default MODEL_DIR/model.sig)")
+    p.set_defaults(func=_sign)
 
     demo = sub.add_parser("demo", help="demo assets: tiny model, PKI, config")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from runtime.errors import ConfigError
@@ -45,11 +46,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class SignatureSection(_Section):
+    # The OMS v1.0 bundle (model_signing / harness sign); may sit inside the model dir.
+    path: ConfigPath
+    method: Literal["key"] = "key"
+    # `key`: the signer's PEM ECDSA public key.
+    public_key: ConfigPath
+
+
 class ModelSection(_Section):
     dir: ConfigPath
     served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+    signature: SignatureSection | None = None
+    # Development only: serve weights nobody signed (still policy- and header-checked).
+    unsafe_unsigned: bool = False
     # Development only: serve from a model dir that harness's uid could modify.
     unsafe_allow_writable: bool = False
+
+    @model_validator(mode="after")
+    def _signed(self) -> ModelSection:
+        if self.signature is None and not self.unsafe_unsigned:
+            raise ValueError(
+                "[model.signature] is missing: harness serves only signed weights (sign with "
+                "`harness sign`); for development only, set model.unsafe_unsigned = true"
+            )
+        if self.signature is not None and self.unsafe_unsigned:
+            raise ValueError("set either [model.signature] or unsafe_unsigned, not both")
+        return self
 
 
 class TLSSection(_Section):
@@ -187,7 +210,9 @@ def _describe(path: Path, exc: ValidationError) -> str:
             lines.append(f"{path}: missing required key '{key}'")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: '{key}': {msg} (got {err.get('input')!r})")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{path}: '{key}': {msg}{shown}")
     return "\n  ".join(lines)
 
 

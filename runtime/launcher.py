@@ -1,7 +1,7 @@
 """`harness serve`: the startup sequence of DESIGN.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
-Signature verification (step 2), secrets (step 3), resource caps beyond the token cap
+Certificate and Sigstore signatures (step 2), secrets (step 3), resource caps beyond the token cap
 (step 4) and the engine's privilege drop, Landlock and seccomp (step 5) are not built yet;
 README.md says what is enforced today.
 """
@@ -23,7 +23,7 @@ from runtime.errors import EngineError, IntegrityError
 from runtime.front import server as front_server
 from runtime.front import tls
 from runtime.front.proxy import FrontApp, FrontState
-from runtime.integrity import model_dir
+from runtime.integrity import model_dir, signature
 
 ENGINE_FAILED = EngineError.exit_code
 
@@ -44,7 +44,8 @@ def serve(
     cfg = config_mod.load(config_path, overrides)
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
 
-    # 2. Weights: model-dir policy and strict safetensors headers, fingerprinted (exit 3).
+    # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
+    #    policy, strict safetensors headers; each file fingerprinted (exit 3).
     weights = verify_weights(cfg)
 
     # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
@@ -76,27 +77,46 @@ def serve(
 
 
 def verify_weights(cfg: Config) -> model_dir.Verified:
+    """Step 2: signature, manifest, SHA-256, model-dir policy, strict headers (exit 3)."""
+    sig = cfg.model.signature
     try:
-        verified = model_dir.verify(cfg.model.dir)
+        if sig is not None:
+            result = signature.verify_model(
+                cfg.model.dir, sig.path, signature.KeyTrust(sig.public_key)
+            )
+            verified = result.verified
+            evidence = {
+                "root_digest": result.root_digest,
+                "signer": result.signer,
+                "method": result.method,
+                "signature": str(result.signature),
+            }
+        else:
+            verified = model_dir.verify(cfg.model.dir)
+            evidence = {"signature": None}
+            telemetry.emit(
+                "unsafe_setting",
+                "allowed",
+                setting="model.unsafe_unsigned",
+                risk="weights are served without a signature",
+            )
+        writable = model_dir.writable_reason(verified.root)
+        if writable and not cfg.model.unsafe_allow_writable:
+            raise IntegrityError(
+                f"model.dir: {writable}: the weights could change after verification",
+                fix="mount the model read-only (Kubernetes: readOnly: true); for development "
+                "only, set model.unsafe_allow_writable = true",
+            )
     except IntegrityError as exc:
         telemetry.emit(
             "weight_integrity_check", "blocked", model=str(cfg.model.dir), error=exc.message
         )
         raise
-    writable = model_dir.writable_reason(verified.root)
-    if writable and not cfg.model.unsafe_allow_writable:
-        telemetry.emit(
-            "weight_integrity_check", "blocked", model=str(verified.root), error=writable
-        )
-        raise IntegrityError(
-            f"model.dir: {writable}: the weights could change after verification",
-            fix="mount the model read-only (Kubernetes: readOnly: true); for development "
-            "only, set model.unsafe_allow_writable = true",
-        )
     if writable:
         telemetry.emit(
             "unsafe_setting", "allowed", setting="model.unsafe_allow_writable", risk=writable
         )
+    seconds = verified.seconds
     telemetry.emit(
         "weight_integrity_check",
         "ok",
@@ -104,9 +124,9 @@ def verify_weights(cfg: Config) -> model_dir.Verified:
         files=len(verified.files),
         bytes=verified.total_bytes,
         tensors=verified.tensors,
-        seconds=round(verified.seconds, 3),
-        checks=["model_dir_policy", "safetensors_headers", "fingerprints"],
-        signature="not_built",
+        seconds=round(seconds, 3),
+        mb_per_s=round(verified.total_bytes / 1e6 / seconds, 1) if seconds else None,
+        **evidence,
     )
     return verified
 

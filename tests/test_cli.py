@@ -87,9 +87,9 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     assert controls["front_tls"]["minimum_version"] == "TLSv1.3"
     assert controls["token_cap"]["max_tokens"] == 64
     assert controls["engine_environment"]["mode"] == "allowlist"
-    assert controls["weight_integrity"]["status"] == "partial"
-    assert controls["weight_integrity"]["files"] == 4
-    assert controls["weight_integrity"]["sha256_and_signature"] == "not_built"
+    weights = controls["weight_integrity"]
+    assert weights["status"] == weights["sha256_manifest"] == "enforced"
+    assert weights["files"] == 4 and weights["method"] == "key"
 
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:

@@ -12,6 +12,10 @@ VALID = """
 dir = "model"
 served_name = "demo"
 
+[model.signature]
+path = "model.sig"
+public_key = "signer.pub"
+
 [front]
 listen = "127.0.0.1:8443"
 allowed_identities = ["spiffe://cluster.local/ns/gw/sa/gateway"]
@@ -35,6 +39,21 @@ def test_valid_config_resolves_paths_against_its_folder(tmp_path: Path) -> None:
     assert cfg.front.tls.client_ca == tmp_path / "pki" / "ca.pem"
     assert cfg.limits.max_tokens == 256
     assert cfg.engine.network_namespace == "auto"
+    assert cfg.model.signature is not None
+    assert cfg.model.signature.public_key == tmp_path / "signer.pub"
+    assert cfg.model.signature.method == "key"
+
+
+def test_unsigned_model_must_be_said_explicitly(tmp_path: Path) -> None:
+    unsigned = VALID.replace(
+        '[model.signature]\npath = "model.sig"\npublic_key = "signer.pub"\n', ""
+    )
+    with pytest.raises(ConfigError, match=r"\[model.signature\] is missing"):
+        config.load(_write(tmp_path, unsigned))
+    cfg = config.load(_write(tmp_path, unsigned), ["model.unsafe_unsigned=true"])
+    assert cfg.model.signature is None and cfg.model.unsafe_unsigned
+    with pytest.raises(ConfigError, match="not both"):
+        config.load(_write(tmp_path, VALID), ["model.unsafe_unsigned=true"])
 
 
 def test_overrides_use_toml_syntax(tmp_path: Path) -> None:
@@ -52,6 +71,7 @@ def test_overrides_use_toml_syntax(tmp_path: Path) -> None:
     [
         (("[front]", "[front]\nlissten = 1"), "unknown key 'front.lissten'"),
         (("[model]", "[model]\nauto_map = 1"), "unknown key 'model.auto_map'"),
+        (('public_key = "signer.pub"', 'method = "gpg"'), "'model.signature.method'"),
         (('served_name = "demo"', ""), "missing required key 'model.served_name'"),
         (('"127.0.0.1:8443"', '"0.0.0.0"'), "'front.listen'"),
         (('"127.0.0.1:8443"', '"example.com:443"'), "'front.listen'"),

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from runtime import config
 from runtime.demo import assets
 from runtime.demo.model import HEADS, HIDDEN, write_model
+from runtime.integrity import signature
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -38,9 +39,12 @@ def test_model_is_deterministic_and_servable_shape(tmp_path: Path) -> None:
 
 def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path) -> None:
     made = assets.ensure(tmp_path)
-    assert len(made) == 3
+    assert len(made) == 5
     for name in (
         "model/model.safetensors",
+        "model.sig",
+        "signing-key.pub",
+        "signing-key.pem",
         "pki/ca.pem",
         "pki/server.pem",
         "pki/client.pem",
@@ -51,8 +55,15 @@ def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path
     assert assets.ensure(tmp_path) == []
     before = (tmp_path / "pki" / "ca.pem").read_bytes()
     (tmp_path / "model" / "model.safetensors").unlink()
-    assert assets.ensure(tmp_path) == [f"demo: wrote tiny Llama to {tmp_path / 'model'}"]
+    assert assets.ensure(tmp_path) == [
+        f"demo: wrote tiny Llama to {tmp_path / 'model'}",
+        f"demo: signed {tmp_path / 'model'} -> {tmp_path / 'model.sig'}",
+    ]
     assert (tmp_path / "pki" / "ca.pem").read_bytes() == before
+    result = signature.verify_model(
+        tmp_path / "model", tmp_path / "model.sig", signature.KeyTrust(tmp_path / "signing-key.pub")
+    )
+    assert result.method == "key" and len(result.verified.files) == 4
 
     cfg = config.load(tmp_path / assets.CONFIG_NAME)
     assert cfg.model.served_name == "demo" and cfg.limits.max_tokens == 64

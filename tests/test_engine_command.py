@@ -11,7 +11,7 @@ from runtime.engine.command import RuntimePaths, build_plan
 def _cfg(**engine: object) -> Config:
     return Config.model_validate(
         {
-            "model": {"dir": "/models/m", "served_name": "demo"},
+            "model": {"dir": "/models/m", "served_name": "demo", "unsafe_unsigned": True},
             "front": {
                 "allowed_identities": ["x.example"],
                 "tls": {"cert": "/c", "key": "/k", "client_ca": "/ca"},

@@ -130,7 +130,7 @@ def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Front]:
     port = free_port()
     cfg = Config.model_validate(
         {
-            "model": {"dir": str(tmp_path), "served_name": "demo"},
+            "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
             "front": {
                 "listen": f"127.0.0.1:{port}",
                 "allowed_identities": [ALLOWED],

@@ -1,6 +1,8 @@
 """`harness demo init`: everything the demo needs, under one folder (DESIGN.md demo contract).
 
     model/               tiny Llama, safetensors, served as "demo" (deterministic)
+    model.sig            its OMS v1.0 signature, made with signing-key.pem
+    signing-key.pub      the public key demo.toml trusts (private: signing-key.pem)
     pki/ca.pem           demo CA (its key: pki/ca-key.pem)
     pki/server.pem       front certificate for localhost/127.0.0.1/::1 (+ server-key.pem)
     pki/client.pem       client certificate carrying the allowed identity (+ client-key.pem)
@@ -16,9 +18,13 @@ import shlex
 import shutil
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from runtime.config import Config
 from runtime.demo import pki
 from runtime.demo.model import write_model
+from runtime.integrity.signature import sign_model
 
 CONFIG_NAME = "demo.toml"
 SERVED_NAME = "demo"
@@ -35,6 +41,11 @@ dir = "model"
 served_name = "{served_name}"
 # The demo model sits in a writable folder; in production mount the model read-only.
 unsafe_allow_writable = true
+
+[model.signature]
+path = "model.sig"
+method = "key"
+public_key = "signing-key.pub"
 
 [front]
 listen = "{listen}"
@@ -63,6 +74,19 @@ def ensure(root: Path, *, force: bool = False) -> list[str]:
     if force or not (model / "model.safetensors").is_file():
         write_model(model)
         made.append(f"demo: wrote tiny Llama to {model}")
+    key, public, sig = root / "signing-key.pem", root / "signing-key.pub", root / "model.sig"
+    if force or not (key.is_file() and public.is_file()):
+        signing_key = ec.generate_private_key(ec.SECP256R1())
+        pki.write_private_key(signing_key, key)
+        public.write_bytes(
+            signing_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        made.append(f"demo: wrote signing key pair {key} and {public}")
+    if made or not sig.is_file():
+        sign_model(model, key, sig)
+        made.append(f"demo: signed {model} -> {sig}")
     pki_dir = root / "pki"
     if force or _pki_needs_rebuild(pki_dir):
         write_pki(pki_dir)

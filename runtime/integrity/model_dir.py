@@ -4,18 +4,23 @@ and load is caught (re-checked once the engine is ready)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from runtime.errors import IntegrityError
 from runtime.integrity import policy
 from runtime.integrity.safetensors_header import header_length, parse_header
 
 MAX_JSON_BYTES = 64 << 20
+_CHUNK = 8 << 20  # large reads: hashing is the cost, not syscalls
 
 
 @dataclass(frozen=True)
@@ -35,9 +40,18 @@ class Fingerprint:
 class Verified:
     root: Path
     files: dict[str, Fingerprint]
+    digests: dict[str, str]  # name -> SHA-256 hex
+    excluded: frozenset[str]
     total_bytes: int
     tensors: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class _Inspected:
+    fingerprint: Fingerprint
+    digest: str
+    tensors: int
 
 
 def _entries(root: Path) -> list[policy.Entry]:
@@ -64,32 +78,72 @@ def _root(root: Path) -> Path:
     return root.resolve()
 
 
-def verify(root: Path) -> Verified:
-    """Policy, strict headers, JSON checks; fingerprints taken from the descriptors read."""
+def verify(
+    root: Path,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    progress: Callable[[int, int, int], None] | None = None,
+) -> Verified:
+    """Policy, strict headers, JSON checks and SHA-256 of every file, hashed in parallel
+    (OpenSSL's SHA-256 releases the GIL); fingerprints come from the descriptors read.
+    `exclude`: relative names to leave out (a signature file kept inside the model dir).
+    `progress(files_done, files_total, bytes_done)` is called as each file completes."""
     started = time.monotonic()
     root = _root(root)
-    files: dict[str, Fingerprint] = {}
-    tensors = 0
-    for name in policy.check_listing(_entries(root)):
-        fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as handle:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise IntegrityError(f"model dir: {name}: changed while being checked")
-            if name.endswith(".safetensors"):
-                length = header_length(handle.read(8), st.st_size, name)
-                raw = handle.read(length)
-                tensors += parse_header(raw, st.st_size - 8 - length, name).tensors
-            elif name.endswith(".json"):
-                _check_json(name, handle.read(MAX_JSON_BYTES + 1))
-            files[name] = Fingerprint.of(st)
+    entries = [e for e in _entries(root) if not (e.kind == "file" and e.name in exclude)]
+    names = policy.check_listing(entries)
+    workers = min(len(names), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
+        futures = {pool.submit(_inspect, root, name): name for name in names}
+        inspected: dict[str, _Inspected] = {}
+        done_bytes = 0
+        for future in as_completed(futures):
+            item = future.result()  # the first failure stops verification
+            inspected[futures[future]] = item
+            done_bytes += item.fingerprint.size
+            if progress is not None:
+                progress(len(inspected), len(names), done_bytes)
+        inspected = {name: inspected[name] for name in names}
     return Verified(
         root=root,
-        files=files,
-        total_bytes=sum(f.size for f in files.values()),
-        tensors=tensors,
+        files={n: i.fingerprint for n, i in inspected.items()},
+        digests={n: i.digest for n, i in inspected.items()},
+        excluded=exclude,
+        total_bytes=sum(i.fingerprint.size for i in inspected.values()),
+        tensors=sum(i.tensors for i in inspected.values()),
         seconds=time.monotonic() - started,
     )
+
+
+def _inspect(root: Path, name: str) -> _Inspected:
+    fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise IntegrityError(f"model dir: {name}: changed while being checked")
+        tensors = 0
+        if name.endswith(".safetensors"):
+            length = header_length(os.pread(fd, 8, 0), before.st_size, name)
+            raw = os.pread(fd, length, 8)
+            tensors = parse_header(raw, before.st_size - 8 - length, name).tensors
+        elif name.endswith(".json"):
+            _check_json(name, os.pread(fd, MAX_JSON_BYTES + 1, 0))
+        digest = _sha256(handle)
+        if Fingerprint.of(os.fstat(fd)) != Fingerprint.of(before):
+            raise IntegrityError(
+                f"model dir: {name}: changed while being hashed",
+                fix="something is writing to the model dir: mount it read-only",
+            )
+    return _Inspected(Fingerprint.of(before), digest, tensors)
+
+
+def _sha256(handle: BinaryIO) -> str:
+    hasher = hashlib.sha256()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    while count := handle.readinto(buffer):
+        hasher.update(view[:count])
+    return hasher.hexdigest()
 
 
 def _check_json(name: str, data: bytes) -> None:
@@ -106,7 +160,7 @@ def _check_json(name: str, data: bytes) -> None:
 
 def recheck(verified: Verified) -> None:
     """Nothing was added, removed, replaced or modified since `verify`."""
-    now = {e.name for e in _entries(verified.root) if e.kind != "dir"}
+    now = {e.name for e in _entries(verified.root) if e.kind != "dir"} - verified.excluded
     for name in sorted(now ^ verified.files.keys()):
         change = "appeared" if name in now else "disappeared"
         raise IntegrityError(

@@ -1,0 +1,287 @@
+"""OpenSSF model signing (OMS v1.0) bundles. Pure: bytes and keys in, facts or an error out.
+
+A bundle is a Sigstore bundle (v0.3 JSON) whose DSSE envelope carries an in-toto Statement v1
+with predicate https://model_signing/signature/v1.0: one SHA-256 digest per file, and a subject
+digest over them. Verification, in order:
+  1. parse the bundle strictly (one signature, known media and payload types);
+  2. check the signature over the DSSE PAE with the trusted key (method-specific);
+  3. parse the statement strictly (safe resource names, no duplicates, sha256 hex);
+  4. recompute the subject digest from the resources;
+then the caller compares the resources with the files it hashed (compare_manifest).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from runtime.errors import IntegrityError
+
+BUNDLE_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "application/vnd.dev.sigstore.bundle+json;version=0.3",
+    }
+)
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://model_signing/signature/v1.0"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_RESIGN = "sign the model again (harness sign, or model_signing sign) and deploy that signature"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    material: dict[str, Any]
+    payload_type: str
+    payload: bytes
+    signature: bytes
+
+
+@dataclass(frozen=True)
+class Statement:
+    model_name: str
+    root_digest: str
+    method: str
+    resources: dict[str, str]  # name -> sha256 hex
+
+
+def _fail(what: str, fix: str = _RESIGN) -> IntegrityError:
+    return IntegrityError(f"signature: {what}", fix=fix)
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what is actually signed."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def _b64(value: Any, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise _fail(f"{field} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except binascii.Error:
+        raise _fail(f"{field} is not valid base64") from None
+
+
+def parse_bundle(data: bytes) -> Bundle:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _fail("the signature file is not JSON") from None
+    if not isinstance(doc, dict):
+        raise _fail("the signature file is not a JSON object")
+    if doc.get("mediaType") not in BUNDLE_MEDIA_TYPES:
+        raise _fail(f"unsupported bundle mediaType {doc.get('mediaType')!r}")
+    envelope = doc.get("dsseEnvelope")
+    material = doc.get("verificationMaterial")
+    if not isinstance(envelope, dict) or not isinstance(material, dict):
+        raise _fail("the bundle has no dsseEnvelope or verificationMaterial")
+    if envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise _fail(f"payloadType {envelope.get('payloadType')!r} is not {PAYLOAD_TYPE}")
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or len(signatures) != 1:
+        raise _fail("the envelope must carry exactly one signature")
+    return Bundle(
+        material=material,
+        payload_type=PAYLOAD_TYPE,
+        payload=_b64(envelope.get("payload"), "dsseEnvelope.payload"),
+        signature=_b64(
+            signatures[0].get("sig") if isinstance(signatures[0], dict) else None,
+            "dsseEnvelope.signatures[0].sig",
+        ),
+    )
+
+
+def key_hint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """The bundle's publicKey.hint: hex SHA-256 of the PEM public key (model_signing's)."""
+    pem = public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(pem).hexdigest()
+
+
+def _ec_hash(key: ec.EllipticCurvePublicKey) -> hashes.HashAlgorithm:
+    by_curve = {"secp256r1": hashes.SHA256, "secp384r1": hashes.SHA384, "secp521r1": hashes.SHA512}
+    if key.curve.name not in by_curve:
+        raise _fail(
+            f"unsupported key curve {key.curve.name}",
+            fix="use an ECDSA P-256, P-384 or P-521 key",
+        )
+    return by_curve[key.curve.name]()
+
+
+def load_public_key(pem: bytes, source: str) -> ec.EllipticCurvePublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise IntegrityError(
+            f"{source}: not a PEM public key: {exc}",
+            fix="pass the PEM public key that matches the signing key",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise IntegrityError(f"{source}: not an ECDSA key", fix="use an ECDSA P-256/384/521 key")
+    _ec_hash(key)
+    return key
+
+
+def verify_with_key(bundle: Bundle, key: ec.EllipticCurvePublicKey) -> str:
+    """Step 2, key method. Returns the signer's description."""
+    hint = (bundle.material.get("publicKey") or {}).get("hint")
+    expected = key_hint(key)
+    if hint != expected:
+        raise _fail(
+            f"signed with another key: the bundle's key hint is {hint!r}, the configured "
+            f"public key's is {expected}",
+            fix="configure the public key that matches the signing key, or sign again",
+        )
+    try:
+        key.verify(
+            bundle.signature, pae(bundle.payload_type, bundle.payload), ec.ECDSA(_ec_hash(key))
+        )
+    except InvalidSignature:
+        raise _fail(
+            "the DSSE signature does not verify with the configured public key: the signed "
+            "statement was altered, or signed by a different key"
+        ) from None
+    return f"key:sha256:{expected}"
+
+
+def _safe_name(name: Any) -> bool:
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    parts = name.split("/")
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def parse_statement(payload: bytes) -> Statement:
+    """Steps 3 and 4: a strict in-toto statement whose subject digest matches its resources."""
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _fail("the signed payload is not JSON") from None
+    if not isinstance(doc, dict) or doc.get("_type") != STATEMENT_TYPE:
+        raise _fail("the signed payload is not an in-toto Statement v1")
+    if doc.get("predicateType") != PREDICATE_TYPE:
+        raise _fail(f"predicateType {doc.get('predicateType')!r} is not {PREDICATE_TYPE}")
+    subjects = doc.get("subject")
+    if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict):
+        raise _fail("the statement must have exactly one subject")
+    root = (subjects[0].get("digest") or {}).get("sha256")
+    predicate = doc.get("predicate") or {}
+    serialization_ = predicate.get("serialization") or {}
+    method = serialization_.get("method")
+    if method != "files":
+        raise _fail(
+            f"serialization method {method!r} is not supported (only 'files')",
+            fix="sign with the default 'files' serialization",
+        )
+    if serialization_.get("hash_type", "sha256") != "sha256":
+        raise _fail(
+            f"hash_type {serialization_.get('hash_type')!r} is not sha256",
+            fix="sign with SHA-256 (the default)",
+        )
+    resources: dict[str, str] = {}
+    items = predicate.get("resources")
+    if not isinstance(items, list) or not items:
+        raise _fail("the statement lists no files (an empty model is refused)")
+    for item in items:
+        if not isinstance(item, dict):
+            raise _fail("a resource is not an object")
+        name, digest = item.get("name"), item.get("digest")
+        if not _safe_name(name):
+            raise _fail(f"resource name {name!r} is not a plain relative path")
+        if (
+            item.get("algorithm") != "sha256"
+            or not isinstance(digest, str)
+            or not _HEX64.fullmatch(digest)
+        ):
+            raise _fail(f"resource {name}: expected a sha256 hex digest")
+        if name in resources:
+            raise _fail(f"resource {name} is listed twice")
+        resources[name] = digest
+    computed = root_digest(resources)
+    if root != computed:
+        raise _fail(f"the subject digest {root!r} does not match its resources ({computed})")
+    return Statement(
+        model_name=str(subjects[0].get("name")),
+        root_digest=computed,
+        method=method,
+        resources=resources,
+    )
+
+
+def root_digest(resources: dict[str, str]) -> str:
+    """SHA-256 over the raw file digests in name order (OMS subject digest)."""
+    hasher = hashlib.sha256()
+    for name in sorted(resources):
+        hasher.update(bytes.fromhex(resources[name]))
+    return hasher.hexdigest()
+
+
+def compare_manifest(signed: dict[str, str], actual: dict[str, str]) -> None:
+    """Every file is signed, every signed file is there, and every digest matches."""
+    for name in sorted(actual.keys() - signed.keys()):
+        raise IntegrityError(
+            f"model dir: {name} is not in the signed manifest (an extra or renamed file)",
+            fix="remove it, or sign the model again if it belongs there",
+        )
+    for name in sorted(signed.keys() - actual.keys()):
+        raise IntegrityError(
+            f"model dir: {name} is in the signed manifest but missing",
+            fix="restore the file, or deploy the model that was signed",
+        )
+    for name in sorted(signed):
+        if signed[name] != actual[name]:
+            raise IntegrityError(
+                f"model dir: {name}: SHA-256 mismatch: signed {signed[name]}, "
+                f"actual {actual[name]}",
+                fix="the file differs from what was signed: redeploy the signed model",
+            )
+
+
+def statement_for(model_name: str, digests: dict[str, str], ignore_paths: list[str]) -> bytes:
+    """The statement `harness sign` signs, shaped as model_signing 1.x writes it."""
+    doc = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": model_name, "digest": {"sha256": root_digest(digests)}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "serialization": {
+                "ignore_paths": ignore_paths,
+                "hash_type": "sha256",
+                "method": "files",
+                "allow_symlinks": False,
+            },
+            "resources": [
+                {"name": name, "digest": digests[name], "algorithm": "sha256"}
+                for name in sorted(digests)
+            ],
+        },
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def sign_with_key(statement: bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+    public = private_key.public_key()
+    signature = private_key.sign(pae(PAYLOAD_TYPE, statement), ec.ECDSA(_ec_hash(public)))
+    bundle = {
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {"publicKey": {"hint": key_hint(public)}, "tlogEntries": []},
+        "dsseEnvelope": {
+            "payload": base64.b64encode(statement).decode(),
+            "payloadType": PAYLOAD_TYPE,
+            "signatures": [{"sig": base64.b64encode(signature).decode(), "keyid": ""}],
+        },
+    }
+    return (json.dumps(bundle, indent=2) + "\n").encode()

@@ -1,0 +1,91 @@
+"""Weight verification end to end: the signature first (cheap, fails fast), then every file
+hashed and compared with the signed manifest. Also `harness sign`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from runtime.errors import IntegrityError
+from runtime.integrity import model_dir, oms
+
+
+@dataclass(frozen=True)
+class KeyTrust:
+    """Trust material for the `key` method: the signer's PEM public key."""
+
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class Result:
+    verified: model_dir.Verified
+    root_digest: str
+    signer: str
+    method: str
+    signature: Path
+
+
+def _read(path: Path, what: str, fix: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise IntegrityError(f"{what} {path}: cannot read: {exc.strerror}", fix=fix) from None
+
+
+def _exclude(root: Path, signature: Path) -> frozenset[str]:
+    """A signature kept inside the model dir is not part of the model."""
+    try:
+        return frozenset({signature.resolve().relative_to(root.resolve()).as_posix()})
+    except ValueError:
+        return frozenset()
+
+
+def verify_model(
+    root: Path,
+    signature: Path,
+    trust: KeyTrust,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> Result:
+    bundle = oms.parse_bundle(
+        _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
+    )
+    key = oms.load_public_key(
+        _read(trust.public_key, "public key", "point at the signer's PEM public key"),
+        str(trust.public_key),
+    )
+    signer = oms.verify_with_key(bundle, key)
+    statement = oms.parse_statement(bundle.payload)
+    verified = model_dir.verify(root, exclude=_exclude(root, signature), progress=progress)
+    oms.compare_manifest(statement.resources, verified.digests)
+    return Result(verified, statement.root_digest, signer, "key", signature)
+
+
+def sign_model(root: Path, private_key: Path, signature: Path) -> str:
+    """Sign what the policy accepts (never an empty model, never a pickle). Returns the root
+    digest. The bundle is written atomically, readable by all (it is public)."""
+    pem = _read(private_key, "private key", "point at a PEM ECDSA private key")
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise IntegrityError(
+            f"private key {private_key}: cannot load: {exc}",
+            fix="use an unencrypted PEM ECDSA P-256/384/521 private key",
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise IntegrityError(
+            f"private key {private_key}: not an ECDSA key", fix="use an ECDSA P-256/384/521 key"
+        )
+    verified = model_dir.verify(root, exclude=_exclude(root, signature))
+    statement = oms.statement_for(verified.root.name, verified.digests, sorted(verified.excluded))
+    bundle = oms.sign_with_key(statement, key)
+    tmp = signature.with_name(f".{signature.name}.tmp")
+    tmp.write_bytes(bundle)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, signature)
+    return oms.root_digest(verified.digests)
