@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime import __version__, telemetry
-from runtime.errors import HarnessError
+from runtime.errors import ConfigError, HarnessError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -37,10 +37,25 @@ def _verify(args: argparse.Namespace) -> int:
     from runtime.integrity import signature
 
     telemetry.set_stream(sys.stderr)
+    trust: signature.Trust
+    if args.public_key:
+        if args.identity:
+            raise ConfigError("--identity applies to --certificate-chain, not --public-key")
+        trust = signature.KeyTrust(Path(args.public_key))
+    else:
+        trust = signature.CertificateTrust(
+            tuple(Path(p) for p in args.certificate_chain),
+            tuple(args.identity) if args.identity else None,
+        )
+        if not args.identity:
+            print(
+                "harness: warning: no --identity given: any signer the CA vouches for is accepted",
+                file=sys.stderr,
+            )
     result = signature.verify_model(
         Path(args.model_dir),
         Path(args.signature),
-        signature.KeyTrust(Path(args.public_key)),
+        trust,
         progress=_progress_bar if sys.stderr.isatty() and not args.json else None,
     )
     verified = result.verified
@@ -50,6 +65,9 @@ def _verify(args: argparse.Namespace) -> int:
         "signature": str(result.signature),
         "method": result.method,
         "signer": result.signer,
+        "identity": result.identity,
+        "identity_checked": not isinstance(trust, signature.CertificateTrust)
+        or trust.identities is not None,
         "root_digest": result.root_digest,
         "files": verified.digests,
         "bytes": verified.total_bytes,
@@ -86,7 +104,15 @@ def _sign(args: argparse.Namespace) -> int:
 
     model = Path(args.model_dir)
     target = Path(args.signature) if args.signature else model / "model.sig"
-    digest = signature.sign_model(model, Path(args.private_key), target)
+    if args.certificate_chain and not args.certificate:
+        raise ConfigError("--certificate-chain needs --certificate (the signing certificate)")
+    digest = signature.sign_model(
+        model,
+        Path(args.private_key),
+        target,
+        certificate=Path(args.certificate) if args.certificate else None,
+        chain=tuple(Path(p) for p in args.certificate_chain or ()),
+    )
     print(f"signed {model} -> {target}\n  root digest: sha256:{digest}")
     return 0
 
@@ -144,13 +170,33 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check a model dir against its OMS signature (exit 3)")
     p.add_argument("model_dir")
     p.add_argument("--signature", required=True, help="OMS v1.0 bundle (model.sig)")
-    p.add_argument("--public-key", required=True, help="the signer's PEM ECDSA public key")
+    trust = p.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--public-key", help="key method: the signer's PEM ECDSA public key")
+    trust.add_argument(
+        "--certificate-chain",
+        nargs="+",
+        metavar="PEM",
+        help="certificate method: trusted root CA(s) and intermediates",
+    )
+    p.add_argument(
+        "--identity",
+        action="append",
+        metavar="SAN",
+        help="certificate method: an allowed signer SAN (email or URI); repeatable",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     p.set_defaults(func=_verify)
 
     p = sub.add_parser("sign", help="sign a model dir in the OMS v1.0 format")
     p.add_argument("model_dir")
     p.add_argument("--private-key", required=True, help="PEM ECDSA P-256/384/521 private key")
+    p.add_argument("--certificate", help="signing certificate (PEM); default: a bare key")
+    p.add_argument(
+        "--certificate-chain",
+        nargs="+",
+        metavar="PEM",
+        help="intermediate/root certificates to include after the signing certificate",
+    )
     p.add_argument("--signature", help="where to write the bundle (default MODEL_DIR/model.sig)")
     p.set_defaults(func=_sign)
 

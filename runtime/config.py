@@ -49,9 +49,24 @@ class _Section(BaseModel):
 class SignatureSection(_Section):
     # The OMS v1.0 bundle (model_signing / harness sign); may sit inside the model dir.
     path: ConfigPath
-    method: Literal["key"] = "key"
+    method: Literal["key", "certificate"] = "key"
     # `key`: the signer's PEM ECDSA public key.
-    public_key: ConfigPath
+    public_key: ConfigPath | None = None
+    # `certificate`: PEM root CA(s) (and intermediates), and the allowed signer SANs.
+    certificate_chain: list[ConfigPath] = Field(default_factory=list)
+    identities: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _material(self) -> SignatureSection:
+        if self.method == "key":
+            if self.public_key is None or self.certificate_chain or self.identities:
+                raise ValueError("method 'key' takes public_key (and no certificate settings)")
+        elif self.public_key is not None or not self.certificate_chain or not self.identities:
+            raise ValueError(
+                "method 'certificate' takes certificate_chain and identities (the signer SANs "
+                "you trust), and no public_key"
+            )
+        return self
 
 
 class ModelSection(_Section):

@@ -81,9 +81,12 @@ def verify_weights(cfg: Config) -> model_dir.Verified:
     sig = cfg.model.signature
     try:
         if sig is not None:
-            result = signature.verify_model(
-                cfg.model.dir, sig.path, signature.KeyTrust(sig.public_key)
+            trust: signature.Trust = (
+                signature.KeyTrust(sig.public_key)
+                if sig.public_key is not None
+                else signature.CertificateTrust(tuple(sig.certificate_chain), tuple(sig.identities))
             )
+            result = signature.verify_model(cfg.model.dir, sig.path, trust)
             verified = result.verified
             evidence = {
                 "root_digest": result.root_digest,

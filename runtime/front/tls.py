@@ -4,11 +4,13 @@ and the client's identity (a SAN) matched against an exact allowlist."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable
 from typing import Any
 
 from runtime.config import TLSSection
 from runtime.errors import ConfigError
+from runtime.identity import match_identity
+
+__all__ = ["match_identity", "peer_identities", "server_context"]
 
 
 def server_context(tls: TLSSection) -> ssl.SSLContext:
@@ -40,21 +42,3 @@ def peer_identities(peercert: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not peercert:
         return []
     return [(kind, value) for kind, value in peercert.get("subjectAltName", ())]
-
-
-def _kind_of(identity: str) -> str:
-    if "://" in identity:
-        return "URI"
-    if "@" in identity:
-        return "email"
-    return "DNS"
-
-
-def match_identity(sans: Iterable[tuple[str, str]], allowed: Iterable[str]) -> str | None:
-    """The first allowed identity the certificate carries, compared exactly and by SAN type
-    (a DNS SAN never matches a URI entry), or None."""
-    present = set(sans)
-    for identity in allowed:
-        if (_kind_of(identity), identity) in present:
-            return identity
-    return None

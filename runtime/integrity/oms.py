@@ -4,7 +4,9 @@ A bundle is a Sigstore bundle (v0.3 JSON) whose DSSE envelope carries an in-toto
 with predicate https://model_signing/signature/v1.0: one SHA-256 digest per file, and a subject
 digest over them. Verification, in order:
   1. parse the bundle strictly (one signature, known media and payload types);
-  2. check the signature over the DSSE PAE with the trusted key (method-specific);
+  2. check the signature over the DSSE PAE with the trusted key (method-specific: a key
+     pinned by its hint, or a certificate chained to a configured root, for code signing,
+     valid at signing time and now, carrying an allowed identity);
   3. parse the statement strictly (safe resource names, no duplicates, sha256 hex);
   4. recompute the subject digest from the resources;
 then the caller compares the resources with the files it hashed (compare_manifest).
@@ -14,17 +16,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from OpenSSL import crypto
 
 from runtime.errors import IntegrityError
+from runtime.identity import certificate_sans, match_identity
 
 BUNDLE_MEDIA_TYPES = frozenset(
     {
@@ -157,6 +164,130 @@ def verify_with_key(bundle: Bundle, key: ec.EllipticCurvePublicKey) -> str:
     return f"key:sha256:{expected}"
 
 
+def _bundle_chain(material: dict[str, Any]) -> list[x509.Certificate]:
+    entries = (material.get("x509CertificateChain") or {}).get("certificates")
+    if not isinstance(entries, list) or not entries:
+        raise _fail(
+            "the bundle carries no certificate chain (signed with a bare key?)",
+            fix="verify with the method the model was signed with, or sign with a certificate",
+        )
+    chain = []
+    for index, entry in enumerate(entries):
+        raw = _b64(
+            entry.get("rawBytes") if isinstance(entry, dict) else None, f"certificate {index}"
+        )
+        try:
+            chain.append(x509.load_der_x509_certificate(raw))
+        except ValueError:
+            raise _fail(f"certificate {index} in the bundle is not DER X.509") from None
+    return chain
+
+
+def _oid_name(oid: x509.ObjectIdentifier) -> str:
+    return getattr(oid, "_name", None) or oid.dotted_string
+
+
+def _check_signing_usage(leaf: x509.Certificate) -> None:
+    """Stricter than model_signing: digitalSignature AND the codeSigning EKU, not a CA."""
+    try:
+        usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound as exc:
+        raise _fail(
+            f"the signing certificate has no {_oid_name(exc.oid)} extension",
+            fix="issue a signing certificate with KeyUsage digitalSignature and the "
+            "codeSigning extended key usage",
+        ) from None
+    if not usage.digital_signature:
+        raise _fail(
+            "the signing certificate's KeyUsage lacks digitalSignature",
+            fix="issue a signing certificate with KeyUsage digitalSignature",
+        )
+    if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+        names = ", ".join(_oid_name(oid) for oid in eku)
+        raise _fail(
+            f"the signing certificate is not for code signing (its extended key usage: {names})",
+            fix="sign with a certificate whose extended key usage includes codeSigning",
+        )
+    try:
+        if leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise _fail(
+                "the signing certificate is a CA certificate", fix="sign with a leaf certificate"
+            )
+    except x509.ExtensionNotFound:
+        pass
+
+
+def _check_chain(
+    leaf: x509.Certificate,
+    intermediates: list[x509.Certificate],
+    trusted: list[x509.Certificate],
+    when: datetime.datetime,
+    label: str,
+) -> None:
+    store = crypto.X509Store()
+    for cert in trusted:
+        store.add_cert(crypto.X509.from_cryptography(cert))
+    store.set_time(when)
+    context = crypto.X509StoreContext(
+        store,
+        crypto.X509.from_cryptography(leaf),
+        [crypto.X509.from_cryptography(c) for c in intermediates],
+    )
+    try:
+        context.verify_certificate()
+    except crypto.X509StoreContextError as exc:
+        raise _fail(
+            f"the signing certificate does not chain to the configured root {label} "
+            f"({when:%Y-%m-%dT%H:%M:%SZ}): {exc}",
+            fix="configure the CA that issued the signing certificate, or sign again with a "
+            "valid certificate",
+        ) from None
+
+
+def verify_with_certificates(
+    bundle: Bundle,
+    trusted: list[x509.Certificate],
+    identities: list[str] | None,
+    now: datetime.datetime,
+) -> tuple[str, str | None]:
+    """Step 2, certificate method. Returns (signer description, matched identity)."""
+    leaf, *intermediates = _bundle_chain(bundle.material)
+    _check_signing_usage(leaf)
+    # Without a timestamp, the leaf's notBefore stands for the signing time (as model_signing
+    # does); the chain must hold then, and now (an expired or revoked-by-expiry leaf fails).
+    _check_chain(leaf, intermediates, trusted, leaf.not_valid_before_utc, "at signing time")
+    _check_chain(leaf, intermediates, trusted, now, "now")
+    sans = certificate_sans(leaf)
+    matched = None
+    if identities is not None:
+        matched = match_identity(sans, identities)
+        if matched is None:
+            shown = ", ".join(f"{kind}:{value}" for kind, value in sans) or "none"
+            raise _fail(
+                f"signer identity not allowed: the certificate's SANs ({shown}) match none of "
+                f"{', '.join(identities)}",
+                fix="add the signer's identity to model.signature.identities if you trust it",
+            )
+    key = leaf.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise _fail(
+            "the signing certificate's key is not ECDSA", fix="sign with an ECDSA P-256/384/521 key"
+        )
+    try:
+        key.verify(
+            bundle.signature, pae(bundle.payload_type, bundle.payload), ec.ECDSA(_ec_hash(key))
+        )
+    except InvalidSignature:
+        raise _fail(
+            "the DSSE signature does not verify with the signing certificate's key: the "
+            "signed statement was altered"
+        ) from None
+    issuer = leaf.issuer.rfc4514_string()
+    who = matched or ", ".join(value for _kind, value in sans) or leaf.subject.rfc4514_string()
+    return f"certificate:{who} (issuer {issuer}, serial {leaf.serial_number:x})", matched
+
+
 def _safe_name(name: Any) -> bool:
     if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
         return False
@@ -272,12 +403,38 @@ def statement_for(model_name: str, digests: dict[str, str], ignore_paths: list[s
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def sign_with_key(statement: bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
+def sign_with_key(
+    statement: bytes,
+    private_key: ec.EllipticCurvePrivateKey,
+    certificates: list[x509.Certificate] | None = None,
+) -> bytes:
+    """An OMS bundle: with a bare-key hint, or with `certificates` (leaf first) as the
+    verification material."""
     public = private_key.public_key()
     signature = private_key.sign(pae(PAYLOAD_TYPE, statement), ec.ECDSA(_ec_hash(public)))
+    material: dict[str, Any] = {"publicKey": {"hint": key_hint(public)}, "tlogEntries": []}
+    if certificates:
+        if certificates[0].public_key() != public:
+            raise IntegrityError(
+                "the signing certificate does not belong to the private key",
+                fix="pass the certificate issued for this private key",
+            )
+        material = {
+            "x509CertificateChain": {
+                "certificates": [
+                    {
+                        "rawBytes": base64.b64encode(
+                            c.public_bytes(serialization.Encoding.DER)
+                        ).decode()
+                    }
+                    for c in certificates
+                ]
+            },
+            "tlogEntries": [],
+        }
     bundle = {
         "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
-        "verificationMaterial": {"publicKey": {"hint": key_hint(public)}, "tlogEntries": []},
+        "verificationMaterial": material,
         "dsseEnvelope": {
             "payload": base64.b64encode(statement).decode(),
             "payloadType": PAYLOAD_TYPE,

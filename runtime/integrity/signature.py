@@ -3,11 +3,13 @@ hashed and compared with the signed manifest. Also `harness sign`."""
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -23,12 +25,26 @@ class KeyTrust:
 
 
 @dataclass(frozen=True)
+class CertificateTrust:
+    """Trust material for the `certificate` method: PEM files holding the root CA(s) (and any
+    intermediates), and the signer identities (SAN email/URI) allowed; None skips the
+    identity check (CLI only, reported as such)."""
+
+    chain: tuple[Path, ...]
+    identities: tuple[str, ...] | None
+
+
+Trust = KeyTrust | CertificateTrust
+
+
+@dataclass(frozen=True)
 class Result:
     verified: model_dir.Verified
     root_digest: str
     signer: str
     method: str
     signature: Path
+    identity: str | None = None
 
 
 def _read(path: Path, what: str, fix: str) -> bytes:
@@ -49,24 +65,57 @@ def _exclude(root: Path, signature: Path) -> frozenset[str]:
 def verify_model(
     root: Path,
     signature: Path,
-    trust: KeyTrust,
+    trust: Trust,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Result:
     bundle = oms.parse_bundle(
         _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
     )
-    key = oms.load_public_key(
-        _read(trust.public_key, "public key", "point at the signer's PEM public key"),
-        str(trust.public_key),
-    )
-    signer = oms.verify_with_key(bundle, key)
+    identity = None
+    if isinstance(trust, KeyTrust):
+        method = "key"
+        key = oms.load_public_key(
+            _read(trust.public_key, "public key", "point at the signer's PEM public key"),
+            str(trust.public_key),
+        )
+        signer = oms.verify_with_key(bundle, key)
+    else:
+        method = "certificate"
+        trusted = _load_certificates(trust.chain)
+        now = datetime.datetime.now(datetime.UTC)  # one `now` per verification
+        identities = list(trust.identities) if trust.identities is not None else None
+        signer, identity = oms.verify_with_certificates(bundle, trusted, identities, now)
     statement = oms.parse_statement(bundle.payload)
     verified = model_dir.verify(root, exclude=_exclude(root, signature), progress=progress)
     oms.compare_manifest(statement.resources, verified.digests)
-    return Result(verified, statement.root_digest, signer, "key", signature)
+    return Result(verified, statement.root_digest, signer, method, signature, identity)
 
 
-def sign_model(root: Path, private_key: Path, signature: Path) -> str:
+def _load_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for path in paths:
+        fix = "point certificate_chain at PEM CA certificates"
+        try:
+            certs += x509.load_pem_x509_certificates(_read(path, "certificate chain", fix))
+        except ValueError as exc:
+            raise IntegrityError(
+                f"certificate chain {path}: not PEM certificates: {exc}", fix=fix
+            ) from None
+    if not certs:
+        raise IntegrityError(
+            "no trusted certificates configured",
+            fix="configure the root CA that issues your signing certificates",
+        )
+    return certs
+
+
+def sign_model(
+    root: Path,
+    private_key: Path,
+    signature: Path,
+    certificate: Path | None = None,
+    chain: tuple[Path, ...] = (),
+) -> str:
     """Sign what the policy accepts (never an empty model, never a pickle). Returns the root
     digest. The bundle is written atomically, readable by all (it is public)."""
     pem = _read(private_key, "private key", "point at a PEM ECDSA private key")
@@ -83,7 +132,8 @@ def sign_model(root: Path, private_key: Path, signature: Path) -> str:
         )
     verified = model_dir.verify(root, exclude=_exclude(root, signature))
     statement = oms.statement_for(verified.root.name, verified.digests, sorted(verified.excluded))
-    bundle = oms.sign_with_key(statement, key)
+    certificates = _load_certificates((certificate, *chain)) if certificate else None
+    bundle = oms.sign_with_key(statement, key, certificates)
     tmp = signature.with_name(f".{signature.name}.tmp")
     tmp.write_bytes(bundle)
     os.chmod(tmp, 0o644)
