@@ -16,7 +16,7 @@ from runtime.front.proxy import FORWARDED, LOCAL
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
-    weights = launcher.verify_weights(cfg)  # step 2, or exit 3
+    weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
     plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"))
     return {
         "harness_version": __version__,
@@ -68,6 +68,8 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "files": len(weights.files),
                 "bytes": weights.total_bytes,
                 "tensors": weights.tensors,
+                "seconds": round(weights.seconds, 3),
+                **{k: v for k, v in evidence.items() if k in ("root_digest", "signer")},
             },
             "secrets_from_tmpfs": {"status": "not_built"},
             "privilege_drop": {"status": "not_built"},

@@ -42,6 +42,15 @@ def _verify(args: argparse.Namespace) -> int:
         if args.identity:
             raise ConfigError("--identity applies to --certificate-chain, not --public-key")
         trust = signature.KeyTrust(Path(args.public_key))
+    elif args.sigstore_identity:
+        if not (args.sigstore_issuer and args.trust_config):
+            raise ConfigError(
+                "--sigstore-identity needs --sigstore-issuer and --trust-config",
+                fix="pass the OIDC issuer URL and your Sigstore instance's trusted_root.json",
+            )
+        trust = signature.SigstoreTrust(
+            Path(args.trust_config), tuple(args.sigstore_identity), args.sigstore_issuer
+        )
     else:
         trust = signature.CertificateTrust(
             tuple(Path(p) for p in args.certificate_chain),
@@ -178,11 +187,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PEM",
         help="certificate method: trusted root CA(s) and intermediates",
     )
+    trust.add_argument(
+        "--sigstore-identity",
+        action="append",
+        metavar="ID",
+        help="sigstore method: an allowed signer identity; repeatable",
+    )
     p.add_argument(
         "--identity",
         action="append",
         metavar="SAN",
         help="certificate method: an allowed signer SAN (email or URI); repeatable",
+    )
+    p.add_argument("--sigstore-issuer", metavar="URL", help="sigstore method: the OIDC issuer")
+    p.add_argument(
+        "--trust-config",
+        metavar="FILE",
+        help="sigstore method: the pinned trusted_root.json (no network is used)",
     )
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout")
     p.set_defaults(func=_verify)

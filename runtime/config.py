@@ -49,22 +49,34 @@ class _Section(BaseModel):
 class SignatureSection(_Section):
     # The OMS v1.0 bundle (model_signing / harness sign); may sit inside the model dir.
     path: ConfigPath
-    method: Literal["key", "certificate"] = "key"
+    method: Literal["key", "certificate", "sigstore"] = "key"
     # `key`: the signer's PEM ECDSA public key.
     public_key: ConfigPath | None = None
-    # `certificate`: PEM root CA(s) (and intermediates), and the allowed signer SANs.
+    # `certificate`: PEM root CA(s) (and intermediates).
     certificate_chain: list[ConfigPath] = Field(default_factory=list)
+    # `sigstore`: the pinned trusted_root.json (or client trust config) and the OIDC issuer.
+    trust_config: ConfigPath | None = None
+    issuer: str | None = None
+    # `certificate` and `sigstore`: the signer identities (SAN email/URI) you trust.
     identities: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _material(self) -> SignatureSection:
-        if self.method == "key":
-            if self.public_key is None or self.certificate_chain or self.identities:
-                raise ValueError("method 'key' takes public_key (and no certificate settings)")
-        elif self.public_key is not None or not self.certificate_chain or not self.identities:
+        wanted = {
+            "key": {"public_key"},
+            "certificate": {"certificate_chain", "identities"},
+            "sigstore": {"trust_config", "issuer", "identities"},
+        }[self.method]
+        given = {
+            name
+            for name in ("public_key", "certificate_chain", "trust_config", "issuer", "identities")
+            if getattr(self, name)
+        }
+        if given != wanted:
             raise ValueError(
-                "method 'certificate' takes certificate_chain and identities (the signer SANs "
-                "you trust), and no public_key"
+                f"method {self.method!r} takes {', '.join(sorted(wanted))}"
+                + (f"; not {', '.join(sorted(given - wanted))}" if given - wanted else "")
+                + (f"; missing {', '.join(sorted(wanted - given))}" if wanted - given else "")
             )
         return self
 
@@ -122,6 +134,16 @@ class FrontSection(_Section):
 class LimitsSection(_Section):
     # Hard cap on generated tokens per request; also passed to vLLM as max_new_tokens.
     max_tokens: int = Field(default=256, ge=1, le=1 << 20)
+    # Over the cap: `reject` with 400 (default) or `clamp` to the cap.
+    max_tokens_policy: Literal["reject", "clamp"] = "reject"
+    # Injected when a request names none (0: the cap).
+    default_max_tokens: int = Field(default=0, ge=0)
+    max_n: int = Field(default=1, ge=1, le=64)  # n and best_of
+    max_logprobs: int = Field(default=5, ge=0, le=20)  # logprobs / top_logprobs
+    max_prompts: int = Field(default=8, ge=1, le=1024)  # prompts per completions request
+    max_prompt_bytes: int = Field(default=256 << 10, ge=64)  # serialised prompt or messages
+    max_stop: int = Field(default=4, ge=0, le=64)  # stop strings, stop_token_ids
+    max_json_depth: int = Field(default=32, ge=4, le=256)
 
 
 class EngineSection(_Section):

@@ -17,7 +17,7 @@ from types import FrameType
 
 from runtime import config as config_mod
 from runtime import telemetry
-from runtime.config import Config
+from runtime.config import Config, SignatureSection
 from runtime.engine.process import Engine
 from runtime.errors import EngineError, IntegrityError
 from runtime.front import server as front_server
@@ -46,7 +46,7 @@ def serve(
 
     # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
     #    policy, strict safetensors headers; each file fingerprinted (exit 3).
-    weights = verify_weights(cfg)
+    weights, _evidence = verify_weights(cfg)
 
     # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
 
@@ -76,17 +76,12 @@ def serve(
     return code
 
 
-def verify_weights(cfg: Config) -> model_dir.Verified:
+def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
     """Step 2: signature, manifest, SHA-256, model-dir policy, strict headers (exit 3)."""
     sig = cfg.model.signature
     try:
         if sig is not None:
-            trust: signature.Trust = (
-                signature.KeyTrust(sig.public_key)
-                if sig.public_key is not None
-                else signature.CertificateTrust(tuple(sig.certificate_chain), tuple(sig.identities))
-            )
-            result = signature.verify_model(cfg.model.dir, sig.path, trust)
+            result = signature.verify_model(cfg.model.dir, sig.path, _trust(sig))
             verified = result.verified
             evidence = {
                 "root_digest": result.root_digest,
@@ -131,7 +126,17 @@ def verify_weights(cfg: Config) -> model_dir.Verified:
         mb_per_s=round(verified.total_bytes / 1e6 / seconds, 1) if seconds else None,
         **evidence,
     )
-    return verified
+    return verified, evidence
+
+
+def _trust(sig: SignatureSection) -> signature.Trust:
+    if sig.method == "key":
+        assert sig.public_key is not None
+        return signature.KeyTrust(sig.public_key)
+    if sig.method == "certificate":
+        return signature.CertificateTrust(tuple(sig.certificate_chain), tuple(sig.identities))
+    assert sig.trust_config is not None and sig.issuer is not None
+    return signature.SigstoreTrust(sig.trust_config, tuple(sig.identities), sig.issuer)
 
 
 def recheck_weights(weights: model_dir.Verified) -> None:
@@ -163,7 +168,13 @@ async def _serve_front(
     on_ready: Callable[[Config], None] | None,
 ) -> int:
     state = FrontState(engine_ready=True)
-    app = FrontApp(engine.socket, state, max_body_bytes=cfg.front.max_body_bytes)
+    app = FrontApp(
+        engine.socket,
+        state,
+        max_body_bytes=cfg.front.max_body_bytes,
+        limits=cfg.limits,
+        served_name=cfg.model.served_name,
+    )
     server = front_server.build_server(cfg.front, app, state, ssl_context)  # type: ignore[arg-type]
     died: list[int] = []
 

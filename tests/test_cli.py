@@ -90,6 +90,7 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     weights = controls["weight_integrity"]
     assert weights["status"] == weights["sha256_manifest"] == "enforced"
     assert weights["files"] == 4 and weights["method"] == "key"
+    assert weights["signer"].startswith("key:sha256:") and len(weights["root_digest"]) == 64
 
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from runtime.front.tls import server_context
 from tests.support import client_context, free_port, raw_request
 
 ALLOWED = "spiffe://test.local/ns/gateway/sa/ai-gateway"
+CHAT = {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
 
 @dataclass
@@ -145,7 +146,13 @@ def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Front]:
         }
     )
     state = FrontState(engine_ready=True)
-    app = FrontApp(sock_path, state, max_body_bytes=cfg.front.max_body_bytes)
+    app = FrontApp(
+        sock_path,
+        state,
+        max_body_bytes=cfg.front.max_body_bytes,
+        limits=cfg.limits,
+        served_name="demo",
+    )
     listener = front_server.bind(cfg.front)
     server = front_server.build_server(cfg.front, app, state, server_context(cfg.front.tls))
     thread = _run_in_thread(server, sockets=[listener])
@@ -241,9 +248,7 @@ def test_stream_is_relayed_chunk_by_chunk(front: Front) -> None:
     buffered the stream would never deliver the first, and this test would time out."""
     with (
         httpx.Client(verify=front.ctx(), timeout=20) as client,
-        client.stream(
-            "POST", f"{front.url}/v1/chat/completions", json={"model": "demo", "stream": True}
-        ) as response,
+        client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
     ):
         lines = response.iter_lines()
         assert next(lines) == "data: 1"
@@ -266,7 +271,7 @@ def test_identity_not_on_the_allowlist_is_closed_before_http(front: Front) -> No
 def test_request_events_carry_identity_and_no_body(front: Front) -> None:
     secret_prompt = "the prompt text must never be logged"
     with httpx.Client(verify=front.ctx()) as client:
-        client.post(f"{front.url}/v1/completions", json={"prompt": secret_prompt})
+        client.post(f"{front.url}/v1/completions", json={"model": "demo", "prompt": secret_prompt})
     raw_request(front.url, front.ctx(), "GET", b"/pause")
     deadline = time.monotonic() + 5
     while len(front.events) < 2 and time.monotonic() < deadline:
@@ -282,9 +287,7 @@ def test_request_events_carry_identity_and_no_body(front: Front) -> None:
 def test_drain_finishes_open_streams_and_refuses_new_connections(front: Front) -> None:
     with (
         httpx.Client(verify=front.ctx(), timeout=20) as client,
-        client.stream(
-            "POST", f"{front.url}/v1/chat/completions", json={"stream": True}
-        ) as response,
+        client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
     ):
         lines = response.iter_lines()
         assert next(lines) == "data: 1"
@@ -316,3 +319,53 @@ def test_tls_context_is_tls13_only_and_requires_client_certs(front: Front) -> No
         ok.wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         assert tls.version() == "TLSv1.3"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "code"),
+    [
+        ({"model": "demo", "prompt": "hi", "max_tokens": 257}, {}, 400, "max_tokens_exceeded"),
+        ({"model": "demo", "prompt": "hi", "n": 5}, {}, 400, "limit_exceeded"),
+        ({"model": "other", "prompt": "hi"}, {}, 404, "model_not_found"),
+        (
+            {"model": "demo", "prompt": "hi", "use_beam_search": True},
+            {},
+            400,
+            "unsupported_parameter",
+        ),
+        (b"not json", {"content-type": "application/json"}, 400, "invalid_json"),
+        (
+            b'{"model": "demo", "prompt": "hi"}',
+            {"content-type": "text/plain"},
+            415,
+            "unsupported_media_type",
+        ),
+    ],
+)
+def test_limit_rejections_never_reach_the_engine(
+    front: Front, body: object, headers: dict[str, str], status: int, code: str
+) -> None:
+    with httpx.Client(verify=front.ctx()) as client:
+        if isinstance(body, bytes):
+            response = client.post(f"{front.url}/v1/completions", content=body, headers=headers)
+        else:
+            response = client.post(f"{front.url}/v1/completions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["type"] == "invalid_request_error" and error["message"]
+    assert front.upstream.seen == []
+    event = next(e for e in front.events if e["event_type"] == "request_rejected")
+    assert event["reason"] == code and event["status"] == status
+
+
+def test_forwarded_body_is_the_checked_one_with_the_default_injected(front: Front) -> None:
+    with httpx.Client(verify=front.ctx()) as client:
+        response = client.post(
+            f"{front.url}/v1/completions",
+            content=b'{"model":"demo",   "prompt":"hi"}',
+            headers={"content-type": "application/json; charset=utf-8"},
+        )
+    assert response.status_code == 200
+    [seen] = front.upstream.seen
+    assert json.loads(seen["body"]) == {"model": "demo", "prompt": "hi", "max_tokens": 256}
+    assert seen["headers"][b"content-type"] == b"application/json"

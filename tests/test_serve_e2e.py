@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.support import Harness, client_context, openai_client, raw_request
@@ -55,12 +56,23 @@ def test_streamed_chat_chunks_arrive_before_the_stream_ends(
     assert arrivals == sorted(arrivals) and arrivals[0] < end
 
 
-def test_max_tokens_cap_is_enforced_by_the_engine(harness: Harness, demo_dir: Path) -> None:
+def test_max_tokens_over_the_cap_is_rejected_and_the_default_is_the_cap(
+    harness: Harness, demo_dir: Path
+) -> None:
     api = openai_client(harness.url, _client_ctx(demo_dir))
-    result = api.completions.create(
-        model="demo", prompt="hello", max_tokens=200, extra_body={"ignore_eos": True}
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(model="demo", prompt="hello", max_tokens=65)
+    assert info.value.body["code"] == "max_tokens_exceeded"  # type: ignore[index]
+    assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+    # No max_tokens: the front injects the cap, and the engine generates no more.
+    result = api.completions.create(model="demo", prompt="hello", extra_body={"ignore_eos": True})
+    assert result.usage is not None and result.usage.completion_tokens == 64
+    event = harness.wait_for(
+        "request", route="/v1/completions", tokens_allowed=64, tokens_asked=None
     )
-    assert result.usage is not None and result.usage.completion_tokens <= 64
+    assert event["status"] == 200
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="other", prompt="hello", max_tokens=4)
 
 
 def _get(url: str, ctx: ssl.SSLContext) -> httpx.Response:

@@ -49,9 +49,7 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def make_ca(
-    common_name: str, *, days: int = 365, not_before: dt.datetime | None = None
-) -> Issued:
+def make_ca(common_name: str, *, days: int = 365, not_before: dt.datetime | None = None) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _now()

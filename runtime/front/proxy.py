@@ -20,6 +20,9 @@ from typing import Any
 import httpx
 
 from runtime import telemetry
+from runtime.config import LimitsSection
+from runtime.front import limits as request_limits
+from runtime.front.limits import Rejected
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -67,10 +70,10 @@ class FrontState:
         return self.engine_ready and not self.draining
 
 
-def _error_body(status: int, message: str, code: str) -> bytes:
+def _error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return json.dumps(
-        {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}
     ).encode()
 
 
@@ -84,17 +87,21 @@ async def _respond(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-class _Rejected(Exception):
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code = status, message, code
-
-
 class FrontApp:
-    def __init__(self, engine_socket: Path, state: FrontState, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        engine_socket: Path,
+        state: FrontState,
+        *,
+        max_body_bytes: int,
+        limits: LimitsSection,
+        served_name: str,
+    ) -> None:
         self.engine_socket = engine_socket
         self.state = state
         self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.served_name = served_name
         self.client: httpx.AsyncClient | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -130,12 +137,18 @@ class FrontApp:
         request_id = uuid.uuid4().hex
         raw_path = scope.get("raw_path")
         identity = scope.get(IDENTITY_KEY)
-        audit = {"request_id": request_id, "identity": identity, "method": scope["method"]}
+        audit: dict[str, Any] = {
+            "request_id": request_id,
+            "identity": identity,
+            "method": scope["method"],
+        }
         route = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else None
         try:
-            status = await self._handle(scope, receive, send, raw_path, request_id)
-        except _Rejected as rej:
-            await _respond(send, rej.status, _error_body(rej.status, rej.message, rej.code))
+            status = await self._handle(scope, receive, send, raw_path, audit)
+        except Rejected as rej:
+            await _respond(
+                send, rej.status, _error_body(rej.status, rej.message, rej.code, rej.param)
+            )
             failed = rej.status >= 500
             telemetry.emit(
                 "request" if failed else "request_rejected",
@@ -158,23 +171,33 @@ class FrontApp:
             )
 
     async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, raw_path: Any, request_id: str
+        self, scope: Scope, receive: Receive, send: Send, raw_path: Any, audit: dict[str, Any]
     ) -> int | None:
         # Exact match on the raw target; the decoded `path` must agree (defence in depth).
         if scope.get("root_path") or not isinstance(raw_path, bytes):
-            raise _Rejected(404, "Not found", "route_not_allowed")
+            raise Rejected(404, "Not found", "route_not_allowed")
         if raw_path in LOCAL and scope["path"].encode() == raw_path:
             await self._local(raw_path, send)
             return None
         methods = FORWARDED.get(raw_path)
         if methods is None or scope["path"].encode() != raw_path:
-            raise _Rejected(404, "Not found", "route_not_allowed")
+            raise Rejected(404, "Not found", "route_not_allowed")
         if scope["method"] not in methods:
-            raise _Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
+            raise Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
         if self.state.draining:
-            raise _Rejected(503, "The server is shutting down", "draining")
+            raise Rejected(503, "The server is shutting down", "draining")
         body = await self._read_body(scope, receive)
-        return await self._forward(scope, receive, send, raw_path, body, request_id)
+        if scope["method"] == "POST":
+            checked = request_limits.check(
+                raw_path, _header(scope, b"content-type"), body, self.limits, self.served_name
+            )
+            audit.update(
+                stream=checked.stream,
+                tokens_asked=checked.tokens_asked,
+                tokens_allowed=checked.tokens_allowed,
+            )
+            body = checked.body
+        return await self._forward(scope, receive, send, raw_path, body, audit["request_id"])
 
     async def _local(self, raw_path: bytes, send: Send) -> None:
         if raw_path == b"/healthz":
@@ -189,7 +212,7 @@ class FrontApp:
         limit = self.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
-                raise _Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+                raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -199,7 +222,7 @@ class FrontApp:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:  # counted while it streams in, not after
-                raise _Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+                raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -209,6 +232,9 @@ class FrontApp:
     ) -> int:
         assert self.client is not None, "lifespan startup did not run"
         headers = [(k, v) for k, v in scope["headers"] if k in REQUEST_HEADERS]
+        if body:  # the checked body is always JSON, whatever the client declared
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
         headers.append((b"x-request-id", request_id.encode()))
         request = self.client.build_request(
             scope["method"], route.decode(), headers=headers, content=body
@@ -216,7 +242,7 @@ class FrontApp:
         try:
             upstream = await self.client.send(request, stream=True)
         except httpx.TransportError:
-            raise _Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
+            raise Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
         relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
@@ -251,6 +277,13 @@ class FrontApp:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
 
 
 async def _wait_disconnect(receive: Receive) -> None:

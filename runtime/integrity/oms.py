@@ -6,7 +6,8 @@ digest over them. Verification, in order:
   1. parse the bundle strictly (one signature, known media and payload types);
   2. check the signature over the DSSE PAE with the trusted key (method-specific: a key
      pinned by its hint, or a certificate chained to a configured root, for code signing,
-     valid at signing time and now, carrying an allowed identity);
+     valid at signing time and now, carrying an allowed identity; or Sigstore keyless,
+     checked by sigstore-python against a pinned trust root);
   3. parse the statement strictly (safe resource names, no duplicates, sha256 hex);
   4. recompute the subject digest from the resources;
 then the caller compares the resources with the files it hashed (compare_manifest).
@@ -21,7 +22,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +33,9 @@ from OpenSSL import crypto
 
 from runtime.errors import IntegrityError
 from runtime.identity import certificate_sans, match_identity
+
+if TYPE_CHECKING:  # sigstore is imported where used: it costs ~0.3 s at start-up
+    from sigstore.models import TrustedRoot
 
 BUNDLE_MEDIA_TYPES = frozenset(
     {
@@ -286,6 +290,57 @@ def verify_with_certificates(
     issuer = leaf.issuer.rfc4514_string()
     who = matched or ", ".join(value for _kind, value in sans) or leaf.subject.rfc4514_string()
     return f"certificate:{who} (issuer {issuer}, serial {leaf.serial_number:x})", matched
+
+
+def load_sigstore_root(data: bytes, source: str) -> TrustedRoot:
+    """A pinned Sigstore trust root: a TrustedRoot JSON, or a ClientTrustConfig wrapping one.
+    Never the TUF-updated production root in a cache: what is trusted is this file."""
+    from sigstore.models import ClientTrustConfig, TrustedRoot
+    from sigstore_models.trustroot import v1 as trustroot_v1
+
+    try:
+        doc = json.loads(data)
+        if str(doc.get("mediaType", "")).startswith(
+            "application/vnd.dev.sigstore.clienttrustconfig"
+        ):
+            return ClientTrustConfig.from_json(data.decode()).trusted_root
+        return TrustedRoot(trustroot_v1.TrustedRoot.from_json(data))
+    except Exception as exc:  # sigstore raises several types for a bad file
+        raise IntegrityError(
+            f"{source}: not a Sigstore trusted root or client trust config: {exc}",
+            fix="point trust_config at your Sigstore instance's trusted_root.json",
+        ) from None
+
+
+def verify_with_sigstore(
+    raw_bundle: bytes, root: TrustedRoot, identities: list[str], issuer: str
+) -> tuple[str, bytes]:
+    """Step 2, Sigstore keyless: Fulcio chain and SCT, the transparency-log entry and its
+    proof, the signer identity and OIDC issuer, the DSSE signature - all by sigstore-python
+    against the pinned root, offline. Returns (signer description, the verified payload)."""
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.models import Bundle as SigstoreBundle
+    from sigstore.verify import Verifier, policy
+
+    try:
+        bundle = SigstoreBundle.from_json(raw_bundle)
+    except Exception as exc:  # malformed or not a keyless bundle
+        raise _fail(f"not a Sigstore keyless bundle: {exc}") from None
+    allowed = policy.AnyOf([policy.Identity(identity=i, issuer=issuer) for i in identities])
+    try:
+        payload_type, payload = Verifier(trusted_root=root).verify_dsse(bundle, allowed)
+    except SigstoreError as exc:
+        raise _fail(
+            f"Sigstore verification failed (identities {', '.join(identities)}, issuer "
+            f"{issuer}): {exc}",
+            fix="check model.signature.identities and issuer against the signer's OIDC "
+            "identity, and that trust_config is the root of the Sigstore instance used",
+        ) from None
+    if payload_type != PAYLOAD_TYPE:
+        raise _fail(f"payloadType {payload_type!r} is not {PAYLOAD_TYPE}")
+    san = certificate_sans(bundle.signing_certificate)
+    who = next((value for _kind, value in san if value in identities), identities[0])
+    return f"sigstore:{who} (issuer {issuer})", payload
 
 
 def _safe_name(name: Any) -> bool:

@@ -34,7 +34,17 @@ class CertificateTrust:
     identities: tuple[str, ...] | None
 
 
-Trust = KeyTrust | CertificateTrust
+@dataclass(frozen=True)
+class SigstoreTrust:
+    """Trust material for `sigstore` (keyless): a pinned trust root file, the signer
+    identities (OIDC subject: email or URI) and their OIDC issuer."""
+
+    trust_config: Path
+    identities: tuple[str, ...]
+    issuer: str
+
+
+Trust = KeyTrust | CertificateTrust | SigstoreTrust
 
 
 @dataclass(frozen=True)
@@ -68,9 +78,8 @@ def verify_model(
     trust: Trust,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Result:
-    bundle = oms.parse_bundle(
-        _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
-    )
+    raw = _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
+    bundle = oms.parse_bundle(raw)
     identity = None
     if isinstance(trust, KeyTrust):
         method = "key"
@@ -79,12 +88,23 @@ def verify_model(
             str(trust.public_key),
         )
         signer = oms.verify_with_key(bundle, key)
-    else:
+    elif isinstance(trust, CertificateTrust):
         method = "certificate"
         trusted = _load_certificates(trust.chain)
         now = datetime.datetime.now(datetime.UTC)  # one `now` per verification
         identities = list(trust.identities) if trust.identities is not None else None
         signer, identity = oms.verify_with_certificates(bundle, trusted, identities, now)
+    else:
+        method = "sigstore"
+        trusted_root = oms.load_sigstore_root(
+            _read(trust.trust_config, "trust config", "point at the trusted_root.json"),
+            str(trust.trust_config),
+        )
+        signer, verified_payload = oms.verify_with_sigstore(
+            raw, trusted_root, list(trust.identities), trust.issuer
+        )
+        if verified_payload != bundle.payload:  # both parsers must agree on what was signed
+            raise IntegrityError("signature: the bundle's payload is ambiguous")
     statement = oms.parse_statement(bundle.payload)
     verified = model_dir.verify(root, exclude=_exclude(root, signature), progress=progress)
     oms.compare_manifest(statement.resources, verified.digests)

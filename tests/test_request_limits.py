@@ -1,0 +1,221 @@
+"""The front's request limits, as a pure function: each limit's rejection (status, OpenAI error
+code and parameter), clamping, default injection, and a fuzz test of the whole validator."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.config import LimitsSection
+from runtime.front.limits import Rejected, check
+
+LIMITS = LimitsSection(
+    max_tokens=64,
+    max_n=2,
+    max_logprobs=3,
+    max_prompts=2,
+    max_prompt_bytes=200,
+    max_stop=2,
+    max_json_depth=8,
+)
+CHAT = b"/v1/chat/completions"
+COMPLETIONS = b"/v1/completions"
+JSON = b"application/json"
+
+
+def _completion(**extra: Any) -> dict[str, Any]:
+    return {"model": "demo", "prompt": "hello", **extra}
+
+
+def _chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+def _check(route: bytes, body: Any, limits: LimitsSection = LIMITS, ctype: bytes = JSON):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return check(route, ctype, raw, limits, "demo")
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "code", "param"),
+    [
+        (COMPLETIONS, _completion(max_tokens=65), 400, "max_tokens_exceeded", "max_tokens"),
+        (
+            CHAT,
+            _chat(max_completion_tokens=100),
+            400,
+            "max_tokens_exceeded",
+            "max_completion_tokens",
+        ),
+        (CHAT, _chat(max_tokens=65), 400, "max_tokens_exceeded", "max_tokens"),
+        (COMPLETIONS, _completion(max_tokens=0), 400, "limit_exceeded", "max_tokens"),
+        (COMPLETIONS, _completion(max_tokens="64"), 400, "invalid_type", "max_tokens"),
+        (COMPLETIONS, _completion(max_tokens=True), 400, "invalid_type", "max_tokens"),
+        (COMPLETIONS, _completion(n=3), 400, "limit_exceeded", "n"),
+        (COMPLETIONS, _completion(best_of=3), 400, "limit_exceeded", "best_of"),
+        (COMPLETIONS, _completion(n=2, best_of=1), 400, "invalid_value", "best_of"),
+        (COMPLETIONS, _completion(logprobs=4), 400, "limit_exceeded", "logprobs"),
+        (CHAT, _chat(logprobs=True, top_logprobs=4), 400, "limit_exceeded", "top_logprobs"),
+        (CHAT, _chat(logprobs=3), 400, "invalid_type", "logprobs"),
+        (COMPLETIONS, _completion(prompt=["a", "b", "c"]), 400, "limit_exceeded", "prompt"),
+        (COMPLETIONS, _completion(prompt="x" * 300), 400, "limit_exceeded", "prompt"),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": "x" * 300}]),
+            400,
+            "limit_exceeded",
+            "messages",
+        ),
+        (CHAT, _chat(messages=[]), 400, "invalid_type", "messages"),
+        (COMPLETIONS, _completion(prompt={"a": 1}), 400, "invalid_type", "prompt"),
+        (COMPLETIONS, _completion(stop=["a", "b", "c"]), 400, "limit_exceeded", "stop"),
+        (COMPLETIONS, _completion(stop="x" * 300), 400, "limit_exceeded", "stop"),
+        (
+            COMPLETIONS,
+            _completion(stop_token_ids=[1, 2, 3]),
+            400,
+            "limit_exceeded",
+            "stop_token_ids",
+        ),
+        (COMPLETIONS, _completion(min_tokens=65), 400, "limit_exceeded", "min_tokens"),
+        (COMPLETIONS, _completion(model="other"), 404, "model_not_found", "model"),
+        (COMPLETIONS, {"prompt": "hi"}, 404, "model_not_found", "model"),
+        (
+            COMPLETIONS,
+            _completion(use_beam_search=True),
+            400,
+            "unsupported_parameter",
+            "use_beam_search",
+        ),
+        (
+            COMPLETIONS,
+            _completion(prompt_logprobs=5),
+            400,
+            "unsupported_parameter",
+            "prompt_logprobs",
+        ),
+        (CHAT, _chat(guided_regex="a*"), 400, "unsupported_parameter", "guided_regex"),
+        (CHAT, _chat(prompt="hi"), 400, "unsupported_parameter", "prompt"),
+        (COMPLETIONS, _completion(stream="yes"), 400, "invalid_type", "stream"),
+        (
+            COMPLETIONS,
+            b'{"model": "demo", "prompt": "a", "prompt": "b"}',
+            400,
+            "duplicate_key",
+            "prompt",
+        ),
+        (COMPLETIONS, b"{not json", 400, "invalid_json", None),
+        (COMPLETIONS, b"[1, 2]", 400, "invalid_json", None),
+        (COMPLETIONS, b"\xff\xfe", 400, "invalid_json", None),
+        (COMPLETIONS, _completion(user=[[[[[[[[["deep"]]]]]]]]]), 400, "json_too_deep", None),
+        (COMPLETIONS, b"[" * 100000 + b"]" * 100000, 400, "json_too_deep", None),
+    ],
+)
+def test_each_limit_rejects_with_an_openai_error(
+    route: bytes, body: Any, status: int, code: str, param: str | None
+) -> None:
+    with pytest.raises(Rejected) as info:
+        _check(route, body)
+    assert (info.value.status, info.value.code, info.value.param) == (status, code, param)
+    assert info.value.message
+
+
+@pytest.mark.parametrize("ctype", [b"text/plain", b"", b"application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_415(ctype: bytes) -> None:
+    with pytest.raises(Rejected) as info:
+        _check(COMPLETIONS, _completion(), ctype=ctype)
+    assert info.value.status == 415
+
+
+def test_default_is_injected_and_the_body_is_re_serialised() -> None:
+    checked = _check(COMPLETIONS, b'{ "model" : "demo", "prompt": "hi" }')
+    assert json.loads(checked.body) == {"model": "demo", "prompt": "hi", "max_tokens": 64}
+    assert (checked.tokens_asked, checked.tokens_allowed) == (None, 64)
+    chat = _check(CHAT, _chat())
+    assert json.loads(chat.body)["max_completion_tokens"] == 64
+    small = LimitsSection(max_tokens=64, default_max_tokens=16)
+    assert json.loads(_check(COMPLETIONS, _completion(), small).body)["max_tokens"] == 16
+    assert (
+        _check(
+            CHAT,
+            _chat(charset=None) if False else _chat(),
+            ctype=b"application/json; charset=utf-8",
+        ).tokens_allowed
+        == 64
+    )
+
+
+def test_clamp_policy_lowers_the_request_to_the_cap() -> None:
+    clamp = LimitsSection(max_tokens=64, max_tokens_policy="clamp")
+    checked = _check(CHAT, _chat(max_tokens=500, max_completion_tokens=1000), clamp)
+    body = json.loads(checked.body)
+    assert body["max_tokens"] == body["max_completion_tokens"] == 64
+    assert (checked.tokens_asked, checked.tokens_allowed) == (1000, 64)
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "best_of",
+        "logprobs",
+        "top_logprobs",
+        "stop",
+        "stream",
+        "min_tokens",
+        "stop_token_ids",
+        "logit_bias",
+        "guided_json",
+        "echo",
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    route=st.sampled_from([COMPLETIONS, CHAT]),
+    body=st.dictionaries(_keys, _values, max_size=8),
+    policy=st.sampled_from(["reject", "clamp"]),
+)
+def test_fuzz_never_crashes_and_never_forwards_a_body_over_a_cap(
+    route: bytes, body: dict[str, Any], policy: str
+) -> None:
+    body.setdefault("model", "demo")
+    limits = LimitsSection(
+        max_tokens=64,
+        max_tokens_policy=policy,
+        max_n=2,
+        max_logprobs=3,
+        max_prompts=2,
+        max_prompt_bytes=200,
+        max_stop=2,
+    )
+    try:
+        checked = _check(route, body, limits)
+    except Rejected as rej:
+        assert rej.status in (400, 404, 415)
+        return
+    sent = json.loads(checked.body)
+    for name in ("max_tokens", "max_completion_tokens"):
+        assert sent.get(name) is None or 1 <= sent[name] <= 64
+    assert any(sent.get(n) for n in ("max_tokens", "max_completion_tokens"))
+    assert (sent.get("n") or 1) <= 2 and (sent.get("best_of") or 1) <= 2
+    assert sent.get("min_tokens") is None or sent["min_tokens"] <= 64
+    stops = sent.get("stop")
+    assert stops is None or isinstance(stops, str) or len(stops) <= 2
+    assert sent["model"] == "demo"
