@@ -121,6 +121,7 @@ def _sign(args: argparse.Namespace) -> int:
         target,
         certificate=Path(args.certificate) if args.certificate else None,
         chain=tuple(Path(p) for p in args.certificate_chain or ()),
+        shard_size=args.shard_size,
     )
     print(f"signed {model} -> {target}\n  root digest: sha256:{digest}")
     return 0
@@ -219,6 +220,13 @@ def _parser() -> argparse.ArgumentParser:
         help="intermediate/root certificates to include after the signing certificate",
     )
     p.add_argument("--signature", help="where to write the bundle (default MODEL_DIR/model.sig)")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        metavar="BYTES",
+        help="sign shards of this size (OMS 'shards'): verification of a large "
+        "file then uses every core",
+    )
     p.set_defaults(func=_sign)
 
     demo = sub.add_parser("demo", help="demo assets: tiny model, PKI, config")

@@ -260,11 +260,17 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path, Path, Path], None], str]] = {
         lambda m, s, k, p: _resign(s, k, lambda st: st["predicate"].update(resources=[])),
         "lists no files",
     ),
-    "shards method": (
+    "unknown serialization method": (
+        lambda m, s, k, p: _resign(
+            s, k, lambda st: st["predicate"]["serialization"].update(method="digests")
+        ),
+        "'digests' is not supported",
+    ),
+    "shards without a shard size": (
         lambda m, s, k, p: _resign(
             s, k, lambda st: st["predicate"]["serialization"].update(method="shards")
         ),
-        "'shards' is not supported",
+        "shard_size None is not a whole number",
     ),
     "other predicate": (
         lambda m, s, k, p: _resign(s, k, lambda st: st.update(predicateType="x")),
@@ -330,3 +336,91 @@ def test_pae_matches_the_dsse_spec() -> None:
     assert oms.pae("http://example.com/HelloWorld", b"hello world") == (
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
     )
+
+
+# -- the shards serialization ----------------------------------------------------------
+
+SHARD = 1 << 20
+
+
+def test_model_signing_shards_signature_verifies_with_harness(
+    clean_model: Path, tmp_path: Path
+) -> None:
+    from model_signing import hashing, signing
+
+    model = tmp_path / "model"
+    shutil.copytree(clean_model, model)
+    private, public = _keypair(tmp_path)
+    sig = tmp_path / "shards.sig"
+    config = signing.Config().use_elliptic_key_signer(private_key=private)
+    config.set_hashing_config(hashing.Config().use_shard_serialization(shard_size=SHARD))
+    config.sign(model, sig)
+    result = _verify(model, sig, public)
+    weights = sorted(k for k in result.verified.digests if k.startswith("model.safetensors:"))
+    assert len(weights) == 7 and weights[0] == f"model.safetensors:0:{SHARD}"
+
+
+def test_harness_shards_signature_verifies_with_model_signing(
+    clean_model: Path, tmp_path: Path
+) -> None:
+    from model_signing import hashing, verifying
+
+    model = tmp_path / "model"
+    shutil.copytree(clean_model, model)
+    private, public = _keypair(tmp_path)
+    sig = tmp_path / "shards.sig"
+    made = _harness(
+        "sign",
+        str(model),
+        "--private-key",
+        str(private),
+        "--signature",
+        str(sig),
+        "--shard-size",
+        str(SHARD),
+    )
+    assert made.returncode == 0, made.stderr
+    config = verifying.Config().use_elliptic_key_verifier(public_key=public)
+    config.set_hashing_config(hashing.Config().use_shard_serialization(shard_size=SHARD))
+    config.verify(model, sig)  # raises on failure
+    _flip_bit(model)
+    with pytest.raises(IntegrityError) as info:
+        _verify(model, sig, public)
+    assert "model.safetensors:6291456:6298" in info.value.message  # the last shard, named
+    assert "SHA-256 mismatch" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (
+            lambda st: st["predicate"]["serialization"].update(shard_size=1000.5),
+            "not a whole number",
+        ),
+        (lambda st: st["predicate"]["serialization"].update(shard_size=0), "not a whole number"),
+        (
+            lambda st: st["predicate"]["resources"][0].update(name="config.json:1:2"),
+            "is not a plain relative path",
+        ),
+        (
+            lambda st: st["predicate"]["resources"][0].update(name="../x:0:10"),
+            "is not a plain relative path",
+        ),
+        (
+            lambda st: st["predicate"]["resources"][0].update(algorithm="sha256"),
+            "expected a sha256-sharded-1048576 hex digest",
+        ),
+    ],
+)
+def test_hostile_shard_statements_are_refused(
+    clean_model: Path, tmp_path: Path, edit: Callable[[dict], None], needle: str
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(clean_model, model)
+    private, public = _keypair(tmp_path)
+    sig = tmp_path / "shards.sig"
+    signature.sign_model(model, private, sig, shard_size=SHARD)
+    _resign(sig, private, edit)
+    with pytest.raises(IntegrityError) as info:
+        _verify(model, sig, public)
+    assert needle in info.value.message

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from runtime.errors import IntegrityError
 from runtime.integrity import policy
@@ -47,13 +46,6 @@ class Verified:
     seconds: float
 
 
-@dataclass(frozen=True)
-class _Inspected:
-    fingerprint: Fingerprint
-    digest: str
-    tensors: int
-
-
 def _entries(root: Path) -> list[policy.Entry]:
     entries = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -82,68 +74,106 @@ def verify(
     root: Path,
     *,
     exclude: frozenset[str] = frozenset(),
+    shard_size: int | None = None,
     progress: Callable[[int, int, int], None] | None = None,
 ) -> Verified:
-    """Policy, strict headers, JSON checks and SHA-256 of every file, hashed in parallel
-    (OpenSSL's SHA-256 releases the GIL); fingerprints come from the descriptors read.
+    """Policy, strict headers, JSON checks, then SHA-256 of every file - or, with
+    `shard_size`, of every shard `name:start:end` (OMS "shards"), so one large file is hashed
+    on every core. Work runs in threads (OpenSSL's SHA-256 releases the GIL); each part is
+    read through a no-follow descriptor whose inode and times must match the first look.
     `exclude`: relative names to leave out (a signature file kept inside the model dir).
-    `progress(files_done, files_total, bytes_done)` is called as each file completes."""
+    `progress(parts_done, parts_total, bytes_done)` is called as each part completes."""
     started = time.monotonic()
     root = _root(root)
     entries = [e for e in _entries(root) if not (e.kind == "file" and e.name in exclude)]
     names = policy.check_listing(entries)
-    workers = min(len(names), os.cpu_count() or 1)
+    workers = max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
-        futures = {pool.submit(_inspect, root, name): name for name in names}
-        inspected: dict[str, _Inspected] = {}
+        looked = dict(zip(names, pool.map(lambda n: _inspect(root, n), names), strict=True))
+        parts = [
+            (name, begin, end)
+            for name in names
+            for begin, end in _ranges(looked[name][0].size, shard_size)
+        ]
+        futures = {
+            pool.submit(_hash_range, root, name, begin, end, looked[name][0]): (name, begin, end)
+            for name, begin, end in parts
+        }
+        digests: dict[str, str] = {}
         done_bytes = 0
         for future in as_completed(futures):
-            item = future.result()  # the first failure stops verification
-            inspected[futures[future]] = item
-            done_bytes += item.fingerprint.size
+            name, begin, end = futures[future]
+            key = name if shard_size is None else f"{name}:{begin}:{end}"
+            digests[key] = future.result()  # the first failure stops verification
+            done_bytes += end - begin
             if progress is not None:
-                progress(len(inspected), len(names), done_bytes)
-        inspected = {name: inspected[name] for name in names}
+                progress(len(digests), len(parts), done_bytes)
     return Verified(
         root=root,
-        files={n: i.fingerprint for n, i in inspected.items()},
-        digests={n: i.digest for n, i in inspected.items()},
+        files={name: fingerprint for name, (fingerprint, _t) in looked.items()},
+        digests=dict(sorted(digests.items())),
         excluded=exclude,
-        total_bytes=sum(i.fingerprint.size for i in inspected.values()),
-        tensors=sum(i.tensors for i in inspected.values()),
+        total_bytes=sum(fingerprint.size for fingerprint, _t in looked.values()),
+        tensors=sum(tensors for _f, tensors in looked.values()),
         seconds=time.monotonic() - started,
     )
 
 
-def _inspect(root: Path, name: str) -> _Inspected:
-    fd = os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode):
+def _ranges(size: int, shard_size: int | None) -> list[tuple[int, int]]:
+    if shard_size is None or size == 0:
+        return [(0, size)]
+    return [(begin, min(begin + shard_size, size)) for begin in range(0, size, shard_size)]
+
+
+def _open(root: Path, name: str) -> int:
+    return os.open(root / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _inspect(root: Path, name: str) -> tuple[Fingerprint, int]:
+    """Validate one file's contents (headers, JSON) and take its fingerprint."""
+    fd = _open(root, name)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise IntegrityError(f"model dir: {name}: changed while being checked")
         tensors = 0
         if name.endswith(".safetensors"):
-            length = header_length(os.pread(fd, 8, 0), before.st_size, name)
+            length = header_length(os.pread(fd, 8, 0), st.st_size, name)
             raw = os.pread(fd, length, 8)
-            tensors = parse_header(raw, before.st_size - 8 - length, name).tensors
+            tensors = parse_header(raw, st.st_size - 8 - length, name).tensors
         elif name.endswith(".json"):
             _check_json(name, os.pread(fd, MAX_JSON_BYTES + 1, 0))
-        digest = _sha256(handle)
-        if Fingerprint.of(os.fstat(fd)) != Fingerprint.of(before):
+        return Fingerprint.of(st), tensors
+    finally:
+        os.close(fd)
+
+
+def _hash_range(root: Path, name: str, begin: int, end: int, expected: Fingerprint) -> str:
+    fd = _open(root, name)
+    try:
+        if Fingerprint.of(os.fstat(fd)) != expected:
+            raise IntegrityError(
+                f"model dir: {name}: changed while being checked",
+                fix="something is writing to the model dir: mount it read-only",
+            )
+        hasher = hashlib.sha256()
+        buffer = bytearray(_CHUNK)
+        view = memoryview(buffer)
+        position = begin
+        while position < end:
+            count = os.preadv(fd, [view[: min(_CHUNK, end - position)]], position)
+            if count == 0:
+                break
+            hasher.update(view[:count])
+            position += count
+        if position != end or Fingerprint.of(os.fstat(fd)) != expected:
             raise IntegrityError(
                 f"model dir: {name}: changed while being hashed",
                 fix="something is writing to the model dir: mount it read-only",
             )
-    return _Inspected(Fingerprint.of(before), digest, tensors)
-
-
-def _sha256(handle: BinaryIO) -> str:
-    hasher = hashlib.sha256()
-    buffer = bytearray(_CHUNK)
-    view = memoryview(buffer)
-    while count := handle.readinto(buffer):
-        hasher.update(view[:count])
-    return hasher.hexdigest()
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
 
 
 def _check_json(name: str, data: bytes) -> None:

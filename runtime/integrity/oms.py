@@ -63,7 +63,8 @@ class Statement:
     model_name: str
     root_digest: str
     method: str
-    resources: dict[str, str]  # name -> sha256 hex
+    resources: dict[str, str]  # name (or 'name:start:end' for shards) -> sha256 hex
+    shard_size: int | None = None
 
 
 def _fail(what: str, fix: str = _RESIGN) -> IntegrityError:
@@ -367,11 +368,15 @@ def parse_statement(payload: bytes) -> Statement:
     predicate = doc.get("predicate") or {}
     serialization_ = predicate.get("serialization") or {}
     method = serialization_.get("method")
-    if method != "files":
+    shard_size = None
+    if method == "shards":
+        shard_size = _shard_size(serialization_.get("shard_size"))
+    elif method != "files":
         raise _fail(
-            f"serialization method {method!r} is not supported (only 'files')",
+            f"serialization method {method!r} is not supported ('files' or 'shards')",
             fix="sign with the default 'files' serialization",
         )
+    algorithm = "sha256" if shard_size is None else f"sha256-sharded-{shard_size}"
     if serialization_.get("hash_type", "sha256") != "sha256":
         raise _fail(
             f"hash_type {serialization_.get('hash_type')!r} is not sha256",
@@ -385,14 +390,15 @@ def parse_statement(payload: bytes) -> Statement:
         if not isinstance(item, dict):
             raise _fail("a resource is not an object")
         name, digest = item.get("name"), item.get("digest")
-        if not _safe_name(name):
+        file_name = _shard_file(name, shard_size) if shard_size and isinstance(name, str) else name
+        if not _safe_name(file_name):
             raise _fail(f"resource name {name!r} is not a plain relative path")
         if (
-            item.get("algorithm") != "sha256"
+            item.get("algorithm") != algorithm
             or not isinstance(digest, str)
             or not _HEX64.fullmatch(digest)
         ):
-            raise _fail(f"resource {name}: expected a sha256 hex digest")
+            raise _fail(f"resource {name}: expected a {algorithm} hex digest")
         if name in resources:
             raise _fail(f"resource {name} is listed twice")
         resources[name] = digest
@@ -404,7 +410,32 @@ def parse_statement(payload: bytes) -> Statement:
         root_digest=computed,
         method=method,
         resources=resources,
+        shard_size=shard_size,
     )
+
+
+def _shard_size(value: Any) -> int:
+    # model_signing writes it as a JSON number that may be a float (1000000.0)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value != int(value)
+        or not 4096 <= value <= 1 << 40
+    ):
+        raise _fail(f"shard_size {value!r} is not a whole number of bytes (4 KiB to 1 TiB)")
+    return int(value)
+
+
+def _shard_file(name: str, shard_size: int) -> str | None:
+    """'dir/file:start:end' -> 'dir/file' when the range is a whole shard; None otherwise."""
+    file, sep1, rest = name.rpartition(":")
+    file, sep2, begin = file.rpartition(":")
+    if not (sep1 and sep2 and begin.isdigit() and rest.isdigit()):
+        return None
+    start, end = int(begin), int(rest)
+    if start % shard_size or not start <= end <= start + shard_size:
+        return None
+    return file
 
 
 def root_digest(resources: dict[str, str]) -> str:
@@ -436,21 +467,30 @@ def compare_manifest(signed: dict[str, str], actual: dict[str, str]) -> None:
             )
 
 
-def statement_for(model_name: str, digests: dict[str, str], ignore_paths: list[str]) -> bytes:
+def statement_for(
+    model_name: str,
+    digests: dict[str, str],
+    ignore_paths: list[str],
+    shard_size: int | None = None,
+) -> bytes:
     """The statement `harness sign` signs, shaped as model_signing 1.x writes it."""
+    algorithm = "sha256" if shard_size is None else f"sha256-sharded-{shard_size}"
+    serialization_: dict[str, Any] = {
+        "ignore_paths": ignore_paths,
+        "hash_type": "sha256",
+        "method": "files" if shard_size is None else "shards",
+        "allow_symlinks": False,
+    }
+    if shard_size is not None:
+        serialization_["shard_size"] = shard_size
     doc = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": model_name, "digest": {"sha256": root_digest(digests)}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "serialization": {
-                "ignore_paths": ignore_paths,
-                "hash_type": "sha256",
-                "method": "files",
-                "allow_symlinks": False,
-            },
+            "serialization": serialization_,
             "resources": [
-                {"name": name, "digest": digests[name], "algorithm": "sha256"}
+                {"name": name, "digest": digests[name], "algorithm": algorithm}
                 for name in sorted(digests)
             ],
         },

@@ -106,7 +106,12 @@ def verify_model(
         if verified_payload != bundle.payload:  # both parsers must agree on what was signed
             raise IntegrityError("signature: the bundle's payload is ambiguous")
     statement = oms.parse_statement(bundle.payload)
-    verified = model_dir.verify(root, exclude=_exclude(root, signature), progress=progress)
+    verified = model_dir.verify(
+        root,
+        exclude=_exclude(root, signature),
+        shard_size=statement.shard_size,
+        progress=progress,
+    )
     oms.compare_manifest(statement.resources, verified.digests)
     return Result(verified, statement.root_digest, signer, method, signature, identity)
 
@@ -135,6 +140,7 @@ def sign_model(
     signature: Path,
     certificate: Path | None = None,
     chain: tuple[Path, ...] = (),
+    shard_size: int | None = None,
 ) -> str:
     """Sign what the policy accepts (never an empty model, never a pickle). Returns the root
     digest. The bundle is written atomically, readable by all (it is public)."""
@@ -150,8 +156,10 @@ def sign_model(
         raise IntegrityError(
             f"private key {private_key}: not an ECDSA key", fix="use an ECDSA P-256/384/521 key"
         )
-    verified = model_dir.verify(root, exclude=_exclude(root, signature))
-    statement = oms.statement_for(verified.root.name, verified.digests, sorted(verified.excluded))
+    verified = model_dir.verify(root, exclude=_exclude(root, signature), shard_size=shard_size)
+    statement = oms.statement_for(
+        verified.root.name, verified.digests, sorted(verified.excluded), shard_size
+    )
     certificates = _load_certificates((certificate, *chain)) if certificate else None
     bundle = oms.sign_with_key(statement, key, certificates)
     tmp = signature.with_name(f".{signature.name}.tmp")
