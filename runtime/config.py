@@ -115,6 +115,19 @@ class FrontSection(_Section):
     allowed_identities: list[str] = Field(min_length=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     drain_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # Admission: requests in the engine at once, and how many may wait for a slot (429 past it).
+    max_concurrency: int = Field(default=16, ge=1, le=4096)
+    max_queue: int = Field(default=16, ge=0, le=4096)
+    queue_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # Per client identity: requests per second (0 = off) and burst.
+    rate_limit_rps: float = Field(default=0.0, ge=0)
+    rate_limit_burst: int = Field(default=20, ge=1)
+    # Slow clients: the request head must arrive within header_timeout_s (slowloris), idle
+    # keep-alive connections close after keepalive_timeout_s, and a whole request (body,
+    # generation, streaming) ends at request_deadline_s.
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    keepalive_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    request_deadline_s: float = Field(default=600.0, gt=0, le=86400)
 
     @field_validator("listen")
     @classmethod

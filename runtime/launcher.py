@@ -171,7 +171,7 @@ async def _serve_front(
     app = FrontApp(
         engine.socket,
         state,
-        max_body_bytes=cfg.front.max_body_bytes,
+        front=cfg.front,
         limits=cfg.limits,
         served_name=cfg.model.served_name,
     )

@@ -10,7 +10,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,8 @@ class Front:
 
 
 @pytest.fixture()
-def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Front]:
+def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Front]]:
+    """Start a front (and its recording upstream) with `[front]` overrides; stop at teardown."""
     from runtime import telemetry
 
     events: list[dict[str, Any]] = []
@@ -114,55 +115,64 @@ def front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Front]:
     monkeypatch.setattr(telemetry, "emit", lambda *a, **k: events.append(real_emit(*a, **k)))
 
     ca = pki.make_ca("test CA")
-    ca.write(tmp_path / "ca.pem")
+    ca.write(tmp_path / "ca.pem", tmp_path / "ca-key.pem")
     pki.server_cert(ca).write(tmp_path / "server.pem", tmp_path / "server-key.pem")
     pki.client_cert(ca, ALLOWED).write(tmp_path / "client.pem", tmp_path / "client-key.pem")
     pki.client_cert(ca, "spiffe://test.local/ns/x/sa/other").write(
         tmp_path / "other.pem", tmp_path / "other-key.pem"
     )
+    stops: list[Callable[[], None]] = []
 
-    upstream = Upstream()
-    sock_path = tmp_path / "engine.sock"
-    up_server = uvicorn.Server(
-        uvicorn.Config(upstream, uds=str(sock_path), log_config=None, lifespan="off")
-    )
-    up_thread = _run_in_thread(up_server)
-
-    port = free_port()
-    cfg = Config.model_validate(
-        {
-            "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
-            "front": {
-                "listen": f"127.0.0.1:{port}",
-                "allowed_identities": [ALLOWED],
-                "max_body_bytes": 4096,
-                "drain_timeout_s": 10,
-                "tls": {
-                    "cert": str(tmp_path / "server.pem"),
-                    "key": str(tmp_path / "server-key.pem"),
-                    "client_ca": str(tmp_path / "ca.pem"),
+    def start(**front_overrides: Any) -> Front:
+        upstream = Upstream()
+        sock_path = tmp_path / "engine.sock"
+        up_server = uvicorn.Server(
+            uvicorn.Config(upstream, uds=str(sock_path), log_config=None, lifespan="off")
+        )
+        up_thread = _run_in_thread(up_server)
+        port = free_port()
+        cfg = Config.model_validate(
+            {
+                "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
+                "front": {
+                    "listen": f"127.0.0.1:{port}",
+                    "allowed_identities": [ALLOWED],
+                    "max_body_bytes": 4096,
+                    "drain_timeout_s": 10,
+                    "tls": {
+                        "cert": str(tmp_path / "server.pem"),
+                        "key": str(tmp_path / "server-key.pem"),
+                        "client_ca": str(tmp_path / "ca.pem"),
+                    },
+                    **front_overrides,
                 },
-            },
-        }
-    )
-    state = FrontState(engine_ready=True)
-    app = FrontApp(
-        sock_path,
-        state,
-        max_body_bytes=cfg.front.max_body_bytes,
-        limits=cfg.limits,
-        served_name="demo",
-    )
-    listener = front_server.bind(cfg.front)
-    server = front_server.build_server(cfg.front, app, state, server_context(cfg.front.tls))
-    thread = _run_in_thread(server, sockets=[listener])
-    yield Front(f"https://127.0.0.1:{port}", upstream, server, state, thread, tmp_path, events)
-    upstream.gate.set()
-    server.should_exit = True
-    thread.join(15)
-    up_server.should_exit = True
-    up_thread.join(15)
-    listener.close()
+            }
+        )
+        state = FrontState(engine_ready=True)
+        app = FrontApp(sock_path, state, front=cfg.front, limits=cfg.limits, served_name="demo")
+        listener = front_server.bind(cfg.front)
+        server = front_server.build_server(cfg.front, app, state, server_context(cfg.front.tls))
+        thread = _run_in_thread(server, sockets=[listener])
+
+        def stop() -> None:
+            upstream.gate.set()
+            server.should_exit = True
+            thread.join(15)
+            up_server.should_exit = True
+            up_thread.join(15)
+            listener.close()
+
+        stops.append(stop)
+        return Front(f"https://127.0.0.1:{port}", upstream, server, state, thread, tmp_path, events)
+
+    yield start
+    for stop in stops:
+        stop()
+
+
+@pytest.fixture()
+def front(make_front: Callable[..., Front]) -> Front:
+    return make_front()
 
 
 @pytest.mark.parametrize(
@@ -369,3 +379,138 @@ def test_forwarded_body_is_the_checked_one_with_the_default_injected(front: Fron
     [seen] = front.upstream.seen
     assert json.loads(seen["body"]) == {"model": "demo", "prompt": "hi", "max_tokens": 256}
     assert seen["headers"][b"content-type"] == b"application/json"
+
+
+# -- admission and slow clients ----------------------------------------------------------
+
+
+def test_slowloris_is_disconnected_by_the_header_timeout(make_front: Callable[..., Front]) -> None:
+    front = make_front(header_timeout_s=1)
+    host, port = front.url.removeprefix("https://").split(":")
+    started = time.monotonic()
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n")
+        closed = False
+        for _ in range(40):  # one header byte every 0.2 s: never a complete head
+            try:
+                tls.sendall(b"X")
+                tls.settimeout(0.2)
+                if tls.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+                break
+    assert closed and time.monotonic() - started < 4
+    assert any(e.get("reason") == "header_timeout" for e in front.events)
+    assert front.upstream.seen == []
+    with httpx.Client(verify=front.ctx()) as client:  # a normal client is unaffected
+        assert client.get(f"{front.url}/v1/models").status_code == 200
+
+
+def test_streams_over_the_concurrency_cap_get_429_and_admitted_ones_complete(
+    make_front: Callable[..., Front],
+) -> None:
+    front = make_front(max_concurrency=4, max_queue=2, queue_timeout_s=20)
+    results: list[tuple[int, list[str], str | None]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        with (
+            httpx.Client(verify=front.ctx(), timeout=30) as client,
+            client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
+        ):
+            lines = [line for line in response.iter_lines() if line]
+            with lock:
+                results.append((response.status_code, lines, response.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=one) for _ in range(50)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while len(results) < 50 - 6 and time.monotonic() < deadline:  # all but admitted + queued
+        time.sleep(0.05)
+    front.upstream.gate.set()  # let the admitted streams finish
+    for thread in threads:
+        thread.join(30)
+    admitted = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    assert len(results) == 50 and len(admitted) + len(refused) == 50
+    assert len(admitted) == 6  # 4 running + 2 that waited in the queue
+    assert all(lines == ["data: 1", "data: 2", "data: [DONE]"] for _s, lines, _r in admitted)
+    assert all(retry == "1" for _s, _l, retry in refused)
+    assert len(front.upstream.seen) == 6
+
+
+def test_per_identity_rate_limit(make_front: Callable[..., Front]) -> None:
+    front = make_front(rate_limit_rps=0.5, rate_limit_burst=2)
+    with httpx.Client(verify=front.ctx()) as client:
+        codes = [client.get(f"{front.url}/v1/models") for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    assert codes[2].json()["error"]["code"] == "rate_limited"
+    assert codes[2].headers["retry-after"] == "2"
+    assert len(front.upstream.seen) == 2
+
+
+def test_request_deadline_ends_a_stream_that_runs_too_long(
+    make_front: Callable[..., Front],
+) -> None:
+    front = make_front(request_deadline_s=1)
+    started = time.monotonic()
+    with (
+        httpx.Client(verify=front.ctx(), timeout=20) as client,
+        client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines) == "data: 1"
+        with pytest.raises(httpx.RemoteProtocolError):  # cut: the stream never completes
+            list(lines)
+    assert time.monotonic() - started < 5
+    deadline = time.monotonic() + 5
+    while not any(e.get("reason") == "deadline_exceeded" for e in front.events):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("variant", ["expired", "not_yet_valid", "server_auth_only"])
+def test_client_certificates_of_the_right_ca_but_unfit_are_refused(
+    front: Front, variant: str
+) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from runtime.demo.pki import SERVER_AUTH, Issued
+
+    ca_key = front.pki_dir / "ca-key.pem"
+    ca = Issued(
+        x509.load_pem_x509_certificate((front.pki_dir / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key(ca_key.read_bytes(), None),  # type: ignore[arg-type]
+    )
+    now = dt.datetime.now(dt.UTC)
+    kwargs: dict[str, Any] = {
+        "expired": {
+            "not_before": now - dt.timedelta(days=10),
+            "not_after": now - dt.timedelta(days=1),
+        },
+        "not_yet_valid": {
+            "not_before": now + dt.timedelta(days=1),
+            "not_after": now + dt.timedelta(days=10),
+        },
+        "server_auth_only": {"eku": [SERVER_AUTH]},
+    }[variant]
+    pki.client_cert(ca, ALLOWED, **kwargs).write(
+        front.pki_dir / f"{variant}.pem", front.pki_dir / f"{variant}-key.pem"
+    )
+    with (
+        pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)),
+        httpx.Client(verify=front.ctx(variant)) as client,
+    ):
+        client.get(f"{front.url}/v1/models")
+    assert front.upstream.seen == []

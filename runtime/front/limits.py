@@ -44,9 +44,18 @@ class Checked:
 class Rejected(Exception):
     """An OpenAI-style error: status, message, machine code, offending parameter."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after
 
 
 def _bad(message: str, code: str, param: str | None = None) -> Rejected:

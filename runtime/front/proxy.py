@@ -20,8 +20,9 @@ from typing import Any
 import httpx
 
 from runtime import telemetry
-from runtime.config import LimitsSection
+from runtime.config import FrontSection, LimitsSection
 from runtime.front import limits as request_limits
+from runtime.front.admission import Admission, retry_after_header
 from runtime.front.limits import Rejected
 
 Scope = MutableMapping[str, Any]
@@ -93,15 +94,23 @@ class FrontApp:
         engine_socket: Path,
         state: FrontState,
         *,
-        max_body_bytes: int,
+        front: FrontSection,
         limits: LimitsSection,
         served_name: str,
     ) -> None:
         self.engine_socket = engine_socket
         self.state = state
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = front.max_body_bytes
+        self.deadline_s = front.request_deadline_s
         self.limits = limits
         self.served_name = served_name
+        self.admission = Admission(
+            max_concurrency=front.max_concurrency,
+            max_queue=front.max_queue,
+            queue_timeout_s=front.queue_timeout_s,
+            rate_rps=front.rate_limit_rps,
+            rate_burst=front.rate_limit_burst,
+        )
         self.client: httpx.AsyncClient | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -143,11 +152,38 @@ class FrontApp:
             "method": scope["method"],
         }
         route = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else None
+        responded = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal responded
+            responded = responded or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            status = await self._handle(scope, receive, send, raw_path, audit)
+            async with asyncio.timeout(self.deadline_s):
+                status = await self._handle(scope, receive, tracked_send, raw_path, audit)
+        except TimeoutError:
+            # The deadline covers the body, the wait for a slot and the whole generation.
+            if not responded:
+                await _respond(
+                    send, 504, _error_body(504, "The request took too long", "deadline_exceeded")
+                )
+            telemetry.emit(
+                "request",
+                "failed",
+                **audit,
+                route=route,
+                status=504,
+                reason="deadline_exceeded",
+                latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+            return
         except Rejected as rej:
+            extra = []
+            if rej.retry_after is not None:
+                extra.append((b"retry-after", retry_after_header(rej.retry_after)))
             await _respond(
-                send, rej.status, _error_body(rej.status, rej.message, rej.code, rej.param)
+                send, rej.status, _error_body(rej.status, rej.message, rej.code, rej.param), extra
             )
             failed = rej.status >= 500
             telemetry.emit(
@@ -197,7 +233,12 @@ class FrontApp:
                 tokens_allowed=checked.tokens_allowed,
             )
             body = checked.body
-        return await self._forward(scope, receive, send, raw_path, body, audit["request_id"])
+        self.admission.check_rate(audit["identity"])
+        await self.admission.acquire()
+        try:
+            return await self._forward(scope, receive, send, raw_path, body, audit["request_id"])
+        finally:
+            self.admission.release()
 
     async def _local(self, raw_path: bytes, send: Send) -> None:
         if raw_path == b"/healthz":

@@ -44,9 +44,10 @@ def bind(front: FrontSection) -> socket.socket:
     return sock
 
 
-def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
+def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[HttpToolsProtocol]:
     class IdentityCheckingProtocol(HttpToolsProtocol):
         rejected = False
+        header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -75,11 +76,48 @@ def _identity_protocol(allowed: tuple[str, ...]) -> type[HttpToolsProtocol]:
                 await inner(scope, receive, send)
 
             self.app = app_with_identity
+            self._arm_header_timer()
 
         def data_received(self, data: bytes) -> None:
             if self.rejected:
                 return
             super().data_received(data)
+
+        # uvicorn has no timeout for reading a request head, and any byte received cancels
+        # its keep-alive timer: a client trickling header bytes (slowloris) would hold the
+        # connection forever. The head must be complete within header_timeout_s.
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self.header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
+
+        def _cancel_header_timer(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _header_timed_out(self) -> None:
+            self.header_timer = None
+            telemetry.emit(
+                "request_rejected",
+                "blocked",
+                reason="header_timeout",
+                client=_peer(self.transport),
+                seconds=header_timeout,
+            )
+            self.transport.close()
+
+        def on_headers_complete(self) -> None:
+            self._cancel_header_timer()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_header_timer()  # the next request's head, on this connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
 
     return IdentityCheckingProtocol
 
@@ -125,14 +163,14 @@ def build_server(
 ) -> FrontServer:
     config = uvicorn.Config(
         app,
-        http=_identity_protocol(tuple(front.allowed_identities)),
+        http=_identity_protocol(tuple(front.allowed_identities), front.header_timeout_s),
         ssl_context_factory=_fixed(ssl_context),
         lifespan="on",
         log_config=None,
         access_log=False,  # the front emits its own audit events
         proxy_headers=False,  # never trust X-Forwarded-* from clients
         server_header=False,
-        timeout_keep_alive=5,
+        timeout_keep_alive=max(1, round(front.keepalive_timeout_s)),
         timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
     )
     return FrontServer(config, state)
