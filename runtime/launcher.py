@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -52,7 +54,7 @@ def serve(
 
     # The front's TLS material and port are checked before the engine spends a minute
     # loading: a wrong path or a busy port fails now (exit 2).
-    ssl_context = tls.server_context(cfg.front.tls)
+    ssl_context = tls.RotatingContext(cfg.front.tls).base
     listener = front_server.bind(cfg.front)
 
     # 5. Engine: stage 2 enters a private network namespace and execs vLLM, listening on a
@@ -163,8 +165,8 @@ def recheck_weights(weights: model_dir.Verified) -> None:
 async def _serve_front(
     cfg: Config,
     engine: Engine,
-    listener: object,
-    ssl_context: object,
+    listener: socket.socket,
+    ssl_context: ssl.SSLContext,
     on_ready: Callable[[Config], None] | None,
 ) -> int:
     state = FrontState(engine_ready=True)
@@ -175,7 +177,7 @@ async def _serve_front(
         limits=cfg.limits,
         served_name=cfg.model.served_name,
     )
-    server = front_server.build_server(cfg.front, app, state, ssl_context)  # type: ignore[arg-type]
+    server = front_server.build_server(cfg.front, app, state, ssl_context)
     died: list[int] = []
 
     # The engine's death wakes us at once (pidfd), not at the next poll.
@@ -192,7 +194,7 @@ async def _serve_front(
     loop.add_reader(pidfd, on_engine_exit)
     watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, on_ready))
     try:
-        await server.serve(sockets=[listener])  # type: ignore[list-item]
+        await server.serve(sockets=[listener])
     finally:
         watch_ready.cancel()
         if not died:

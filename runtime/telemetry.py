@@ -30,6 +30,7 @@ EVENT_TYPES = frozenset(
         "request",
         "request_rejected",
         "tls_handshake_rejected",
+        "tls_reload",
         "seccomp_violation",
         "egress_attempt",
         "memory_cap_exceeded",

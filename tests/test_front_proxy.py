@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import signal
 import socket
 import ssl
@@ -23,7 +25,7 @@ from runtime.config import Config
 from runtime.demo import pki
 from runtime.front import server as front_server
 from runtime.front.proxy import FrontApp, FrontState
-from runtime.front.tls import server_context
+from runtime.front.tls import RotatingContext
 from tests.support import client_context, free_port, raw_request
 
 ALLOWED = "spiffe://test.local/ns/gateway/sa/ai-gateway"
@@ -151,7 +153,9 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
         state = FrontState(engine_ready=True)
         app = FrontApp(sock_path, state, front=cfg.front, limits=cfg.limits, served_name="demo")
         listener = front_server.bind(cfg.front)
-        server = front_server.build_server(cfg.front, app, state, server_context(cfg.front.tls))
+        server = front_server.build_server(
+            cfg.front, app, state, RotatingContext(cfg.front.tls).base
+        )
         thread = _run_in_thread(server, sockets=[listener])
 
         def stop() -> None:
@@ -514,3 +518,76 @@ def test_client_certificates_of_the_right_ca_but_unfit_are_refused(
     ):
         client.get(f"{front.url}/v1/models")
     assert front.upstream.seen == []
+
+
+# -- certificate rotation ----------------------------------------------------------------
+
+
+def _peer_serial(front: Front, name: str = "client") -> int:
+    from cryptography import x509
+
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port))) as raw,
+        front.ctx(name).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def _ca(front: Front) -> pki.Issued:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return pki.Issued(
+        x509.load_pem_x509_certificate((front.pki_dir / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key(  # type: ignore[arg-type]
+            (front.pki_dir / "ca-key.pem").read_bytes(), None
+        ),
+    )
+
+
+def test_server_certificate_rotation_keeps_open_streams(front: Front) -> None:
+    before = _peer_serial(front)
+    with (
+        httpx.Client(verify=front.ctx(), timeout=20) as client,
+        client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
+    ):
+        lines = response.iter_lines()
+        assert next(lines) == "data: 1"
+        # Rotate in place, as cert-manager or Vault Agent would.
+        fresh = pki.server_cert(_ca(front))
+        fresh.write(front.pki_dir / "server.pem.new", front.pki_dir / "server-key.pem.new")
+        os.replace(front.pki_dir / "server-key.pem.new", front.pki_dir / "server-key.pem")
+        os.replace(front.pki_dir / "server.pem.new", front.pki_dir / "server.pem")
+        time.sleep(RotatingContext.CHECK_EVERY_S + 0.2)
+        assert _peer_serial(front) == fresh.cert.serial_number != before  # new connections
+        front.upstream.gate.set()
+        rest = [line for line in lines if line]
+    assert rest == ["data: 2", "data: [DONE]"]  # the stream opened before it was not cut
+    assert any(e["event_type"] == "tls_reload" and e["outcome"] == "ok" for e in front.events)
+
+
+def test_client_ca_rotation_applies_to_new_connections(front: Front) -> None:
+    new_ca = pki.make_ca("rotated client CA")
+    pki.client_cert(new_ca, ALLOWED).write(front.pki_dir / "new.pem", front.pki_dir / "new-key.pem")
+    # Clients keep verifying the server with the CA that issued its certificate.
+    shutil.copy(front.pki_dir / "ca.pem", front.pki_dir / "server-ca.pem")
+    ctx_new = client_context(
+        front.pki_dir / "server-ca.pem", front.pki_dir / "new.pem", front.pki_dir / "new-key.pem"
+    )
+    ctx_old = client_context(
+        front.pki_dir / "server-ca.pem",
+        front.pki_dir / "client.pem",
+        front.pki_dir / "client-key.pem",
+    )
+    with pytest.raises(httpx.HTTPError), httpx.Client(verify=ctx_new) as client:
+        client.get(f"{front.url}/v1/models")
+    new_ca.write(front.pki_dir / "ca.pem.new")
+    os.replace(front.pki_dir / "ca.pem.new", front.pki_dir / "ca.pem")
+    time.sleep(RotatingContext.CHECK_EVERY_S + 0.2)
+    with httpx.Client(verify=ctx_new) as client:
+        assert client.get(f"{front.url}/v1/models").status_code == 200
+    with pytest.raises(httpx.HTTPError), httpx.Client(verify=ctx_old) as client:
+        client.get(f"{front.url}/v1/models")
