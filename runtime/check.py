@@ -17,6 +17,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
     cfg = config_mod.load(config_path, overrides)
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
+    loaded = launcher.load_secrets(cfg)  # step 3, or exit 4
     plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"))
     return {
         "harness_version": __version__,
@@ -71,7 +72,19 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "seconds": round(weights.seconds, 3),
                 **{k: v for k, v in evidence.items() if k in ("root_digest", "signer")},
             },
-            "secrets_from_tmpfs": {"status": "not_built"},
+            "secrets": {
+                "status": "enforced",
+                "environment": "no secret-like variables"
+                + (
+                    f" (allowed: {', '.join(cfg.secrets.allow_env)})"
+                    if cfg.secrets.allow_env
+                    else ""
+                ),
+                "dir": str(cfg.secrets.dir) if cfg.secrets.dir else None,
+                "filesystem": "tmpfs/ramfs required",
+                "names": sorted(loaded),
+                "engine": "gets none (allowlisted environment)",
+            },
             "privilege_drop": {"status": "not_built"},
             "landlock": {"status": "not_built"},
             "seccomp": {"status": "not_built"},

@@ -128,6 +128,17 @@ class FrontSection(_Section):
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     keepalive_timeout_s: float = Field(default=5.0, gt=0, le=600)
     request_deadline_s: float = Field(default=600.0, gt=0, le=86400)
+    # Prometheus scrape endpoint, loopback only (e.g. "127.0.0.1:9464"); empty = off.
+    metrics_listen: str = ""
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_loopback(cls, value: str) -> str:
+        if value:
+            host, _port = split_listen(value)
+            if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+                raise ValueError("the metrics endpoint has no TLS: it must listen on loopback")
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -187,11 +198,28 @@ class EngineSection(_Section):
         return value
 
 
+class SecretsSection(_Section):
+    # An in-memory volume (tmpfs/ramfs) holding one file per secret; read by the front only.
+    dir: ConfigPath | None = None
+    max_file_bytes: int = Field(default=64 << 10, ge=1, le=16 << 20)
+    # Secrets that must be there (file name, or FILE:KEY for .json/.env files).
+    required: list[str] = Field(default_factory=list)
+    # Secret-like environment variable names that are known not to be secrets.
+    allow_env: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dir_for_required(self) -> SecretsSection:
+        if self.required and self.dir is None:
+            raise ValueError("'required' needs 'dir'")
+        return self
+
+
 class Config(_Section):
     model: ModelSection
     front: FrontSection
     limits: LimitsSection = LimitsSection()
     engine: EngineSection = EngineSection()
+    secrets: SecretsSection = SecretsSection()
     source: Path = Path("<memory>")
 
 

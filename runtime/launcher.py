@@ -1,9 +1,8 @@
 """`harness serve`: the startup sequence of DESIGN.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
-Certificate and Sigstore signatures (step 2), secrets (step 3), resource caps beyond the token cap
-(step 4) and the engine's privilege drop, Landlock and seccomp (step 5) are not built yet;
-README.md says what is enforced today.
+Resource caps beyond the token cap (step 4) and the engine's privilege drop, Landlock and
+seccomp (step 5) are not built yet; README.md says what is enforced today.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ from pathlib import Path
 from types import FrameType
 
 from runtime import config as config_mod
-from runtime import telemetry
+from runtime import secrets, telemetry
 from runtime.config import Config, SignatureSection
 from runtime.engine.process import Engine
-from runtime.errors import EngineError, IntegrityError
+from runtime.errors import EngineError, IntegrityError, SecretsError
+from runtime.front import metrics, tls
 from runtime.front import server as front_server
-from runtime.front import tls
+from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
 from runtime.integrity import model_dir, signature
 
@@ -50,12 +50,19 @@ def serve(
     #    policy, strict safetensors headers; each file fingerprinted (exit 3).
     weights, _evidence = verify_weights(cfg)
 
+    # 3. Secrets: none in the environment; the secrets dir in memory, its files private; held
+    #    by the front only (exit 4).
+    load_secrets(cfg)
+
     # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
 
     # The front's TLS material and port are checked before the engine spends a minute
     # loading: a wrong path or a busy port fails now (exit 2).
     ssl_context = tls.RotatingContext(cfg.front.tls).base
     listener = front_server.bind(cfg.front)
+    admission = Admission.from_config(cfg.front)
+    if cfg.front.metrics_listen:
+        metrics.serve(cfg.front.metrics_listen, lambda: admission.in_flight)
 
     # 5. Engine: stage 2 enters a private network namespace and execs vLLM, listening on a
     #    Unix socket only, with an allowlisted environment.
@@ -67,7 +74,7 @@ def serve(
         recheck_weights(weights)
 
         # 7. Front: mTLS, identity allowlist, route allowlist; supervise until stopped.
-        code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, on_ready))
+        code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, admission, on_ready))
         engine_code = engine.stop()
     telemetry.emit(
         "shutdown",
@@ -131,6 +138,24 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
     return verified, evidence
 
 
+def load_secrets(cfg: Config) -> dict[str, secrets.Secret]:
+    try:
+        secrets.check_environment(dict(os.environ), cfg.secrets.allow_env)
+        loaded = secrets.load(cfg.secrets) if cfg.secrets.dir is not None else {}
+    except SecretsError as exc:
+        telemetry.emit("secret_injection", "blocked", error=exc.message)
+        raise
+    telemetry.emit(
+        "secret_injection",
+        "ok",
+        dir=str(cfg.secrets.dir) if cfg.secrets.dir else None,
+        names=sorted(loaded),  # names only, never values
+        environment="clean",
+        engine="none",
+    )
+    return loaded
+
+
 def _trust(sig: SignatureSection) -> signature.Trust:
     if sig.method == "key":
         assert sig.public_key is not None
@@ -167,6 +192,7 @@ async def _serve_front(
     engine: Engine,
     listener: socket.socket,
     ssl_context: ssl.SSLContext,
+    admission: Admission,
     on_ready: Callable[[Config], None] | None,
 ) -> int:
     state = FrontState(engine_ready=True)
@@ -176,6 +202,7 @@ async def _serve_front(
         front=cfg.front,
         limits=cfg.limits,
         served_name=cfg.model.served_name,
+        admission=admission,
     )
     server = front_server.build_server(cfg.front, app, state, ssl_context)
     died: list[int] = []

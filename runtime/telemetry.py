@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
 Outcome = Literal["allowed", "blocked", "failed", "ok"]
@@ -42,6 +43,16 @@ EVENT_TYPES = frozenset(
 
 _lock = threading.Lock()
 _stream: TextIO | None = None
+_subscribers: list[Callable[[dict[str, Any]], None]] = []
+
+
+def subscribe(callback: Callable[[dict[str, Any]], None]) -> None:
+    """Also hand every event record to `callback` (metrics are derived from events)."""
+    _subscribers.append(callback)
+
+
+def unsubscribe(callback: Callable[[dict[str, Any]], None]) -> None:
+    _subscribers.remove(callback)
 
 
 def set_stream(stream: TextIO | None) -> None:
@@ -74,4 +85,6 @@ def emit(event_type: str, outcome: Outcome, **fields: Any) -> dict[str, Any]:
     with _lock:
         stream.write(line + "\n")
         stream.flush()
+    for callback in _subscribers:
+        callback(record)
     return record

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,11 +11,21 @@ from tests.support import Harness
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Demo assets built once per session, exactly as `harness demo init` builds them."""
     root = tmp_path_factory.mktemp("demo")
     assets.ensure(root)
-    return root
+    yield root
+    shutil.rmtree(assets.secrets_dir(root), ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _forget_demo_secrets(tmp_path: Path) -> Iterator[None]:
+    """Demo dirs made inside a test keep their server key in /dev/shm: remove it after."""
+    yield
+    for path in [tmp_path, *(p for p in tmp_path.iterdir() if p.is_dir())]:
+        if (path / assets.CONFIG_NAME).is_file():
+            shutil.rmtree(assets.secrets_dir(path), ignore_errors=True)
 
 
 class Servers:

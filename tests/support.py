@@ -21,6 +21,13 @@ REPO = Path(__file__).resolve().parents[1]
 ENGINE_READY_TIMEOUT = 600
 
 
+def clean_environ() -> dict[str, str]:
+    """This environment minus secret-like names, which `harness serve` refuses (exit 4)."""
+    from runtime.config import SECRET_LIKE
+
+    return {k: v for k, v in os.environ.items() if not SECRET_LIKE.search(k)}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -96,7 +103,7 @@ class Harness:
         ]
         for item in overrides or []:
             args += ["--set", item]
-        env = dict(os.environ, HARNESS_TEST_CANARY="must-not-reach-the-engine")
+        env = dict(clean_environ(), HARNESS_TEST_CANARY="must-not-reach-the-engine")
         self.proc = subprocess.Popen(
             args,
             cwd=REPO,

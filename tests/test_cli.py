@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 from runtime.demo import assets
-from tests.support import REPO, free_port
+from tests.support import REPO, clean_environ, free_port
 
 
 def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "runtime", *args],
         cwd=REPO,
+        env=clean_environ(),
         text=True,
         capture_output=True,
         timeout=timeout,
@@ -95,7 +96,7 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
     assets.ensure(tmp_path)
-    (tmp_path / "pki" / "server-key.pem").write_text("not a key")
+    (assets.secrets_dir(tmp_path) / "server-key.pem").write_text("not a key")
     result = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME))
     assert result.returncode == 2 and "front.tls.key" in result.stderr
 

@@ -124,3 +124,10 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
 )
 def test_split_listen(value: str, expected: tuple[str, int]) -> None:
     assert config.split_listen(value) == expected
+
+
+def test_metrics_endpoint_must_be_loopback(tmp_path: Path) -> None:
+    path = _write(tmp_path, VALID)
+    assert config.load(path, ['front.metrics_listen="127.0.0.1:9464"']).front.metrics_listen
+    with pytest.raises(ConfigError, match="must listen on loopback"):
+        config.load(path, ['front.metrics_listen="0.0.0.0:9464"'])

@@ -53,6 +53,11 @@ def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path
     ):
         assert (tmp_path / name).is_file(), name
     assert assets.ensure(tmp_path) == []
+    # tmpfs is emptied at boot: only the server key and certificate are made again.
+    (assets.secrets_dir(tmp_path) / "server-key.pem").unlink()
+    assert assets.ensure(tmp_path) == [
+        f"demo: wrote the server certificate, its key in memory at {assets.secrets_dir(tmp_path)}"
+    ]
     before = (tmp_path / "pki" / "ca.pem").read_bytes()
     (tmp_path / "model" / "model.safetensors").unlink()
     assert assets.ensure(tmp_path) == [
@@ -73,8 +78,13 @@ def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path
 def test_demo_pki_identities_and_key_modes(tmp_path: Path) -> None:
     assets.ensure(tmp_path)
     pki = tmp_path / "pki"
-    for key in ("ca-key.pem", "server-key.pem", "client-key.pem"):
+    for key in ("ca-key.pem", "client-key.pem"):
         assert stat.S_IMODE(os.stat(pki / key).st_mode) == 0o600
+    # The front's private key is a secret: in memory, private to this uid.
+    secrets = assets.secrets_dir(tmp_path)
+    assert stat.S_IMODE(os.stat(secrets).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(secrets / "server-key.pem").st_mode) == 0o600
+    assert not (pki / "server-key.pem").exists()
     client = x509.load_pem_x509_certificate((pki / "client.pem").read_bytes())
     sans = client.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [assets.CLIENT_IDENTITY]

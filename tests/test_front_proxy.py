@@ -591,3 +591,35 @@ def test_client_ca_rotation_applies_to_new_connections(front: Front) -> None:
         assert client.get(f"{front.url}/v1/models").status_code == 200
     with pytest.raises(httpx.HTTPError), httpx.Client(verify=ctx_old) as client:
         client.get(f"{front.url}/v1/models")
+
+
+def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
+    from runtime import telemetry
+    from runtime.front import metrics
+
+    port = free_port()
+    collected = metrics.serve(f"127.0.0.1:{port}", lambda: 0.0)
+    try:
+        with httpx.Client(verify=front.ctx()) as client:
+            assert client.get(f"{front.url}/v1/models").status_code == 200
+            assert (
+                client.post(f"{front.url}/v1/completions", json={"model": "x"}).status_code == 404
+            )
+        raw_request(front.url, front.ctx(), "GET", b"/pause")
+        with pytest.raises(httpx.HTTPError), httpx.Client(verify=front.ctx("other")) as client:
+            client.get(f"{front.url}/v1/models")
+        time.sleep(0.3)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        telemetry.unsubscribe(collected.observe)
+    assert (
+        'harness_requests_total{outcome="allowed",reason="",route="/v1/models",status="200"} 1.0'
+    ) in text
+    assert (
+        'harness_requests_total{outcome="blocked",reason="model_not_found",'
+        'route="/v1/completions",status="404"} 1.0'
+    ) in text
+    assert 'reason="route_not_allowed",route="other"' in text  # attacker paths not as labels
+    assert 'harness_connections_refused_total{reason="identity_not_allowed"} 1.0' in text
+    assert 'harness_request_duration_seconds_count{route="/v1/models"} 1.0' in text
+    assert "harness_requests_in_flight 0.0" in text

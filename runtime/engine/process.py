@@ -187,11 +187,14 @@ class Engine:
         if self.proc is None:
             return None
         pgid = self.proc.pid
-        if self.proc.poll() is None:
-            _killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=self.cfg.engine.stop_timeout_s)
-        # vLLM's children may outlive their parent; none may survive harness.
+        deadline = time.monotonic() + self.cfg.engine.stop_timeout_s
+        _killpg(pgid, signal.SIGTERM)  # the whole group, even when the API server is gone
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=self.cfg.engine.stop_timeout_s)
+        # Give vLLM's children the rest of the stop timeout: its resource tracker unlinks the
+        # shared memory it left in /dev/shm (hundreds of MB per run). Then none may survive.
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         _killpg(pgid, signal.SIGKILL)
         return self.proc.wait()
 
@@ -209,6 +212,16 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from runtime.config import FrontSection
 from runtime.front.limits import Rejected
 
 
@@ -37,6 +38,16 @@ class TokenBucket:
 
 
 class Admission:
+    @classmethod
+    def from_config(cls, front: FrontSection) -> Admission:
+        return cls(
+            max_concurrency=front.max_concurrency,
+            max_queue=front.max_queue,
+            queue_timeout_s=front.queue_timeout_s,
+            rate_rps=front.rate_limit_rps,
+            rate_burst=front.rate_limit_burst,
+        )
+
     def __init__(
         self,
         *,

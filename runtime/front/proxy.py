@@ -97,6 +97,7 @@ class FrontApp:
         front: FrontSection,
         limits: LimitsSection,
         served_name: str,
+        admission: Admission | None = None,
     ) -> None:
         self.engine_socket = engine_socket
         self.state = state
@@ -104,13 +105,7 @@ class FrontApp:
         self.deadline_s = front.request_deadline_s
         self.limits = limits
         self.served_name = served_name
-        self.admission = Admission(
-            max_concurrency=front.max_concurrency,
-            max_queue=front.max_queue,
-            queue_timeout_s=front.queue_timeout_s,
-            rate_rps=front.rate_limit_rps,
-            rate_burst=front.rate_limit_burst,
-        )
+        self.admission = admission or Admission.from_config(front)
         self.client: httpx.AsyncClient | None = None
 
     # -- lifecycle -----------------------------------------------------------------------

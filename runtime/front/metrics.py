@@ -1,0 +1,73 @@
+"""Prometheus metrics for the front, derived from its audit events, scraped from a separate
+loopback-only port (never the mTLS listener, never the engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from runtime import telemetry
+from runtime.config import split_listen
+from runtime.errors import ConfigError
+
+
+class FrontMetrics:
+    def __init__(self, in_flight: Callable[[], float]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "harness_requests",
+            "Requests by route, status, outcome and reason",
+            ["route", "status", "outcome", "reason"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "harness_request_duration_seconds",
+            "Request latency at the front",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.in_flight = Gauge(
+            "harness_requests_in_flight", "Requests in the engine", registry=self.registry
+        )
+        self.in_flight.set_function(in_flight)
+        self.connections_refused = Counter(
+            "harness_connections_refused",
+            "Connections closed before HTTP (identity, timeout)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.tls_reloads = Counter(
+            "harness_tls_reloads", "TLS material reloads", ["outcome"], registry=self.registry
+        )
+
+    def observe(self, event: dict[str, Any]) -> None:
+        kind = event["event_type"]
+        if kind in ("request", "request_rejected") and event.get("route") is not None:
+            route = event["route"] if event.get("reason") != "route_not_allowed" else "other"
+            self.requests.labels(
+                route, str(event.get("status")), event["outcome"], event.get("reason", "")
+            ).inc()
+            if "latency_ms" in event:
+                self.latency.labels(route).observe(event["latency_ms"] / 1000)
+        elif kind == "request_rejected" or kind == "tls_handshake_rejected":
+            self.connections_refused.labels(event.get("reason", "")).inc()
+        elif kind == "tls_reload":
+            self.tls_reloads.labels(event["outcome"]).inc()
+
+
+def serve(listen: str, in_flight: Callable[[], float]) -> FrontMetrics:
+    """Start the scrape endpoint on `listen` (loopback, validated by the config)."""
+    metrics = FrontMetrics(in_flight)
+    telemetry.subscribe(metrics.observe)
+    host, port = split_listen(listen)
+    try:
+        start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise ConfigError(
+            f"front.metrics_listen {listen}: cannot bind: {exc.strerror}",
+            fix="choose a free loopback port, or leave metrics_listen empty",
+        ) from exc
+    return metrics

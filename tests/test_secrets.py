@@ -1,0 +1,144 @@
+"""Secrets from an in-memory filesystem only, private files only, nothing secret-like in the
+environment. Real tmpfs (/dev/shm) and a real on-disk folder; each refusal is exit 4."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from runtime import secrets
+from runtime.config import SecretsSection
+from runtime.demo import assets
+from runtime.errors import SecretsError
+from tests.support import REPO
+
+
+@pytest.fixture()
+def shm_dir() -> Iterator[Path]:
+    path = Path("/dev/shm") / f"harness-test-{os.getpid()}-{os.urandom(4).hex()}"
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path)
+
+
+def _write(path: Path, data: str, mode: int = 0o400) -> Path:
+    path.write_text(data)
+    os.chmod(path, mode)
+    return path
+
+
+def test_tmpfs_secrets_load_in_all_formats(shm_dir: Path) -> None:
+    _write(shm_dir / "tls.key", "-----BEGIN PRIVATE KEY-----\n")
+    _write(shm_dir / "otlp.json", json.dumps({"authorization": "Bearer abc"}), 0o600)
+    _write(shm_dir / "db.env", "# comment\nUSER=app\nPASSWORD = s3cret\n")
+    loaded = secrets.load(SecretsSection(dir=shm_dir, required=["tls.key", "db.env:PASSWORD"]))
+    assert loaded["otlp.json:authorization"].value == b"Bearer abc"
+    assert loaded["db.env:PASSWORD"].value == b"s3cret"
+    assert "s3cret" not in repr(loaded) and "Bearer" not in repr(loaded)
+
+
+Mutation = Callable[[Path], None]
+REFUSED: dict[str, tuple[Mutation, str]] = {
+    "world-readable": (lambda d: _write(d / "k", "x", 0o604), "readable by others"),
+    "group-writable": (lambda d: _write(d / "k", "x", 0o620), "writable by group or others"),
+    "symlink": (
+        lambda d: (_write(d / "real", "x"), os.symlink(d / "real", d / "k")),
+        "k: is a symlink",
+    ),
+    "oversize": (lambda d: _write(d / "k", "x" * 70000), "over the 65536-byte cap"),
+    "a folder": (lambda d: (d / "k").mkdir(), "is not a regular file"),
+    "missing required": (lambda d: None, "secret k is missing"),
+    "bad JSON": (lambda d: _write(d / "k.json", "{"), "not valid JSON"),
+    "JSON not strings": (lambda d: _write(d / "k.json", '{"a": 1}'), "JSON object of strings"),
+    "bad env line": (lambda d: _write(d / "k.env", "JUSTAWORD\n"), "line 1 is not KEY=VALUE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsafe_secret_files_are_refused(shm_dir: Path, case: str) -> None:
+    mutate, needle = REFUSED[case]
+    mutate(shm_dir)
+    with pytest.raises(SecretsError) as info:
+        secrets.load(
+            SecretsSection(dir=shm_dir, required=["k"] if case.startswith("missing") else [])
+        )
+    assert needle in info.value.message and info.value.exit_code == 4 and info.value.fix
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+def test_secret_owned_by_another_user_is_refused(shm_dir: Path) -> None:
+    os.chown(_write(shm_dir / "k", "x"), 12345, 12345)
+    with pytest.raises(SecretsError, match="owned by uid 12345"):
+        secrets.load(SecretsSection(dir=shm_dir))
+
+
+def test_secrets_dir_on_disk_is_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "k", "x")
+    with pytest.raises(SecretsError) as info:
+        secrets.load(SecretsSection(dir=tmp_path))
+    assert "not in memory: a secret there has reached a disk" in info.value.message
+    with pytest.raises(SecretsError, match="No such file"):
+        secrets.load(SecretsSection(dir=tmp_path / "absent"))
+
+
+def test_filesystem_of_reads_mountinfo() -> None:
+    mountinfo = (
+        "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "30 22 0:5 / /dev/shm rw - tmpfs tmpfs rw\n"
+        "40 22 0:6 / /vault/secrets rw - tmpfs tmpfs rw\n"
+        "41 22 0:7 / /mnt/my\\040secrets rw - ramfs none rw\n"
+        "42 40 8:1 /x /vault/secrets/sub rw - ext4 /dev/sda1 rw\n"
+    )
+    assert secrets.filesystem_of("/vault/secrets", mountinfo) == ("/vault/secrets", "tmpfs")
+    assert secrets.filesystem_of("/vault/secretsX", mountinfo) == ("/", "ext4")
+    assert secrets.filesystem_of("/vault/secrets/sub/a", mountinfo) == (
+        "/vault/secrets/sub",
+        "ext4",
+    )
+    assert secrets.filesystem_of("/mnt/my secrets", mountinfo) == ("/mnt/my secrets", "ramfs")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "VAULT_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "OPENAI_API_KEY",
+        "GITHUB_TOKEN",
+        "DB_PASSWORD",
+        "HF_TOKEN",
+        "APP_SECRET",
+    ],
+)
+def test_secret_like_environment_variables_are_refused(name: str) -> None:
+    with pytest.raises(SecretsError) as info:
+        secrets.check_environment({"PATH": "/bin", name: "value-not-shown"}, [])
+    assert name in info.value.message and "value-not-shown" not in info.value.message
+    secrets.check_environment({name: "x"}, [name])  # allowlisted: fine
+    secrets.check_environment({"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false"}, [])
+
+
+def test_serve_refuses_a_secret_in_the_environment_with_exit_4(tmp_path: Path) -> None:
+    assets.ensure(tmp_path)
+    env = dict(os.environ, VAULT_TOKEN="hvs.not-a-real-token")
+    result = subprocess.run(
+        [sys.executable, "-m", "runtime", "serve", "--config", str(tmp_path / assets.CONFIG_NAME)],
+        cwd=REPO,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 4
+    assert "VAULT_TOKEN" in result.stderr and "hvs.not-a-real-token" not in result.stderr
+    assert "hvs.not-a-real-token" not in result.stdout
+    events = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [e["event_type"] for e in events][-2:] == ["secret_injection", "shutdown"]
+    assert "engine_start" not in {e["event_type"] for e in events}
