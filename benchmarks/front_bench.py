@@ -111,6 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="front-bench-") as tmp:
         demo = Path(tmp)
+        demo.chmod(0o755)  # the engine's non-root uid reads the model from here
         assets.ensure(demo)
         port = free_port()
         events = demo / "events.jsonl"

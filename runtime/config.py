@@ -184,6 +184,11 @@ class EngineSection(_Section):
     # A private network namespace (only a loopback) for the engine. `auto` uses one when
     # harness may create it (CAP_SYS_ADMIN); `required` refuses to start without one.
     network_namespace: Literal["auto", "required", "off"] = "auto"
+    # When harness starts as root, the engine runs as this non-root uid/gid.
+    uid: int = Field(default=65534, ge=1, le=(1 << 32) - 2)
+    gid: int = Field(default=65534, ge=1, le=(1 << 32) - 2)
+    # Development only: keep the engine's uid 0 (capabilities are still all dropped).
+    unsafe_run_as_root: bool = False
     # Extra variables copied from harness's environment into the engine's (allowlist).
     env_passthrough: list[str] = Field(default_factory=list)
 

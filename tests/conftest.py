@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,13 +11,30 @@ from runtime.demo import assets
 from tests.support import Harness
 
 
+def _open_dir() -> Path:
+    """A temporary folder the engine's non-root uid can traverse (pytest's are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="harness-test-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture()
+def open_tmp() -> Iterator[Path]:
+    path = _open_dir()
+    yield path
+    if (path / assets.CONFIG_NAME).is_file():
+        shutil.rmtree(assets.secrets_dir(path), ignore_errors=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def demo_dir() -> Iterator[Path]:
     """Demo assets built once per session, exactly as `harness demo init` builds them."""
-    root = tmp_path_factory.mktemp("demo")
+    root = _open_dir()
     assets.ensure(root)
     yield root
     shutil.rmtree(assets.secrets_dir(root), ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from runtime.demo import assets
 from tests.support import REPO, clean_environ, free_port
@@ -59,7 +62,8 @@ def test_busy_port_exits_2_before_the_engine_starts(tmp_path: Path) -> None:
     assert time.monotonic() - started < 30
 
 
-def test_engine_that_dies_during_startup_exits_6(tmp_path: Path) -> None:
+def test_engine_that_dies_during_startup_exits_6(open_tmp: Path) -> None:
+    tmp_path = open_tmp
     assets.ensure(tmp_path)
     result = _harness(
         "serve",
@@ -132,3 +136,20 @@ def test_writable_model_dir_is_refused_unless_explicitly_allowed(tmp_path: Path)
     assert allowed.returncode == 0
     unsafe = [e for e in _events(allowed.stderr) if e["event_type"] == "unsafe_setting"]
     assert unsafe and unsafe[0]["setting"] == "model.unsafe_allow_writable"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the engine changes uid only when harness is root")
+def test_model_the_engine_uid_cannot_reach_exits_5(tmp_path: Path) -> None:
+    """pytest's own temporary folders are 0700: the engine's uid 65534 cannot traverse them,
+    and harness says so before starting anything."""
+    assets.ensure(tmp_path)
+    result = _harness(
+        "serve",
+        "--config",
+        str(tmp_path / assets.CONFIG_NAME),
+        "--set",
+        f'front.listen="127.0.0.1:{free_port()}"',
+    )
+    assert result.returncode == 5
+    assert "the engine runs as uid 65534" in result.stderr
+    assert "is not traversable by uid 65534" in result.stderr and "fix:" in result.stderr

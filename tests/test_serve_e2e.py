@@ -269,3 +269,31 @@ def test_readyz_and_healthz(harness: Harness, demo_dir: Path) -> None:
     ctx = _client_ctx(demo_dir)
     assert _get(f"{harness.url}/healthz", ctx).status_code == 200
     assert _get(f"{harness.url}/readyz", ctx).json() == {"status": "ready"}
+
+
+def _status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the engine changes uid only when harness is root")
+def test_every_engine_process_runs_unprivileged(harness: Harness) -> None:
+    engine = _process_group(harness.engine_pid)
+    assert len(engine) >= 2
+    for pid in engine:
+        status = _status(pid)
+        assert status["Uid"].split() == ["65534"] * 4, (pid, status["Uid"])
+        assert status["Gid"].split() == ["65534"] * 4, (pid, status["Gid"])
+        assert status["Groups"] == ""
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (pid, caps, status[caps])
+        assert status["NoNewPrivs"] == "1"
+    event = harness.events("privilege_drop")[0]
+    assert event["outcome"] == "ok" and event["uid"] == 65534 and event["no_new_privs"] is True
+    # The harness itself (the front) keeps root for now; the engine cannot read its secrets.
+    secrets_dir = Path(harness.events("secret_injection")[0]["dir"])
+    mode = secrets_dir.stat()
+    assert mode.st_uid == 0 and mode.st_mode & 0o077 == 0

@@ -65,13 +65,13 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
 
 
 def test_weights_changed_while_the_engine_loads_exits_3(
-    servers: Servers, demo_dir: Path, tmp_path: Path
+    servers: Servers, demo_dir: Path, open_tmp: Path
 ) -> None:
     """Step 6: the fingerprints taken at verification are checked again once the engine is
     ready; a file touched in between stops everything with exit 3."""
-    copy = tmp_path / "demo"
+    copy = open_tmp / "demo"
     shutil.copytree(demo_dir, copy)
-    harness = Harness(copy / assets.CONFIG_NAME, tmp_path)
+    harness = Harness(copy / assets.CONFIG_NAME, open_tmp)
     try:
         harness.wait_for_event("engine_start", 60)
         os.utime(copy / "model" / "tokenizer_config.json")

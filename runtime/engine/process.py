@@ -26,6 +26,7 @@ from runtime import telemetry
 from runtime.config import Config
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
 from runtime.errors import ConfigError, EngineError, SandboxError
+from runtime.sandbox import privileges
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_UDS_PATH = 107
@@ -80,11 +81,17 @@ class Engine:
     def start(self) -> None:
         """Start stage 2 (runtime.sandbox.exec), which sandboxes itself and execs vLLM."""
         self.started_at = time.monotonic()
+        drop = privileges.build(self.cfg.engine, os.geteuid())
+        privileges.check_reachable(self.cfg.engine, drop, self.cfg.model.dir)
+        if drop.uid is not None:  # the engine's private runtime dir becomes the engine's
+            for path in (self.paths.root, *self.paths.dirs()):
+                os.chown(path, drop.uid, drop.gid if drop.gid is not None else -1)
         plan = {
             "argv": list(self.plan.argv),
             "env": self.plan.env,
             "cwd": str(self.plan.cwd),
             "network_namespace": self.cfg.engine.network_namespace,
+            "privileges": drop.to_json(),
         }
         plan_r, plan_w = os.pipe()
         report_r, report_w = os.pipe()
@@ -139,6 +146,17 @@ class Engine:
         net = report.get("network")
         if net is not None:
             telemetry.emit("network_namespace", "ok" if net["isolated"] else "failed", **net)
+        dropped = report.get("privileges")
+        if dropped is not None:
+            as_root = dropped["uid"] == 0
+            telemetry.emit("privilege_drop", "failed" if as_root else "ok", **dropped)
+            if as_root and self.cfg.engine.unsafe_run_as_root:
+                telemetry.emit(
+                    "unsafe_setting",
+                    "allowed",
+                    setting="engine.unsafe_run_as_root",
+                    risk="the engine runs as uid 0 (with no capabilities)",
+                )
         if "error" in report:
             self.stop()
             raise SandboxError(

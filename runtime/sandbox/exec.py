@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from runtime.sandbox import network
+from runtime.sandbox import network, privileges
 
 
 def _report(fd: int, record: dict[str, Any]) -> None:
@@ -34,6 +34,11 @@ def main() -> int:
         report["network"] = network.apply(plan["network_namespace"])
     except OSError as exc:
         _report(args.report_fd, {"error": f"network namespace: {exc}", **report})
+        return 5
+    try:
+        report["privileges"] = privileges.apply(plan["privileges"])
+    except OSError as exc:  # fail closed: never exec vLLM half-dropped
+        _report(args.report_fd, {"error": f"privilege drop: {exc}", **report})
         return 5
     _report(args.report_fd, report)
     os.chdir(plan["cwd"])

@@ -1,0 +1,117 @@
+"""Privileges of the engine: plan (pure) and apply (in stage 2, single-threaded, before exec).
+
+Order (each step needs what the next one removes): rlimits -> no_new_privs -> drop the
+bounding set (needs CAP_SETPCAP, so before the uid change) -> setgroups/setresgid/setresuid
+-> clear ambient and inheritable capabilities -> not dumpable. no_new_privs makes setuid
+binaries and file capabilities inert for the engine and everything it execs.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from runtime.config import EngineSection
+from runtime.errors import SandboxError
+from runtime.sandbox import _linux
+
+
+@dataclass(frozen=True)
+class PrivilegePlan:
+    uid: int | None  # None: keep the current uid (not root, or root allowed for development)
+    gid: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def build(engine: EngineSection, euid: int) -> PrivilegePlan:
+    if euid != 0:
+        return PrivilegePlan(uid=None, gid=None)  # cannot change uid: do the rest
+    if engine.unsafe_run_as_root:
+        return PrivilegePlan(uid=None, gid=None)
+    return PrivilegePlan(uid=engine.uid, gid=engine.gid)
+
+
+def apply(plan: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2 only. Returns the report of what was enforced; raises OSError on a failure
+    that must stop the start (fail closed)."""
+    report: dict[str, Any] = {}
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of weights or keys
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    report["rlimits"] = {"core": 0, "nofile": hard}
+    _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
+    report["no_new_privs"] = _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1
+    report["bounding_set"] = _drop_bounding_set()
+    if plan["uid"] is not None:
+        os.setgroups([])
+        os.setresgid(plan["gid"], plan["gid"], plan["gid"])
+        os.setresuid(plan["uid"], plan["uid"], plan["uid"])
+    _linux.prctl(_linux.PR_CAP_AMBIENT, _linux.PR_CAP_AMBIENT_CLEAR_ALL)
+    _linux.clear_capabilities()
+    _linux.prctl(_linux.PR_SET_DUMPABLE, 0)
+    report.update(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), capabilities="none")
+    return report
+
+
+def _drop_bounding_set() -> str:
+    held = [
+        c
+        for c in range(_linux.last_capability() + 1)
+        if _linux.prctl(_linux.PR_CAPBSET_READ, c) == 1
+    ]
+    if not held:
+        return "empty"
+    try:
+        for cap in held:
+            _linux.prctl(_linux.PR_CAPBSET_DROP, cap)
+    except PermissionError:
+        # Without CAP_SETPCAP (not root) the bounding set cannot shrink; no_new_privs and an
+        # empty permitted set still keep the engine from gaining any of them.
+        return f"unchanged ({len(held)} capabilities): no CAP_SETPCAP"
+    return "empty"
+
+
+def first_unreachable(paths: list[Path], uid: int, gid: int) -> str | None:
+    """The first folder on the way to `paths` that uid/gid cannot traverse, or a target it
+    cannot read: the engine would fail later with a less helpful error. Reads modes only."""
+    for target in paths:
+        current = Path("/")
+        for part in Path(os.path.realpath(target)).parts[1:]:
+            if not _allowed(os.stat(current), uid, gid, 0o1):
+                return (
+                    f"{current} (mode {stat.S_IMODE(os.stat(current).st_mode):04o}) is not "
+                    f"traversable by uid {uid}"
+                )
+            current = current / part
+        if not _allowed(os.stat(current), uid, gid, 0o4):
+            return f"{current} is not readable by uid {uid}"
+    return None
+
+
+def _allowed(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid == gid:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def check_reachable(engine: EngineSection, plan: PrivilegePlan, model_dir: Path) -> None:
+    if plan.uid is None:
+        return
+    assert plan.gid is not None
+    problem = first_unreachable([Path(engine.python), model_dir], plan.uid, plan.gid)
+    if problem:
+        raise SandboxError(
+            f"the engine runs as uid {plan.uid}, and {problem}",
+            fix="make the interpreter, its virtual environment and the model readable by "
+            "that uid (every parent folder needs o+x), or set engine.uid",
+        )
