@@ -297,3 +297,52 @@ def test_every_engine_process_runs_unprivileged(harness: Harness) -> None:
     secrets_dir = Path(harness.events("secret_injection")[0]["dir"])
     mode = secrets_dir.stat()
     assert mode.st_uid == 0 and mode.st_mode & 0o077 == 0
+
+
+def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
+    harness: Harness, demo_dir: Path
+) -> None:
+    """A second front, in-process, with max_tokens_policy = clamp, in front of the same real
+    engine (its Unix socket): an over-cap request is served, cut to the cap."""
+    import asyncio
+    import threading
+
+    from runtime import config as config_mod
+    from runtime.front import server as front_server
+    from runtime.front.proxy import FrontApp, FrontState
+    from runtime.front.tls import RotatingContext
+    from tests.support import free_port
+
+    port = free_port()
+    cfg = config_mod.load(
+        demo_dir / "demo.toml",
+        [
+            f'front.listen="127.0.0.1:{port}"',
+            'limits.max_tokens_policy="clamp"',
+            "limits.max_tokens=8",
+        ],
+    )
+    state = FrontState(engine_ready=True)
+    app = FrontApp(
+        Path(harness.events("engine_start")[0]["socket"]),
+        state,
+        front=cfg.front,
+        limits=cfg.limits,
+        served_name="demo",
+    )
+    listener = front_server.bind(cfg.front)
+    server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls).base)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[listener])))
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        api = openai_client(f"https://127.0.0.1:{port}", _client_ctx(demo_dir))
+        result = api.completions.create(
+            model="demo", prompt="hello", max_tokens=50, extra_body={"ignore_eos": True}
+        )
+        assert result.usage is not None and result.usage.completion_tokens == 8
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        listener.close()
