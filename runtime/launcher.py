@@ -1,8 +1,8 @@
 """`harness serve`: the startup sequence of DESIGN.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
-Resource caps beyond the token cap (step 4) and the engine's privilege drop, Landlock and
-seccomp (step 5) are not built yet; README.md says what is enforced today.
+Resource caps beyond the token cap (step 4), and Landlock and seccomp in the engine's sandbox
+(step 5), are not built yet; README.md says what is enforced today.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ def serve(
     if cfg.front.metrics_listen:
         metrics.serve(cfg.front.metrics_listen, lambda: admission.in_flight)
 
-    # 5. Engine: stage 2 enters a private network namespace and execs vLLM, listening on a
-    #    Unix socket only, with an allowlisted environment.
+    # 5. Engine: stage 2 enters a private network namespace, drops privileges (non-root uid,
+    #    no capabilities, no_new_privs) and execs vLLM, listening on a Unix socket only, with
+    #    an allowlisted environment (exit 5 if the sandbox cannot be applied).
     with listener, Engine.create(cfg) as engine:
         engine.start()
         engine.wait_ready()

@@ -157,16 +157,20 @@ def verify_with_key(bundle: Bundle, key: ec.EllipticCurvePublicKey) -> str:
             f"public key's is {expected}",
             fix="configure the public key that matches the signing key, or sign again",
         )
+    _verify_dsse(bundle, key, "the configured public key")
+    return f"key:sha256:{expected}"
+
+
+def _verify_dsse(bundle: Bundle, key: ec.EllipticCurvePublicKey, whose: str) -> None:
     try:
         key.verify(
             bundle.signature, pae(bundle.payload_type, bundle.payload), ec.ECDSA(_ec_hash(key))
         )
     except InvalidSignature:
         raise _fail(
-            "the DSSE signature does not verify with the configured public key: the signed "
-            "statement was altered, or signed by a different key"
+            f"the DSSE signature does not verify with {whose}: the signed statement was "
+            "altered, or signed by a different key"
         ) from None
-    return f"key:sha256:{expected}"
 
 
 def _bundle_chain(material: dict[str, Any]) -> list[x509.Certificate]:
@@ -279,15 +283,7 @@ def verify_with_certificates(
         raise _fail(
             "the signing certificate's key is not ECDSA", fix="sign with an ECDSA P-256/384/521 key"
         )
-    try:
-        key.verify(
-            bundle.signature, pae(bundle.payload_type, bundle.payload), ec.ECDSA(_ec_hash(key))
-        )
-    except InvalidSignature:
-        raise _fail(
-            "the DSSE signature does not verify with the signing certificate's key: the "
-            "signed statement was altered"
-        ) from None
+    _verify_dsse(bundle, key, "the signing certificate's key")
     issuer = leaf.issuer.rfc4514_string()
     who = matched or ", ".join(value for _kind, value in sans) or leaf.subject.rfc4514_string()
     return f"certificate:{who} (issuer {issuer}, serial {leaf.serial_number:x})", matched
