@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import ssl
 import statistics
@@ -151,6 +152,7 @@ def main() -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
+            shutil.rmtree(assets.secrets_dir(demo), ignore_errors=True)
 
 
 if __name__ == "__main__":

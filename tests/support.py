@@ -170,9 +170,14 @@ class Harness:
         return self.proc.wait(timeout=timeout)
 
     def kill(self) -> None:
+        """Stop for good: SIGTERM first, so vLLM cleans its shared memory out of /dev/shm."""
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         # Never leave an engine behind, whatever happened to harness.
         for record in self.events("engine_start"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
