@@ -266,7 +266,9 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
             f"{path}: no such file", fix="pass --config with an existing TOML file"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+        raise ConfigError(
+            f"{path}: cannot read: {exc}", fix="check the file's permissions and encoding (UTF-8)"
+        ) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}", fix="fix the TOML syntax") from exc
     for item in overrides or []:

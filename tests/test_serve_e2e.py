@@ -48,12 +48,10 @@ def test_streamed_chat_chunks_arrive_before_the_stream_ends(
     for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.monotonic())
-    end = time.monotonic()
-    assert len(arrivals) >= 32
+    assert len(arrivals) >= 32  # many separate SSE events, not one block
     # The tiny model generates 64 tokens in a few ms, so timing here proves little; the
     # deterministic proof that the front never buffers a stream is in test_front_proxy.py
     # (an upstream that holds the rest of its stream until the client saw the first chunk).
-    assert arrivals == sorted(arrivals) and arrivals[0] < end
 
 
 def test_max_tokens_over_the_cap_is_rejected_and_the_default_is_the_cap(

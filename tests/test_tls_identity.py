@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from runtime.front.tls import match_identity, peer_identities
+from runtime.front.tls import peer_identities
+from runtime.identity import match_identity
 
 SPIFFE = "spiffe://cluster.local/ns/gw/sa/gateway"
 

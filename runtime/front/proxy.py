@@ -154,6 +154,10 @@ class FrontApp:
             responded = responded or message["type"] == "http.response.start"
             await send(message)
 
+        def audit_event(kind: str, outcome: telemetry.Outcome, status: int, **extra: Any) -> None:
+            latency_ms = round((time.perf_counter() - started) * 1000, 3)
+            telemetry.emit(kind, outcome, **audit, status=status, latency_ms=latency_ms, **extra)
+
         try:
             async with asyncio.timeout(self.deadline_s):
                 status = await self._handle(scope, receive, tracked_send, raw_path, audit)
@@ -163,15 +167,7 @@ class FrontApp:
                 await _respond(
                     send, 504, _error_body(504, "The request took too long", "deadline_exceeded")
                 )
-            telemetry.emit(
-                "request",
-                "failed",
-                **audit,
-                route=route,
-                status=504,
-                reason="deadline_exceeded",
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            audit_event("request", "failed", 504, route=route, reason="deadline_exceeded")
             return
         except Rejected as rej:
             extra = []
@@ -181,25 +177,16 @@ class FrontApp:
                 send, rej.status, _error_body(rej.status, rej.message, rej.code, rej.param), extra
             )
             failed = rej.status >= 500
-            telemetry.emit(
+            audit_event(
                 "request" if failed else "request_rejected",
                 "failed" if failed else "blocked",
-                **audit,
-                route=_loggable(route),
-                status=rej.status,
+                rej.status,
+                route=_loggable(route),  # may be an attacker-chosen target
                 reason=rej.code,
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
             )
             return
         if status is not None:
-            telemetry.emit(
-                "request",
-                "allowed" if status < 400 else "failed",
-                **audit,
-                route=route,
-                status=status,
-                latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            )
+            audit_event("request", "allowed" if status < 400 else "failed", status, route=route)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, raw_path: Any, audit: dict[str, Any]

@@ -22,7 +22,8 @@ from runtime import telemetry
 from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
 from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState
-from runtime.front.tls import match_identity, peer_identities
+from runtime.front.tls import peer_identities
+from runtime.identity import match_identity
 
 
 def bind(front: FrontSection) -> socket.socket:

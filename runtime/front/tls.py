@@ -11,9 +11,6 @@ from typing import Any
 from runtime import telemetry
 from runtime.config import TLSSection
 from runtime.errors import ConfigError
-from runtime.identity import match_identity
-
-__all__ = ["RotatingContext", "match_identity", "peer_identities", "server_context"]
 
 
 def server_context(tls: TLSSection) -> ssl.SSLContext:

@@ -135,7 +135,10 @@ def _inspect(root: Path, name: str) -> tuple[Fingerprint, int]:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise IntegrityError(f"model dir: {name}: changed while being checked")
+            raise IntegrityError(
+                f"model dir: {name}: changed while being checked",
+                fix="something is writing to the model dir: mount it read-only",
+            )
         tensors = 0
         if name.endswith(".safetensors"):
             length = header_length(os.pread(fd, 8, 0), st.st_size, name)
@@ -178,7 +181,10 @@ def _hash_range(root: Path, name: str, begin: int, end: int, expected: Fingerpri
 
 def _check_json(name: str, data: bytes) -> None:
     if len(data) > MAX_JSON_BYTES:
-        raise IntegrityError(f"model dir: {name}: larger than {MAX_JSON_BYTES} bytes")
+        raise IntegrityError(
+            f"model dir: {name}: larger than {MAX_JSON_BYTES} bytes",
+            fix="a config or tokenizer file this large is not expected: check what it is",
+        )
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

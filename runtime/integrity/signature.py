@@ -104,7 +104,10 @@ def verify_model(
             raw, trusted_root, list(trust.identities), trust.issuer
         )
         if verified_payload != bundle.payload:  # both parsers must agree on what was signed
-            raise IntegrityError("signature: the bundle's payload is ambiguous")
+            raise IntegrityError(
+                "signature: the bundle's payload reads differently to two parsers",
+                fix="sign the model again with a standard tool; do not edit the bundle",
+            )
     statement = oms.parse_statement(bundle.payload)
     verified = model_dir.verify(
         root,
