@@ -3,22 +3,27 @@ force, without starting anything. The JSON form is audit evidence."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from runtime import __version__, launcher
+from runtime import __version__, launcher, otel
 from runtime import config as config_mod
+from runtime.engine import resources
 from runtime.engine.command import RuntimePaths, build_plan
 from runtime.front import tls
 from runtime.front.proxy import FORWARDED, LOCAL
+from runtime.sandbox import landlock, privileges, seccomp
 
 
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
+    seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
     loaded = launcher.load_secrets(cfg)  # step 3, or exit 4
-    plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"))
+    caps = resources.compute(cfg.engine)  # step 4
+    plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"), caps=caps)
     return {
         "harness_version": __version__,
         "config": str(cfg.source),
@@ -85,12 +90,60 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "names": sorted(loaded),
                 "engine": "gets none (allowlisted environment)",
             },
-            "privilege_drop": {"status": "not_built"},
-            "landlock": {"status": "not_built"},
-            "seccomp": {"status": "not_built"},
-            "memory_caps": {"status": "not_built"},
+            "privilege_drop": _privileges(cfg),
+            "landlock": _landlock(cfg, plan.tcp_ports),
+            "seccomp": _seccomp(cfg),
+            "memory_caps": {
+                **caps.describe(),
+                "kv_cache_memory_bytes": cfg.engine.kv_cache_memory_bytes,
+            },
+            "otel_export": otel.describe(cfg.telemetry),
         },
         "engine": {"argv": list(plan.argv), "device": cfg.engine.device},
+    }
+
+
+def _privileges(cfg: config_mod.Config) -> dict[str, Any]:
+    drop = privileges.build(cfg.engine, os.geteuid())
+    return {
+        "status": "enforced" if drop.uid is not None or os.geteuid() != 0 else "uid 0 (unsafe)",
+        "uid": drop.uid if drop.uid is not None else os.geteuid(),
+        "gid": drop.gid if drop.gid is not None else os.getegid(),
+        "capabilities": "none (bounding, ambient, inheritable, permitted, effective)",
+        "no_new_privs": True,
+        "dumpable": False,
+        "rlimits": {"core": 0},
+    }
+
+
+def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
+    abi = landlock.abi_version()
+    mode = cfg.sandbox.landlock
+    rules = landlock.build(cfg, cfg.engine.runtime_dir / "harness-XXXXXX", list(ports))
+    return {
+        "status": "off (unsafe)" if mode == "off" else "enforced" if abi else "unavailable",
+        "mode": mode,
+        "abi": abi,
+        "read_execute": rules.read,
+        "write": rules.write,
+        "tcp": "connect only to the rendezvous ports" if abi >= 4 else "not restricted",
+        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
+    }
+
+
+def _seccomp(cfg: config_mod.Config) -> dict[str, Any]:
+    mode = cfg.sandbox.seccomp
+    if mode == "off":
+        return {"status": "off (unsafe)", "mode": mode}
+    summary = seccomp.summarise(seccomp.load_profile(seccomp.profile_path(cfg)))
+    return {
+        "status": "enforced" if mode in ("enforce", "kill") else "complain (reports only)",
+        "mode": mode,
+        "profile": summary["profile"],
+        "allowed": summary["allowed"],
+        "allowed_with_argument_checks": summary["allowed_with_argument_checks"],
+        "fixed_deny_list": list(seccomp.FIXED_DENY),
+        "enosys": list(seccomp.ENOSYS_ALWAYS),
     }
 
 

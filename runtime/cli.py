@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime import __version__, telemetry
+from runtime import __version__, telemetry, vault
 from runtime.errors import ConfigError, HarnessError
 
 
@@ -92,6 +92,48 @@ def _verify(args: argparse.Namespace) -> int:
             f"{verified.seconds:.2f} s ({rate:.0f} MB/s)\n  signer: {result.signer}\n"
             f"  root digest: sha256:{result.root_digest}"
         )
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from runtime import config as config_mod
+    from runtime import launcher
+    from runtime.sandbox import recorder
+
+    telemetry.set_stream(sys.stderr)  # stdout says where the profile went
+    cfg = config_mod.load(args.config, args.set)
+    recordings = [recorder.from_profile(Path(p)) for p in args.merge]
+    if not args.merge_only:
+        launcher.verify_weights(cfg)  # the engine about to run loads these weights
+        workload = recorder.load_workload(args.workload, cfg.model.served_name)
+        recordings.append(recorder.record(cfg, workload, args.concurrency))
+    merged = recorder.merge(recordings)
+    profile = recorder.to_profile(
+        merged,
+        f"harness engine profile, device {cfg.engine.device}, recorded by `harness profile`"
+        + (f", merged with {len(args.merge)} other profile(s)" if args.merge else ""),
+    )
+    out = Path(args.out)
+    out.write_text(json.dumps(profile, indent=2) + "\n")
+    print(
+        f"wrote {out}: {len(profile['syscalls'][0]['names'])} syscalls allowed, "
+        f"{len(profile['syscalls']) - 2} socket rules"
+        + (f"; refused although called: {', '.join(sorted(merged.denied_seen))}"
+           if merged.denied_seen else "")
+    )
+    return 0
+
+
+def _seccomp_check(args: argparse.Namespace) -> int:
+    from runtime.sandbox import seccomp
+
+    summary = seccomp.summarise(seccomp.load_profile(Path(args.profile)))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    for key, value in summary.items():
+        shown = ", ".join(value) if isinstance(value, list) else value
+        print(f"{key.replace('_', ' ')}: {shown if shown != '' else '-'}")
     return 0
 
 
@@ -228,6 +270,39 @@ def _parser() -> argparse.ArgumentParser:
         "file then uses every core",
     )
     p.set_defaults(func=_sign)
+
+    vault.add_parser(sub)  # secrets fetch: the Vault init container
+
+    p = sub.add_parser(
+        "profile", help="record a seccomp profile of the real engine under a workload"
+    )
+    with_config(p)
+    p.add_argument("--out", required=True, help="where to write the OCI seccomp profile")
+    p.add_argument(
+        "--workload",
+        type=Path,
+        help='JSON list of requests [{"path": ..., "body": {...}}]; default: completions, '
+        "streamed chat, requests the engine rejects",
+    )
+    p.add_argument("--concurrency", type=int, default=4, help="parallel requests (default 4)")
+    p.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="PROFILE",
+        help="union this recorded profile into the result; repeatable",
+    )
+    p.add_argument(
+        "--merge-only", action="store_true", help="only merge the --merge profiles, record none"
+    )
+    p.set_defaults(func=_profile)
+
+    p = sub.add_parser("seccomp", help="seccomp profile tools")
+    seccomp_sub = p.add_subparsers(dest="seccomp_command", required=True, metavar="ACTION")
+    p = seccomp_sub.add_parser("check", help="validate and summarise an OCI seccomp profile")
+    p.add_argument("profile")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.set_defaults(func=_seccomp_check)
 
     demo = sub.add_parser("demo", help="demo assets: tiny model, PKI, config")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")

@@ -12,6 +12,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -191,6 +192,25 @@ class EngineSection(_Section):
     unsafe_run_as_root: bool = False
     # Extra variables copied from harness's environment into the engine's (allowlist).
     env_passthrough: list[str] = Field(default_factory=list)
+    # CPU memory cap: the engine's process tree, summed as PSS (README, Memory caps); over it,
+    # the engine is stopped and harness exits 6. Unset: off (the pod's memory limit remains).
+    max_rss_bytes: int | None = Field(default=None, ge=16 << 20)
+    # GPU memory per device: bytes (an integer) or a fraction 0 < x <= 1 of the device (a
+    # float, 1.0 = all of it); becomes vLLM's --gpu-memory-utilization and the watchdog's cap.
+    gpu_memory_limit: int | float | None = None
+
+    @field_validator("gpu_memory_limit")
+    @classmethod
+    def _gpu_limit(cls, value: int | float | None, info: ValidationInfo) -> int | float | None:
+        if value is None:
+            return None
+        if info.data.get("device") != "cuda":
+            raise ValueError("applies to device = \"cuda\" only")
+        if isinstance(value, bool) or (isinstance(value, int) and value < 1 << 20):
+            raise ValueError("bytes (an integer of at least 1 MiB), or a fraction such as 0.8")
+        if isinstance(value, float) and not 0 < value <= 1:
+            raise ValueError("a fraction must be above 0 and at most 1.0 (bytes are integers)")
+        return value
 
     @field_validator("env_passthrough")
     @classmethod
@@ -201,6 +221,26 @@ class EngineSection(_Section):
             if SECRET_LIKE.search(name):
                 raise ValueError(f"{name!r} looks like a secret; the engine never gets secrets")
         return value
+
+
+class SandboxSection(_Section):
+    """What confines the engine beyond its uid and network namespace (README, Sandbox)."""
+
+    # Filesystem, TCP and scope rules. `best_effort` enforces what the kernel's Landlock ABI
+    # offers and reports the rest; `required` refuses to start without Landlock.
+    landlock: Literal["best_effort", "required", "off"] = "best_effort"
+    # enforce: unlisted syscalls fail with EPERM and raise a seccomp_violation event; kill: the
+    # kernel kills the process; complain: allowed, events only; off: development only.
+    seccomp: Literal["enforce", "kill", "complain", "off"] = "enforce"
+    # An OCI seccomp profile recorded by `harness profile`; default: the shipped
+    # seccomp/engine-<device>.json.
+    seccomp_profile: ConfigPath | None = None
+    # TCP ports the engine may bind or connect to (Landlock ABI >= 4). torch.distributed needs
+    # a rendezvous port, which harness picks and adds itself.
+    allowed_tcp_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    # More folders the engine may read (and execute), or write, beyond what harness derives.
+    extra_read_paths: list[ConfigPath] = Field(default_factory=list)
+    extra_write_paths: list[ConfigPath] = Field(default_factory=list)
 
 
 class SecretsSection(_Section):
@@ -219,12 +259,67 @@ class SecretsSection(_Section):
         return self
 
 
+class TelemetrySection(_Section):
+    """OTLP/HTTP export of the events, startup spans and request metrics (README, Telemetry)."""
+
+    # The collector's base URL; /v1/traces, /v1/logs and /v1/metrics are added. Empty: off.
+    otlp_endpoint: str = ""
+    service_name: str = Field(default="harness", min_length=1, max_length=255)
+    # A file name in secrets.dir holding the collector's headers (KEY=VALUE lines, or a .json
+    # or .env secret whose keys are the header names), such as an Authorization token.
+    otlp_headers_file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # TLS to the collector: the CA that issued its certificate (default: the system's), and a
+    # client certificate whose key is a file name in secrets.dir.
+    otlp_ca: ConfigPath | None = None
+    otlp_client_cert: ConfigPath | None = None
+    otlp_client_key_file: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
+    export_interval_s: float = Field(default=10.0, gt=0, le=3600)
+    export_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if value:
+            url = urlsplit(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("an http:// or https:// URL such as https://collector:4318")
+            if url.username or url.password or url.query or url.fragment:
+                raise ValueError("no credentials, query or fragment (headers go in a secret)")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials_over_tls(self) -> TelemetrySection:
+        if (self.otlp_client_cert is None) != (self.otlp_client_key_file is None):
+            raise ValueError("otlp_client_cert and otlp_client_key_file go together")
+        url = urlsplit(self.otlp_endpoint)
+        if url.scheme == "http":
+            if self.otlp_ca or self.otlp_client_cert:
+                raise ValueError("otlp_ca and a client certificate need an https:// endpoint")
+            if self.otlp_headers_file and not _is_loopback(url.hostname or ""):
+                raise ValueError(
+                    "the collector's headers are credentials: send them over https://, "
+                    "or to a collector on loopback"
+                )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Config(_Section):
     model: ModelSection
     front: FrontSection
     limits: LimitsSection = LimitsSection()
     engine: EngineSection = EngineSection()
     secrets: SecretsSection = SecretsSection()
+    sandbox: SandboxSection = SandboxSection()
+    telemetry: TelemetrySection = TelemetrySection()
     source: Path = Path("<memory>")
 
 

@@ -1,8 +1,6 @@
 """`harness serve`: the startup sequence of DESIGN.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
-Resource caps beyond the token cap (step 4), and Landlock and seccomp in the engine's sandbox
-(step 5), are not built yet; README.md says what is enforced today.
 """
 
 from __future__ import annotations
@@ -17,8 +15,9 @@ from pathlib import Path
 from types import FrameType
 
 from runtime import config as config_mod
-from runtime import secrets, telemetry
+from runtime import otel, secrets, telemetry
 from runtime.config import Config, SignatureSection
+from runtime.engine import resources, watchdog
 from runtime.engine.process import Engine
 from runtime.errors import EngineError, IntegrityError, SecretsError
 from runtime.front import metrics, tls
@@ -26,6 +25,7 @@ from runtime.front import server as front_server
 from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
 from runtime.integrity import model_dir, signature
+from runtime.sandbox import seccomp
 
 ENGINE_FAILED = EngineError.exit_code
 
@@ -44,6 +44,8 @@ def serve(
 
     # 1. Configuration: validated, typed, unknown keys refused (exit 2).
     cfg = config_mod.load(config_path, overrides)
+    seccomp.check_config(cfg)  # the engine's profile exists and compiles, before any work
+    export = otel.install(cfg)  # OTLP, when configured: events are held until step 3
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
 
     # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
@@ -51,23 +53,30 @@ def serve(
     weights, _evidence = verify_weights(cfg)
 
     # 3. Secrets: none in the environment; the secrets dir in memory, its files private; held
-    #    by the front only (exit 4).
-    load_secrets(cfg)
+    #    by the front only (exit 4). The collector's credentials are among them.
+    export.start(load_secrets(cfg))
 
-    # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py).
+    # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py), the
+    #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
+    #    memory watchdog stops the engine over engine.max_rss_bytes or the GPU cap (exit 6).
+    caps = resources.compute(cfg.engine)
 
     # The front's TLS material and port are checked before the engine spends a minute
     # loading: a wrong path or a busy port fails now (exit 2).
     ssl_context = tls.RotatingContext(cfg.front.tls).base
     listener = front_server.bind(cfg.front)
     admission = Admission.from_config(cfg.front)
+    export.watch_in_flight(lambda: admission.in_flight)
     if cfg.front.metrics_listen:
         metrics.serve(cfg.front.metrics_listen, lambda: admission.in_flight)
 
-    # 5. Engine: stage 2 enters a private network namespace, drops privileges (non-root uid,
-    #    no capabilities, no_new_privs) and execs vLLM, listening on a Unix socket only, with
-    #    an allowlisted environment (exit 5 if the sandbox cannot be applied).
-    with listener, Engine.create(cfg) as engine:
+    # 5. Engine: stage 2 enters a private network namespace, sets no_new_privs, applies
+    #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
+    #    TCP out), drops privileges (non-root uid, no capabilities), loads the profiled seccomp
+    #    filter (violations answered and reported by a supervisor here) and execs vLLM,
+    #    listening on a Unix socket only, with an allowlisted environment (exit 5 if the
+    #    sandbox cannot be applied).
+    with listener, Engine.create(cfg, caps) as engine, watchdog.for_engine(engine, caps):
         engine.start()
         engine.wait_ready()
 
@@ -82,6 +91,7 @@ def serve(
         "ok" if code == 0 else "failed",
         exit_code=code,
         engine_exit_code=engine_code,
+        reason=engine.stop_reason or ("engine_exit" if code == ENGINE_FAILED else None),
     )
     return code
 
@@ -216,7 +226,14 @@ async def _serve_front(
         loop.remove_reader(pidfd)
         code = engine.returncode()
         died.append(code if code is not None else -1)
-        telemetry.emit("engine_exit", "failed", pid=engine.pid, exit_code=died[0])
+        engine.report_sigsys(code)
+        telemetry.emit(
+            "engine_exit",
+            "failed",
+            pid=engine.pid,
+            exit_code=died[0],
+            reason=engine.stop_reason or "exited",
+        )
         server.request_stop()
 
     loop.add_reader(pidfd, on_engine_exit)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from runtime.demo import assets
+from tests import otlp_receiver
 from tests.support import Harness
 
 
@@ -50,14 +51,23 @@ class Servers:
     """The real engine takes ~50 s to start, so one `harness serve` is shared by the session.
     Tests that end a server (`take`) get the shared one and the next `shared()` starts anew."""
 
-    def __init__(self, demo_dir: Path, workdir: Path) -> None:
+    def __init__(self, demo_dir: Path, workdir: Path, otlp_url: str = "") -> None:
         self.demo_dir = demo_dir
         self.workdir = workdir
+        self.otlp_url = otlp_url  # every server exports to the session's OTLP receiver
         self._shared: Harness | None = None
         self._all: list[Harness] = []
 
     def start(self, overrides: list[str] | None = None) -> Harness:
-        harness = Harness(self.demo_dir / assets.CONFIG_NAME, self.workdir, overrides)
+        export = [
+            f'telemetry.otlp_endpoint="{self.otlp_url}"',
+            "telemetry.export_interval_s=1",
+        ]
+        harness = Harness(
+            self.demo_dir / assets.CONFIG_NAME,
+            self.workdir,
+            [*(export if self.otlp_url else []), *(overrides or [])],
+        )
         self._all.append(harness)
         return harness
 
@@ -78,8 +88,18 @@ class Servers:
 
 
 @pytest.fixture(scope="session")
-def servers(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
-    manager = Servers(demo_dir, tmp_path_factory.mktemp("servers"))
+def otlp() -> Iterator[otlp_receiver.Receiver]:
+    """An OTLP/HTTP receiver for the session's servers (tests/otlp_receiver.py)."""
+    server, receiver = otlp_receiver.serve()
+    yield receiver
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def servers(
+    demo_dir: Path, tmp_path_factory: pytest.TempPathFactory, otlp: otlp_receiver.Receiver
+) -> Iterator[Servers]:
+    manager = Servers(demo_dir, tmp_path_factory.mktemp("servers"), otlp.url)
     yield manager
     manager.close()
 

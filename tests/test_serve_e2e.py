@@ -289,12 +289,33 @@ def test_every_engine_process_runs_unprivileged(harness: Harness) -> None:
         for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(status[caps], 16) == 0, (pid, caps, status[caps])
         assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "2", (pid, "seccomp filter mode")
     event = harness.events("privilege_drop")[0]
     assert event["outcome"] == "ok" and event["uid"] == 65534 and event["no_new_privs"] is True
     # The harness itself (the front) keeps root for now; the engine cannot read its secrets.
     secrets_dir = Path(harness.events("secret_injection")[0]["dir"])
     mode = secrets_dir.stat()
     assert mode.st_uid == 0 and mode.st_mode & 0o077 == 0
+
+
+def test_engine_serves_with_seccomp_enforced_and_landlock_on(
+    harness: Harness, demo_dir: Path
+) -> None:
+    """The shared harness runs the defaults: the shipped profile in `enforce` mode, Landlock
+    best effort (ABI 7 on these machines). It served every test above."""
+    installed = harness.events("seccomp_install")[0]
+    assert installed["outcome"] == "ok" and installed["mode"] == "enforce"
+    assert installed["profile"].endswith("seccomp/engine-cpu.json")
+    fenced = harness.events("landlock")[0]
+    assert fenced["outcome"] == "ok" and fenced["enforced"] is True
+    assert fenced["tcp"]["enforced"] is True
+    assert str(demo_dir / "model") in fenced["filesystem"]["read_execute"]
+    client = openai_client(harness.url, _client_ctx(demo_dir))
+    done = client.completions.create(model="demo", prompt="sandboxed", max_tokens=4)
+    assert done.usage.completion_tokens >= 1
+    # A filtered syscall the engine made would be an event naming it; while serving, none.
+    serving = [e for e in harness.events("seccomp_violation") if e.get("phase") == "serving"]
+    assert serving == []
 
 
 def test_clamp_policy_gives_a_completion_of_at_most_the_cap(

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.config import SECRET_LIKE, Config
+from runtime.engine.resources import MemoryCaps
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
+# vLLM asks for a few ports from VLLM_PORT up (torch.distributed's store, data parallel).
+RENDEZVOUS_PORTS = 4
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,11 @@ class EnginePlan:
     env: dict[str, str]
     cwd: Path
     socket: Path
+    # TCP ports the engine may bind and connect (Landlock): torch.distributed's rendezvous.
+    tcp_ports: tuple[int, ...] = ()
 
 
-def build_argv(cfg: Config, paths: RuntimePaths) -> list[str]:
+def build_argv(cfg: Config, paths: RuntimePaths, caps: MemoryCaps | None = None) -> list[str]:
     eng = cfg.engine
     argv = [
         str(eng.python),
@@ -87,6 +92,8 @@ def build_argv(cfg: Config, paths: RuntimePaths) -> list[str]:
         argv += ["--enforce-eager"]
     if eng.kv_cache_memory_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(eng.kv_cache_memory_bytes)]
+    if caps is not None:
+        argv += caps.argv()  # engine.gpu_memory_limit as --gpu-memory-utilization
     return argv
 
 
@@ -134,12 +141,23 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
 
 
 def build_plan(
-    cfg: Config, paths: RuntimePaths, parent_env: dict[str, str] | None = None
+    cfg: Config,
+    paths: RuntimePaths,
+    parent_env: dict[str, str] | None = None,
+    caps: MemoryCaps | None = None,
+    rendezvous_port: int = 0,
 ) -> EnginePlan:
     parent = dict(os.environ) if parent_env is None else parent_env
+    env = build_env(cfg, paths, parent)
+    ports: tuple[int, ...] = ()
+    if rendezvous_port:
+        # vLLM starts its port search here; Landlock allows just these ports for TCP.
+        env["VLLM_PORT"] = str(rendezvous_port)
+        ports = tuple(range(rendezvous_port, rendezvous_port + RENDEZVOUS_PORTS))
     return EnginePlan(
-        argv=tuple(build_argv(cfg, paths)),
-        env=build_env(cfg, paths, parent),
+        argv=tuple(build_argv(cfg, paths, caps)),
+        env=env,
         cwd=paths.root,
         socket=paths.socket,
+        tcp_ports=ports,
     )

@@ -12,9 +12,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -25,8 +27,11 @@ import httpx
 from runtime import telemetry
 from runtime.config import Config
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
+from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
-from runtime.sandbox import privileges
+from runtime.sandbox import landlock, privileges
+from runtime.sandbox.seccomp import exit_event, profile_path
+from runtime.sandbox.seccomp_notify import Supervisor
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_UDS_PATH = 107
@@ -57,17 +62,29 @@ def make_runtime_dir(cfg: Config) -> RuntimePaths:
 class Engine:
     """A running engine. Use as a context manager: leaving it always stops the engine."""
 
-    def __init__(self, cfg: Config, paths: RuntimePaths, plan: EnginePlan) -> None:
+    def __init__(
+        self, cfg: Config, paths: RuntimePaths, plan: EnginePlan, seccomp_mode: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.paths = paths
         self.plan = plan
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
+        # `record` (harness profile) overrides the configured mode.
+        self.seccomp_mode = seccomp_mode
+        self.supervisor: Supervisor | None = None
+        # Runs stage 2 under another program (tests: strace, to check a recording).
+        self.stage2_wrapper: list[str] = []
+        # Why harness stopped the engine on purpose (a watchdog), for the exit's events.
+        self.stop_reason: str | None = None
 
     @classmethod
-    def create(cls, cfg: Config) -> Engine:
+    def create(
+        cls, cfg: Config, caps: MemoryCaps | None = None, seccomp_mode: str | None = None
+    ) -> Engine:
         paths = make_runtime_dir(cfg)
-        return cls(cfg, paths, build_plan(cfg, paths))
+        plan = build_plan(cfg, paths, caps=caps, rendezvous_port=_free_port())
+        return cls(cfg, paths, plan, seccomp_mode)
 
     @property
     def pid(self) -> int:
@@ -92,10 +109,15 @@ class Engine:
             "cwd": str(self.plan.cwd),
             "network_namespace": self.cfg.engine.network_namespace,
             "privileges": drop.to_json(),
+            "landlock": landlock.build(
+                self.cfg, self.paths.root, list(self.plan.tcp_ports)
+            ).to_json(),
+            "seccomp": self.seccomp_plan(),
         }
         plan_r, plan_w = os.pipe()
-        report_r, report_w = os.pipe()
+        report_parent, report_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         stage2 = [
+            *self.stage2_wrapper,
             sys.executable,
             "-I",
             "-m",
@@ -103,12 +125,13 @@ class Engine:
             "--plan-fd",
             str(plan_r),
             "--report-fd",
-            str(report_w),
+            str(report_child.fileno()),
         ]
         try:
-            # The plan is small (< pipe buffer), so it is written before the child exists.
-            os.write(plan_w, json.dumps(plan).encode())
-            os.close(plan_w)
+            # The plan goes through a pipe the child reads at once; write it from a thread so
+            # a plan larger than the pipe buffer (the seccomp profile) cannot block us.
+            writer = threading.Thread(target=_write_all, args=(plan_w, json.dumps(plan).encode()))
+            writer.start()
             # The engine's output goes to harness's stderr; stdout carries only events.
             self.proc = subprocess.Popen(
                 stage2,
@@ -118,19 +141,20 @@ class Engine:
                 stdout=2,
                 stderr=2,
                 close_fds=True,
-                pass_fds=(plan_r, report_w),
+                pass_fds=(plan_r, report_child.fileno()),
                 start_new_session=True,
             )
         except OSError as exc:
+            os.close(plan_w)
             raise EngineError(
                 f"cannot start the engine's stage 2 ({sys.executable}): {exc}"
             ) from exc
         finally:
             os.close(plan_r)
-            os.close(report_w)
-        with os.fdopen(report_r, "rb") as report_file:
-            raw = report_file.read()  # EOF at exec (success) or exit (failure)
-        report = json.loads(raw) if raw.strip() else {"error": "stage 2 exited without a report"}
+            report_child.close()
+        writer.join()
+        with report_parent:
+            report = self._read_report(report_parent)
         self._report_sandbox(report)
         telemetry.emit(
             "engine_start",
@@ -142,11 +166,58 @@ class Engine:
             env_names=sorted(self.plan.env),
         )
 
+    def seccomp_plan(self) -> dict[str, Any]:
+        mode = self.seccomp_mode or self.cfg.sandbox.seccomp
+        if mode == "off":
+            return {"mode": mode}
+        if mode == "record":
+            return {
+                "mode": mode,
+                "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
+                "profile_path": "<recording>",
+            }
+        path = profile_path(self.cfg)
+        return {"mode": mode, "profile": json.loads(path.read_text()), "profile_path": str(path)}
+
+    def _read_report(self, channel: socket.socket) -> dict[str, Any]:
+        """The stage-2 report, and the seccomp listener when it sends one: the supervisor
+        starts at once, since from then on the engine's filtered syscalls wait for it."""
+        chunks: list[bytes] = []
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(channel, 1 << 16, 1)
+            for fd in fds:
+                self._start_supervisor(fd)
+            if not data:
+                break
+            chunks.append(data)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            return {"error": "stage 2 exited without a report"}
+        return json.loads(raw)
+
+    def _start_supervisor(self, fd: int) -> None:
+        mode = self.seccomp_mode or self.cfg.sandbox.seccomp
+        self.supervisor = Supervisor(fd, mode, report=_violation_event)
+        self.supervisor.start()
+
     def _report_sandbox(self, report: dict[str, Any]) -> None:
         net = report.get("network")
         if net is not None:
             telemetry.emit("network_namespace", "ok" if net["isolated"] else "failed", **net)
         dropped = report.get("privileges")
+        fenced = report.get("landlock")
+        if fenced is not None:
+            telemetry.emit("landlock", "ok" if fenced["enforced"] else "failed", **fenced)
+        filtered = report.get("seccomp")
+        if filtered is not None:
+            installed = filtered.get("installed")
+            telemetry.emit("seccomp_install", "ok" if installed else "failed", **filtered)
+        for section, setting, risk in (
+            (fenced, "sandbox.landlock = off", "the engine may use any path its uid may"),
+            (filtered, "sandbox.seccomp = off", "the engine may call any syscall the kernel has"),
+        ):
+            if section is not None and section["mode"] == "off":
+                telemetry.emit("unsafe_setting", "allowed", setting=setting, risk=risk)
         if dropped is not None:
             as_root = dropped["uid"] == 0
             telemetry.emit("privilege_drop", "failed" if as_root else "ok", **dropped)
@@ -174,8 +245,10 @@ class Engine:
             while True:
                 code = self.proc.poll()
                 if code is not None:
+                    self.report_sigsys(code)
+                    why = f" ({self.stop_reason})" if self.stop_reason else ""
                     raise EngineError(
-                        f"the engine exited with code {code} before it was ready",
+                        f"the engine exited with code {code} before it was ready{why}",
                         fix="read the engine's log above (on stderr) for the cause",
                     )
                 if self.socket.exists():
@@ -190,12 +263,21 @@ class Engine:
                         fix="raise engine.ready_timeout_s, or read the engine's log above",
                     )
                 time.sleep(0.25)
+        if self.supervisor is not None:
+            self.supervisor.phase = "serving"
         telemetry.emit(
             "engine_ready",
             "ok",
             pid=self.proc.pid,
             seconds=round(time.monotonic() - self.started_at, 3),
         )
+
+    def report_sigsys(self, code: int | None) -> None:
+        """In `kill` mode the kernel kills a violating process with SIGSYS; say so when it is
+        the engine's main process (vLLM's own children are not harness's to wait for)."""
+        record = exit_event(code, mode=self.seccomp_mode or self.cfg.sandbox.seccomp)
+        if record is not None:
+            telemetry.emit("seccomp_violation", "blocked", pid=self.pid, **record)
 
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -230,6 +312,28 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _free_port() -> int:
+    """A loopback port free now, for torch.distributed's rendezvous. In the engine's own
+    network namespace nothing else can take it; without one a race is possible, and vLLM
+    then moves up within the range Landlock allows."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(data)
+    except BrokenPipeError:
+        pass  # stage 2 died before reading: its missing report says so
+
+
+def _violation_event(record: dict[str, Any]) -> None:
+    refused = record.get("action") == "refused_eperm"
+    telemetry.emit("seccomp_violation", "blocked" if refused else "allowed", **record)
 
 
 def _group_alive(pgid: int) -> bool:

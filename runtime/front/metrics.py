@@ -12,6 +12,30 @@ from runtime import telemetry
 from runtime.config import split_listen
 from runtime.errors import ConfigError
 
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None] | None:
+    """What one event counts, as (metric, labels, latency in seconds); shared by these
+    Prometheus metrics and the OTel export. Refused request targets are counted as route
+    `other`, never as a label value (unbounded cardinality)."""
+    kind = event["event_type"]
+    if kind in ("request", "request_rejected") and event.get("route") is not None:
+        route = event["route"] if event.get("reason") != "route_not_allowed" else "other"
+        labels = {
+            "route": route,
+            "status": str(event.get("status")),
+            "outcome": event["outcome"],
+            "reason": event.get("reason", ""),
+        }
+        latency = event["latency_ms"] / 1000 if "latency_ms" in event else None
+        return "requests", labels, latency
+    if kind in ("request_rejected", "tls_handshake_rejected"):
+        return "connections_refused", {"reason": event.get("reason", "")}, None
+    if kind == "tls_reload":
+        return "tls_reloads", {"outcome": event["outcome"]}, None
+    return None
+
 
 class FrontMetrics:
     def __init__(self, in_flight: Callable[[], float]) -> None:
@@ -27,7 +51,7 @@ class FrontMetrics:
             "Request latency at the front",
             ["route"],
             registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            buckets=LATENCY_BUCKETS,
         )
         self.in_flight = Gauge(
             "harness_requests_in_flight", "Requests in the engine", registry=self.registry
@@ -44,18 +68,18 @@ class FrontMetrics:
         )
 
     def observe(self, event: dict[str, Any]) -> None:
-        kind = event["event_type"]
-        if kind in ("request", "request_rejected") and event.get("route") is not None:
-            route = event["route"] if event.get("reason") != "route_not_allowed" else "other"
-            self.requests.labels(
-                route, str(event.get("status")), event["outcome"], event.get("reason", "")
-            ).inc()
-            if "latency_ms" in event:
-                self.latency.labels(route).observe(event["latency_ms"] / 1000)
-        elif kind == "request_rejected" or kind == "tls_handshake_rejected":
-            self.connections_refused.labels(event.get("reason", "")).inc()
-        elif kind == "tls_reload":
-            self.tls_reloads.labels(event["outcome"]).inc()
+        found = measurement(event)
+        if found is None:
+            return
+        metric, labels, latency = found
+        if metric == "requests":
+            self.requests.labels(**labels).inc()
+            if latency is not None:
+                self.latency.labels(labels["route"]).observe(latency)
+        elif metric == "connections_refused":
+            self.connections_refused.labels(**labels).inc()
+        else:
+            self.tls_reloads.labels(**labels).inc()
 
 
 def serve(listen: str, in_flight: Callable[[], float]) -> FrontMetrics:

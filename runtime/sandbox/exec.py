@@ -1,9 +1,13 @@
 """Stage 2: a fresh, single-threaded process that applies the engine's sandbox plan and execs
-vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with threads.
+vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with threads:
+prctl, Landlock and seccomp act on the calling thread.
 
-Protocol: the plan arrives as JSON on the inherited fd `--plan-fd`; one JSON line goes back on
-`--report-fd`, which is close-on-exec: the parent reads it, then sees EOF at exec (success) or
-at exit (failure, with {"error": ...} in the report).
+Order: network namespace -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
+capabilities, not dumpable -> seccomp -> report -> execve.
+
+Protocol: the plan arrives as JSON on the inherited fd `--plan-fd`. One JSON report goes back
+on the Unix socket `--report-fd`, then EOF; it carries the seccomp listener fd when there is
+one (SCM_RIGHTS), and {"error": ...} when a step failed and nothing was exec'd.
 """
 
 from __future__ import annotations
@@ -11,14 +15,50 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
-from runtime.sandbox import network, privileges
+# Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
+from runtime.sandbox import landlock, network, privileges, seccomp
 
 
-def _report(fd: int, record: dict[str, Any]) -> None:
-    os.write(fd, (json.dumps(record) + "\n").encode())
+def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    started = time.monotonic()
+    report = step()
+    report["seconds"] = round(time.monotonic() - started, 6)
+    return report
+
+
+def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None]:
+    """Every step of the plan up to seccomp, which is compiled here and loaded by the caller
+    right before the hand-off. Raises with the report so far on a failure: the caller must
+    then not exec (fail closed)."""
+    report: dict[str, Any] = {}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("network", lambda: network.apply(plan["network_namespace"])),
+        ("privileges", privileges.prepare),
+        ("landlock", lambda: landlock.apply(plan["landlock"])),
+        ("privileges", lambda: privileges.drop(plan["privileges"])),
+    ]
+    for key, step in steps:
+        try:
+            report[key] = {**report.get(key, {}), **_timed(step)}
+        except OSError as exc:
+            raise StageError(f"{key}: {exc}", report) from exc
+    try:
+        report["seccomp"], compiled = seccomp.prepare(plan["seccomp"])
+    except (OSError, ValueError) as exc:
+        raise StageError(f"seccomp: {exc}", report) from exc
+    return report, compiled
+
+
+class StageError(Exception):
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def main() -> int:
@@ -28,19 +68,23 @@ def main() -> int:
     args = parser.parse_args()
     with os.fdopen(args.plan_fd, "rb") as plan_file:
         plan = json.loads(plan_file.read())
-    os.set_inheritable(args.report_fd, False)  # closes at exec: EOF tells the parent we made it
-    report: dict[str, Any] = {}
+    channel = socket.socket(fileno=args.report_fd)
+    channel.set_inheritable(False)  # the engine never holds a way back to harness
     try:
-        report["network"] = network.apply(plan["network_namespace"])
-    except OSError as exc:
-        _report(args.report_fd, {"error": f"network namespace: {exc}", **report})
+        report, compiled = apply(plan)
+        message = json.dumps(report).encode()
+        listener = seccomp.load(compiled) if compiled is not None else None
+    except (StageError, OSError) as exc:
+        partial = exc.report if isinstance(exc, StageError) else report
+        channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
         return 5
-    try:
-        report["privileges"] = privileges.apply(plan["privileges"])
-    except OSError as exc:  # fail closed: never exec vLLM half-dropped
-        _report(args.report_fd, {"error": f"privilege drop: {exc}", **report})
-        return 5
-    _report(args.report_fd, report)
+    # From here on every syscall is filtered: hand the listener over first (HANDOFF_ALLOW).
+    if listener is not None:
+        socket.send_fds(channel, [message], [listener])
+        os.close(listener)
+    else:
+        channel.sendall(message)
+    channel.shutdown(socket.SHUT_WR)
     os.chdir(plan["cwd"])
     try:
         os.execve(plan["argv"][0], plan["argv"], plan["env"])  # noqa: S606 - argv, no shell

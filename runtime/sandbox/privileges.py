@@ -1,9 +1,10 @@
 """Privileges of the engine: plan (pure) and apply (in stage 2, single-threaded, before exec).
 
-Order (each step needs what the next one removes): rlimits -> no_new_privs -> drop the
-bounding set (needs CAP_SETPCAP, so before the uid change) -> setgroups/setresgid/setresuid
--> clear ambient and inheritable capabilities -> not dumpable. no_new_privs makes setuid
-binaries and file capabilities inert for the engine and everything it execs.
+Order (each step needs what the next one removes): rlimits -> no_new_privs -> (Landlock) ->
+drop the bounding set (needs CAP_SETPCAP, so before the uid change) -> setgroups/setresgid/
+setresuid -> clear ambient and inheritable capabilities -> not dumpable -> (seccomp).
+no_new_privs makes setuid binaries and file capabilities inert for the engine and everything
+it execs.
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ def build(engine: EngineSection, euid: int) -> PrivilegePlan:
     return PrivilegePlan(uid=engine.uid, gid=engine.gid)
 
 
-def apply(plan: dict[str, Any]) -> dict[str, Any]:
-    """Stage 2 only. Returns the report of what was enforced; raises OSError on a failure
-    that must stop the start (fail closed)."""
-    report: dict[str, Any] = {}
+def prepare() -> dict[str, Any]:
+    """Stage 2, first: what must hold before Landlock (which needs no_new_privs)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of weights or keys
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    report["rlimits"] = {"core": 0, "nofile": hard}
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-    report["no_new_privs"] = _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1
-    report["bounding_set"] = _drop_bounding_set()
+    return {
+        "rlimits": {"core": 0, "nofile": hard},
+        "no_new_privs": _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1,
+    }
+
+
+def drop(plan: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2, after Landlock. Returns the report of what was enforced; raises OSError on a
+    failure that must stop the start (fail closed)."""
+    report: dict[str, Any] = {"bounding_set": _drop_bounding_set()}
     if plan["uid"] is not None:
         os.setgroups([])
         os.setresgid(plan["gid"], plan["gid"], plan["gid"])

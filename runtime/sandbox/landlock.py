@@ -1,0 +1,225 @@
+"""Landlock for the engine: read-only code and model, writes only to its runtime dir and
+/dev/shm, no TCP except allowlisted ports, no signals or abstract sockets out of its domain.
+
+Best effort by design: the kernel's ABI version (detected at run time) decides what can be
+enforced, and the report says exactly what was. `required` refuses to start without Landlock.
+Applied in stage 2 (single-threaded, after no_new_privs), so every engine process inherits it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.config import Config
+
+_SYS = {
+    "x86_64": (444, 445, 446),
+    "aarch64": (444, 445, 446),
+}
+_CREATE_RULESET_VERSION = 1 << 0
+_RULE_PATH_BENEATH = 1
+_RULE_NET_PORT = 2
+
+# linux/landlock.h: filesystem rights, and the ABI that introduced each.
+FS_EXECUTE = 1 << 0
+FS_WRITE_FILE = 1 << 1
+FS_READ_FILE = 1 << 2
+FS_READ_DIR = 1 << 3
+FS_REMOVE_DIR = 1 << 4
+FS_REMOVE_FILE = 1 << 5
+FS_MAKE_CHAR = 1 << 6
+FS_MAKE_DIR = 1 << 7
+FS_MAKE_REG = 1 << 8
+FS_MAKE_SOCK = 1 << 9
+FS_MAKE_FIFO = 1 << 10
+FS_MAKE_BLOCK = 1 << 11
+FS_MAKE_SYM = 1 << 12
+FS_REFER = 1 << 13  # ABI 2
+FS_TRUNCATE = 1 << 14  # ABI 3
+FS_IOCTL_DEV = 1 << 15  # ABI 5
+NET_BIND_TCP = 1 << 0  # ABI 4
+NET_CONNECT_TCP = 1 << 1  # ABI 4
+SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
+SCOPE_SIGNAL = 1 << 1  # ABI 6
+
+_FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+# Everything but executing: the engine never needs to run what it wrote.
+WRITE = (
+    FS_WRITE_FILE
+    | FS_READ_FILE
+    | FS_READ_DIR
+    | FS_REMOVE_DIR
+    | FS_REMOVE_FILE
+    | FS_MAKE_DIR
+    | FS_MAKE_REG
+    | FS_MAKE_SOCK
+    | FS_MAKE_FIFO
+    | FS_MAKE_SYM
+    | FS_REFER
+    | FS_TRUNCATE
+)
+# Device files the engine reads and writes (/dev/null for subprocesses; GPUs need ioctls).
+DEVICE = FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1  # __attribute__((packed)) in the uapi header
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
+class _NetPortAttr(ctypes.Structure):
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+def _syscall(index: int, *args: Any) -> int:
+    number = _SYS[os.uname().machine][index]
+    result = _libc.syscall(number, *args)
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(result)
+
+
+def abi_version() -> int:
+    """The kernel's Landlock ABI, 0 when Landlock is absent or disabled at boot."""
+    try:
+        return _syscall(0, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
+    except (OSError, KeyError):
+        return 0
+
+
+@dataclass(frozen=True)
+class LandlockPlan:
+    mode: str  # best_effort | required | off
+    read: list[str] = field(default_factory=list)
+    write: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    tcp_ports: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# What any Python program on Debian reads: code, shared libraries, ld.so.cache, passwd (torch
+# calls getpwuid), CPU topology in /proc and /sys.
+SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+
+def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan:
+    """The engine's rules. Pure apart from resolving the interpreter's real location."""
+    python = Path(cfg.engine.python)
+    read = [*SYSTEM_READ, str(cfg.model.dir)]
+    venv = python.parent.parent
+    if (venv / "pyvenv.cfg").is_file():
+        read.append(str(venv))
+    read.append(str(Path(os.path.realpath(python)).parent.parent))  # the base interpreter
+    read += [str(p) for p in cfg.sandbox.extra_read_paths]
+    # /dev/shm: torch and vLLM share tensors and semaphores there (named, not per-process).
+    shm = "/dev/shm"  # noqa: S108 - a fixed system path, not a temp file name
+    write = [str(runtime_root), shm, *(str(p) for p in cfg.sandbox.extra_write_paths)]
+    devices = list(DEVICES)
+    if cfg.engine.device == "cuda":
+        devices += sorted(glob.glob("/dev/nvidia*"))
+    return LandlockPlan(
+        mode=cfg.sandbox.landlock,
+        read=list(dict.fromkeys(read)),
+        write=write,
+        devices=devices,
+        tcp_ports=sorted({*cfg.sandbox.allowed_tcp_ports, *tcp_ports}),
+    )
+
+
+def apply(plan: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2 only: restrict this process and everything it execs. Returns the report;
+    raises OSError when `required` cannot be met."""
+    mode = plan["mode"]
+    if mode == "off":
+        return {"mode": mode, "enforced": False, "reason": "disabled by config"}
+    abi = abi_version()
+    if abi < 1:
+        if mode == "required":
+            raise OSError(95, "Landlock is not available in this kernel (engine.landlock)")
+        return {"mode": mode, "enforced": False, "abi": 0, "reason": "kernel has no Landlock"}
+    fs_mask = _FS_BY_ABI[max(a for a in _FS_BY_ABI if a <= abi)]
+    attr = _RulesetAttr(handled_access_fs=fs_mask)
+    size = ctypes.sizeof(ctypes.c_uint64)
+    if abi >= 4:
+        attr.handled_access_net = NET_BIND_TCP | NET_CONNECT_TCP
+        size = 2 * ctypes.sizeof(ctypes.c_uint64)
+    if abi >= 6:
+        attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+        size = ctypes.sizeof(_RulesetAttr)
+    ruleset = _syscall(0, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    skipped: list[str] = []
+    try:
+        for paths, access in (
+            (plan["read"], READ),
+            (plan["write"], WRITE),
+            (plan["devices"], DEVICE),
+        ):
+            for path in paths:
+                if not _add_path(ruleset, path, access & fs_mask):
+                    skipped.append(path)
+        if abi >= 4:
+            # Port 0 is bind(2)'s "any free port": gloo probes its address that way and
+            # listens on such ports. Connecting stays limited to the listed ports.
+            for port, access in [
+                (0, NET_BIND_TCP),
+                *((p, NET_BIND_TCP | NET_CONNECT_TCP) for p in plan["tcp_ports"]),
+            ]:
+                rule = _NetPortAttr(access, port)
+                _syscall(1, ruleset, _RULE_NET_PORT, ctypes.byref(rule), ctypes.c_uint32(0))
+        _syscall(2, ruleset, ctypes.c_uint32(0))
+    finally:
+        os.close(ruleset)
+    return {
+        "mode": mode,
+        "enforced": True,
+        "abi": abi,
+        "filesystem": {
+            "read_execute": plan["read"],
+            "write": plan["write"],
+            "devices": plan["devices"],
+            "missing_paths": skipped,
+        },
+        "tcp": {
+            "enforced": abi >= 4,
+            "connect_ports": plan["tcp_ports"] if abi >= 4 else "any",
+            "bind_ports": [0, *plan["tcp_ports"]] if abi >= 4 else "any",
+        },
+        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
+    }
+
+
+def _add_path(ruleset: int, path: str, access: int) -> bool:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # nothing to allow there; reported, not fatal
+    try:
+        if not os.path.isdir(path):
+            # A rule on a file may only carry file rights.
+            access &= FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV
+        rule = _PathBeneathAttr(access, fd)
+        _syscall(1, ruleset, _RULE_PATH_BENEATH, ctypes.byref(rule), ctypes.c_uint32(0))
+    finally:
+        os.close(fd)
+    return True

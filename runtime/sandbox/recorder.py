@@ -1,0 +1,197 @@
+"""`harness profile`: record the syscalls the real engine makes and write an OCI profile.
+
+The engine starts exactly as `harness serve` starts it (same stage 2, same Landlock and
+privilege drop), but with a filter that sends every syscall to the supervisor, which lets it
+run and counts it (no strace, no ptrace). A workload then drives startup, completions,
+streamed chat, requests the engine rejects and concurrent requests, and the engine is shut
+down with SIGTERM, so that the profile covers the whole life of an engine.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime.config import Config
+from runtime.errors import ConfigError, EngineError
+from runtime.sandbox import seccomp
+
+_SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
+# socket() domains a profile may allow. Raw, packet and INET datagram sockets are refused even
+# if recorded: the engine has no business with them (vLLM's "UDP connect to learn my IP" is
+# disabled through VLLM_HOST_IP).
+_DOMAINS_ALLOWED = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK"}
+_INET = {2, 10}
+
+
+@dataclass
+class Recording:
+    names: set[str] = field(default_factory=set)
+    sockets: set[tuple[int, int]] = field(default_factory=set)
+    denied_seen: set[str] = field(default_factory=set)
+
+
+def default_workload(model: str) -> list[dict[str, Any]]:
+    prompt = "The quick brown fox"
+    return [
+        {"method": "GET", "path": "/v1/models"},
+        {"path": "/v1/completions", "body": {"model": model, "prompt": prompt, "max_tokens": 8}},
+        {
+            "path": "/v1/completions",
+            "body": {"model": model, "prompt": [prompt, "Hello"], "max_tokens": 4, "n": 2},
+        },
+        {
+            "path": "/v1/chat/completions",
+            "body": {
+                "model": model,
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 8,
+                "stream": True,
+            },
+        },
+        {
+            "path": "/v1/completions",
+            "body": {"model": model, "prompt": prompt, "max_tokens": 4, "stream": True},
+        },
+        # Rejected by the engine: unknown model, a prompt longer than the context.
+        {"path": "/v1/completions", "body": {"model": "nope", "prompt": "x", "max_tokens": 1}},
+        {"path": "/v1/completions", "body": {"model": model, "prompt": "x " * 5000}},
+        {"method": "GET", "path": "/health"},
+    ]
+
+
+def load_workload(path: Path | None, model: str) -> list[dict[str, Any]]:
+    if path is None:
+        return default_workload(model)
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"workload {path}: {exc}",
+            fix='give a JSON list of {"path": ..., "body": {...}} requests',
+        ) from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) and "path" in r for r in data):
+        raise ConfigError(
+            f"workload {path}: must be a JSON list of objects with a 'path'",
+            fix='e.g. [{"path": "/v1/completions", "body": {"model": "m", "prompt": "hi"}}]',
+        )
+    return data
+
+
+def run_workload(socket_path: Path, requests: list[dict[str, Any]], concurrency: int) -> int:
+    """Each request once, then all of them again `concurrency` at a time. Returns how many
+    were answered (any status: rejections are part of the workload)."""
+    transport = httpx.HTTPTransport(uds=str(socket_path))
+    answered = 0
+    with httpx.Client(transport=transport, base_url="http://engine", timeout=120) as client:
+
+        def one(req: dict[str, Any]) -> int:
+            with client.stream(req.get("method", "POST"), req["path"], json=req.get("body")) as r:
+                for _chunk in r.iter_bytes():
+                    pass
+                return r.status_code
+
+        for req in requests:
+            one(req)
+            answered += 1
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            answered += len(list(pool.map(one, requests * 2)))
+    return answered
+
+
+def record(
+    cfg: Config,
+    workload: list[dict[str, Any]],
+    concurrency: int = 4,
+    wrapper: list[str] | None = None,
+) -> Recording:
+    from runtime.engine.process import Engine
+
+    with Engine.create(cfg, seccomp_mode="record") as engine:
+        engine.stage2_wrapper = list(wrapper or [])
+        engine.start()
+        engine.wait_ready()
+        run_workload(engine.socket, workload, concurrency)
+        engine.stop()
+        supervisor = engine.supervisor
+        if supervisor is None:
+            raise EngineError("the recording supervisor never started")
+        deadline = time.monotonic() + 10
+        while supervisor.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)  # it ends when the last engine process is gone
+        supervisor.stop()
+        names = supervisor.recorded_names()
+        deny = set(seccomp.FIXED_DENY)
+        return Recording(names - deny, set(supervisor.sockets), names & deny)
+
+
+def merge(recordings: list[Recording]) -> Recording:
+    out = Recording()
+    for rec in recordings:
+        out.names |= rec.names
+        out.sockets |= rec.sockets
+        out.denied_seen |= rec.denied_seen
+    return out
+
+
+def from_profile(path: Path) -> Recording:
+    """Read back a profile this module wrote, so that `--merge` can union recordings."""
+    profile = seccomp.load_profile(path)
+    rec = Recording()
+    for rule in profile.rules:
+        if rule.action != "SCMP_ACT_ALLOW":
+            continue
+        if rule.names == ("socket",) and len(rule.args) == 2:
+            rec.sockets.add((rule.args[0].value, rule.args[1].value_two))
+            continue
+        rec.names |= set(rule.names)
+    return rec
+
+
+def to_profile(rec: Recording, comment: str) -> dict[str, Any]:
+    names = sorted(
+        (rec.names - {"socket"} - set(seccomp.FIXED_DENY) - set(seccomp.ENOSYS_ALWAYS))
+        | set(seccomp.ALWAYS_ALLOW)
+        | set(seccomp.HANDOFF_ALLOW)
+    )
+    rules: list[dict[str, Any]] = [{"names": names, "action": "SCMP_ACT_ALLOW"}]
+    for domain, kind in sorted(rec.sockets):
+        if domain not in _DOMAINS_ALLOWED or (domain in _INET and kind != 1):
+            continue  # see _DOMAINS_ALLOWED
+        rules.append(
+            {
+                "names": ["socket"],
+                "action": "SCMP_ACT_ALLOW",
+                "comment": f"{_DOMAINS_ALLOWED[domain]}, {_SOCKET_TYPES.get(kind, kind)}",
+                "args": [
+                    {"index": 0, "value": domain, "op": "SCMP_CMP_EQ"},
+                    {
+                        "index": 1,
+                        "value": seccomp.SOCK_TYPE_MASK,
+                        "valueTwo": kind,
+                        "op": "SCMP_CMP_MASKED_EQ",
+                    },
+                ],
+            }
+        )
+    rules.append(
+        {
+            "names": list(seccomp.ENOSYS_ALWAYS),
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": 38,
+            "comment": "ENOSYS, so that glibc falls back to clone",
+        }
+    )
+    return {
+        "comment": comment,
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "defaultErrnoRet": 1,
+        "architectures": [seccomp.native_arch()],
+        "syscalls": rules,
+    }

@@ -1,0 +1,453 @@
+"""Seccomp for the engine: OCI profiles (the format Docker, podman and the kubelet read),
+compiled with libseccomp (pyseccomp) and installed in stage 2 right before exec.
+
+The kernel holds the allowlist. Everything else goes to a user-space supervisor in harness
+(SECCOMP_RET_USER_NOTIF), which answers EPERM and emits a `seccomp_violation` event naming the
+syscall and pid (`enforce`), or lets it through and reports it (`complain`). If the supervisor
+dies, notified calls fail with ENOSYS: closed, not open. `kill` needs no supervisor: the kernel
+kills the process. Facts behind the fixed rules: shared notes, Sandbox.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import platform
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyseccomp
+
+from runtime.errors import ConfigError
+
+# Never allowed, whatever a recording saw: kernel attack surface or a way out of the sandbox
+# (io_uring's operations bypass seccomp altogether).
+FIXED_DENY = (
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "mount",
+    "umount2",
+    "unshare",
+    "setns",
+    "pivot_root",
+    "chroot",
+    "bpf",
+    "perf_event_open",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "userfaultfd",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "acct",
+    "quotactl",
+)
+# glibc needs these whether or not a recording saw them: clone3 must fail with ENOSYS so that
+# glibc falls back to clone (EPERM would break thread creation); denying rseq aborts glibc.
+ALWAYS_ALLOW = ("clone", "rseq", "exit", "exit_group", "rt_sigreturn")
+ENOSYS_ALWAYS = ("clone3",)
+# Stage 2 passes the listener fd to harness with sendmsg after the filter is loaded, before
+# anyone answers notifications: that call, and the memory management Python may do on the
+# way to it, must not need the supervisor.
+HANDOFF_ALLOW = ("sendmsg", "brk", "mmap", "munmap")
+# Syscall numbers above the profile's newest get ENOSYS (as runc does): a newer libc probing a
+# syscall the profile predates falls back instead of failing with EPERM. Up to the end of the
+# native table (x32 numbers start at 512).
+_STUB_END = 512
+# socket(2)'s type argument carries SOCK_NONBLOCK/SOCK_CLOEXEC above the type itself.
+SOCK_TYPE_MASK = 0xF
+
+MODES = ("enforce", "kill", "complain", "off")  # `record` is for `harness profile` only
+_ACTIONS = (
+    "SCMP_ACT_ALLOW",
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_TRAP",
+    "SCMP_ACT_TRACE",
+    "SCMP_ACT_LOG",
+    "SCMP_ACT_NOTIFY",
+)
+_OPS = {
+    "SCMP_CMP_NE": 1,
+    "SCMP_CMP_LT": 2,
+    "SCMP_CMP_LE": 3,
+    "SCMP_CMP_EQ": 4,
+    "SCMP_CMP_GE": 5,
+    "SCMP_CMP_GT": 6,
+    "SCMP_CMP_MASKED_EQ": 7,
+}
+_NATIVE_ARCH = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
+
+
+@dataclass(frozen=True)
+class ArgRule:
+    index: int
+    value: int
+    value_two: int
+    op: str
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index, "value": self.value, "op": self.op}
+        if self.value_two:
+            out["valueTwo"] = self.value_two
+        return out
+
+
+@dataclass(frozen=True)
+class Rule:
+    names: tuple[str, ...]
+    action: str
+    errno_ret: int | None = None
+    args: tuple[ArgRule, ...] = ()
+    includes: dict[str, Any] = field(default_factory=dict)
+    excludes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Profile:
+    source: str
+    default_action: str
+    default_errno_ret: int
+    architectures: tuple[str, ...]
+    rules: tuple[Rule, ...]
+
+
+def _invalid(source: str, where: str, problem: str) -> ConfigError:
+    return ConfigError(
+        f"seccomp profile {source}: {where}: {problem}",
+        fix="correct the profile (OCI runtime-spec linux.seccomp format), or record a new one "
+        "with `harness profile`",
+    )
+
+
+def load_profile(path: Path) -> Profile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"seccomp profile {path}: no such file",
+            fix="set sandbox.seccomp_profile to a profile recorded with `harness profile`",
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise _invalid(str(path), "file", f"not readable JSON ({exc})") from exc
+    return parse_profile(data, str(path))
+
+
+def parse_profile(data: Any, source: str) -> Profile:
+    """Validate the fields harness and runc understand; refuse anything it cannot enforce."""
+    if not isinstance(data, dict):
+        raise _invalid(source, "top level", "must be a JSON object")
+    default = data.get("defaultAction")
+    if default not in _ACTIONS:
+        raise _invalid(source, "defaultAction", f"{default!r} is not one of {', '.join(_ACTIONS)}")
+    default_errno = data.get("defaultErrnoRet", errno.EPERM)
+    if not isinstance(default_errno, int) or not 0 < default_errno < 4096:
+        raise _invalid(source, "defaultErrnoRet", f"{default_errno!r} is not an errno")
+    arches = data.get("architectures", [])
+    arch_map = data.get("archMap") or []
+    if not arches and arch_map:
+        arches = [a.get("architecture") for a in arch_map if isinstance(a, dict)]
+    if not isinstance(arches, list) or not all(isinstance(a, str) for a in arches):
+        raise _invalid(source, "architectures", "must be a list of SCMP_ARCH_* names")
+    raw_rules = data.get("syscalls", [])
+    if not isinstance(raw_rules, list):
+        raise _invalid(source, "syscalls", "must be a list")
+    rules = tuple(_parse_rule(raw, f"syscalls[{i}]", source) for i, raw in enumerate(raw_rules))
+    return Profile(source, default, default_errno, tuple(arches), rules)
+
+
+def _parse_rule(raw: Any, where: str, source: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise _invalid(source, where, "must be an object")
+    names = raw.get("names", [raw["name"]] if "name" in raw else None)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise _invalid(source, f"{where}.names", "must be a non-empty list of syscall names")
+    action = raw.get("action")
+    if action not in _ACTIONS:
+        raise _invalid(source, f"{where}.action", f"{action!r} is not a seccomp action")
+    errno_ret = raw.get("errnoRet")
+    if errno_ret is not None and (not isinstance(errno_ret, int) or not 0 < errno_ret < 4096):
+        raise _invalid(source, f"{where}.errnoRet", f"{errno_ret!r} is not an errno")
+    args = []
+    for j, arg in enumerate(raw.get("args") or []):
+        here = f"{where}.args[{j}]"
+        if not isinstance(arg, dict) or arg.get("op") not in _OPS:
+            raise _invalid(source, here, f"op must be one of {', '.join(_OPS)}")
+        index, value, two = arg.get("index"), arg.get("value", 0), arg.get("valueTwo", 0)
+        if not isinstance(index, int) or not 0 <= index <= 5:
+            raise _invalid(source, f"{here}.index", "must be 0..5")
+        if not all(isinstance(v, int) and 0 <= v < 1 << 64 for v in (value, two)):
+            raise _invalid(source, here, "value and valueTwo must be unsigned 64-bit integers")
+        args.append(ArgRule(index, value, two, arg["op"]))
+    return Rule(
+        tuple(names),
+        action,
+        errno_ret,
+        tuple(args),
+        raw.get("includes") or {},
+        raw.get("excludes") or {},
+    )
+
+
+def native_arch() -> str:
+    return _NATIVE_ARCH.get(platform.machine(), f"unsupported:{platform.machine()}")
+
+
+def _applies(rule: Rule, arch: str, caps: frozenset[str]) -> bool:
+    """Docker's includes/excludes, for a process that holds `caps` (the engine: none)."""
+    inc, exc = rule.includes, rule.excludes
+    if inc.get("arches") and arch not in {f"SCMP_ARCH_{a.upper()}" for a in inc["arches"]}:
+        return False
+    if inc.get("caps") and not set(inc["caps"]) <= caps:
+        return False
+    if inc.get("minKernel"):
+        want = tuple(int(x) for x in str(inc["minKernel"]).split(".")[:2])
+        have = tuple(int(x) for x in platform.release().split("-")[0].split(".")[:2])
+        if have < want:
+            return False
+    if exc.get("arches") and arch in {f"SCMP_ARCH_{a.upper()}" for a in exc["arches"]}:
+        return False
+    return not (exc.get("caps") and set(exc["caps"]) & caps)
+
+
+def syscall_number(name: str) -> int | None:
+    """The native number of `name`, or None when this libseccomp does not know it."""
+    try:
+        number = int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name))
+    except ValueError:
+        return None
+    # Negative: a name libseccomp knows for other architectures only (a pseudo-syscall).
+    return number if number >= 0 else None
+
+
+def syscall_name(number: int) -> str:
+    try:
+        return pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, number).decode()
+    except ValueError:
+        return f"syscall_{number}"
+
+
+def _action_value(action: str, errno_ret: int) -> int:
+    return {
+        "SCMP_ACT_ALLOW": pyseccomp.ALLOW,
+        "SCMP_ACT_ERRNO": pyseccomp.ERRNO(errno_ret),
+        "SCMP_ACT_KILL": pyseccomp.KILL_THREAD,
+        "SCMP_ACT_KILL_THREAD": pyseccomp.KILL_THREAD,
+        "SCMP_ACT_KILL_PROCESS": pyseccomp.KILL_PROCESS,
+        "SCMP_ACT_TRAP": pyseccomp.TRAP,
+        "SCMP_ACT_TRACE": pyseccomp.TRACE(errno_ret),
+        "SCMP_ACT_LOG": pyseccomp.LOG,
+        "SCMP_ACT_NOTIFY": pyseccomp.NOTIFY,
+    }[action]
+
+
+def _args(rule: Rule) -> list[Any]:
+    # OCI's MASKED_EQ: value is the mask, valueTwo the datum; libseccomp takes them that way.
+    return [pyseccomp.Arg(a.index, _OPS[a.op], a.value, a.value_two) for a in rule.args]
+
+
+@dataclass
+class Compiled:
+    """A filter ready to load, and what went into it (for reports and `seccomp check`)."""
+
+    filter: Any
+    allowed: list[str]
+    conditional: list[str]
+    denied: list[str]
+    unknown: list[str]
+    skipped_rules: int
+    stub_from: int | None
+    notify: bool
+
+
+def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
+    """Compile for the native arch. `as_written` keeps the profile's own actions (used by
+    `seccomp check`); the engine modes add harness's fixed rules on top."""
+    arch = native_arch()
+    if profile.architectures and arch not in profile.architectures:
+        raise _invalid(profile.source, "architectures", f"{arch} (this machine) is not listed")
+    default = _action_value(profile.default_action, profile.default_errno_ret)
+    fixed = mode != "as_written"
+    if mode in ("enforce", "complain", "record"):
+        default = pyseccomp.NOTIFY  # the supervisor answers, with the profile's errno
+    elif mode == "kill":
+        default = pyseccomp.KILL_PROCESS
+    flt = pyseccomp.SyscallFilter(default)
+    flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)  # binary tree: cost independent of rule order
+    allowed: set[str] = set()
+    conditional: set[str] = set()
+    denied: set[str] = set()
+    unknown: set[str] = set()
+    skipped = 0
+    highest = 0
+    deny = set(FIXED_DENY) if fixed else set()
+    special = set(ALWAYS_ALLOW) | set(ENOSYS_ALWAYS) if fixed else set()
+    for rule in profile.rules:
+        if not _applies(rule, arch, frozenset()):
+            skipped += 1
+            continue
+        action = _action_value(rule.action, rule.errno_ret or profile.default_errno_ret)
+        if fixed and rule.action != "SCMP_ACT_ALLOW":
+            continue  # in engine modes anything not allowed goes to the supervisor or kills
+        for name in rule.names:
+            number = syscall_number(name)
+            if number is None:
+                unknown.add(name)
+                continue
+            highest = max(highest, number)
+            if name in deny or name in special:
+                continue
+            if action == default:
+                continue  # libseccomp refuses rules that repeat the default
+            flt.add_rule(action, name, *_args(rule))
+            if rule.action == "SCMP_ACT_ALLOW":
+                (conditional if rule.args else allowed).add(name)
+            else:
+                denied.add(name)
+    stub_from = None
+    if fixed:
+        for name in (*ALWAYS_ALLOW, *HANDOFF_ALLOW):
+            flt.add_rule(pyseccomp.ALLOW, name)
+            allowed.add(name)
+        for name in ENOSYS_ALWAYS:
+            flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
+        highest = max(highest, *(n for n in map(syscall_number, FIXED_DENY) if n is not None))
+        if mode != "record":  # a recording should see the newest syscalls the engine makes
+            stub_from = highest + 1
+            for number in range(stub_from, _STUB_END):
+                flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), number)
+    conditional -= allowed
+    return Compiled(
+        flt,
+        sorted(allowed),
+        sorted(conditional),
+        sorted(denied),
+        sorted(unknown),
+        skipped,
+        stub_from,
+        notify=mode in ("enforce", "complain", "record"),
+    )
+
+
+def summarise(profile: Profile) -> dict[str, Any]:
+    compiled = compile_profile(profile)
+    return {
+        "profile": profile.source,
+        "default_action": profile.default_action,
+        "default_errno": profile.default_errno_ret,
+        "architectures": list(profile.architectures),
+        "native_arch": native_arch(),
+        "rules": len(profile.rules),
+        "rules_not_applicable": compiled.skipped_rules,
+        "allowed": len(compiled.allowed),
+        "allowed_with_argument_checks": compiled.conditional,
+        "other_actions": compiled.denied,
+        "not_on_this_arch_or_unknown": compiled.unknown,
+        "fixed_deny_list_allowed_by_profile": sorted(
+            set(FIXED_DENY) & set(compiled.allowed) | set(FIXED_DENY) & set(compiled.conditional)
+        ),
+    }
+
+
+# --- stage 2 ---------------------------------------------------------------------------------
+
+
+def prepare(plan: dict[str, Any]) -> tuple[dict[str, Any], Compiled | None]:
+    """Stage 2 only: compile the engine's filter (not loaded yet) and describe it."""
+    mode = plan["mode"]
+    if mode == "off":
+        return {"mode": mode, "installed": False}, None
+    profile = parse_profile(plan["profile"], plan["profile_path"])
+    compiled = compile_profile(profile, mode)
+    report = {
+        "mode": mode,
+        "installed": True,
+        "profile": plan["profile_path"],
+        "allowed": len(compiled.allowed),
+        "allowed_with_argument_checks": compiled.conditional,
+        "fixed_deny": len(FIXED_DENY),
+        "enosys": [*ENOSYS_ALWAYS, f">= {compiled.stub_from}"],
+        "errno": profile.default_errno_ret,
+        "default": {
+            "enforce": "EPERM + seccomp_violation event",
+            "complain": "allowed + seccomp_violation event (fixed deny list: EPERM)",
+            "kill": "SIGSYS (the process is killed)",
+            "record": "allowed and recorded",
+        }[mode],
+    }
+    return report, compiled
+
+
+def load(compiled: Compiled) -> int | None:
+    """Load the filter into this thread (and what it execs). Returns the listener fd when the
+    filter notifies. Keep the caller's work between this and the fd hand-off minimal."""
+    compiled.filter.load()
+    if not compiled.notify:
+        return None
+    # pyseccomp has no public accessor for the listener libseccomp created at load.
+    fd = int(pyseccomp._libseccomp.seccomp_notify_fd(compiled.filter._filter))
+    if fd < 0:
+        raise OSError(-fd, "seccomp: no notification fd after load")
+    return fd
+
+
+def profile_numbers(names: Iterable[str]) -> set[int]:
+    return {n for n in map(syscall_number, names) if n is not None}
+
+
+def shipped_profiles() -> list[Path]:
+    """Where the recorded profiles live: the source tree, then the image's copy."""
+    here = Path(__file__).resolve().parents[2] / "seccomp"
+    return [here, Path("/usr/share/harness/seccomp")]
+
+
+def profile_path(cfg: Any) -> Path:
+    """The engine's profile: sandbox.seccomp_profile, or the shipped one for the device."""
+    if cfg.sandbox.seccomp_profile is not None:
+        return Path(cfg.sandbox.seccomp_profile)
+    name = f"engine-{cfg.engine.device}.json"
+    for folder in shipped_profiles():
+        if (folder / name).is_file():
+            return folder / name
+    raise ConfigError(
+        f"sandbox.seccomp_profile: no profile given and no shipped {name} "
+        f"(looked in {', '.join(str(f) for f in shipped_profiles())})",
+        fix=f"record one on this kind of machine with `harness profile --config FILE --out "
+        f"seccomp/{name}` and set sandbox.seccomp_profile, or set sandbox.seccomp = "
+        f'"complain" while you do',
+    )
+
+
+def check_config(cfg: Any) -> Profile | None:
+    """Fail at startup (exit 2), not in stage 2, when the configured profile is missing,
+    malformed or does not compile here."""
+    if cfg.sandbox.seccomp == "off":
+        return None
+    profile = load_profile(profile_path(cfg))
+    compile_profile(profile, cfg.sandbox.seccomp)
+    return profile
+
+
+def exit_event(returncode: int | None, *, mode: str) -> dict[str, Any] | None:
+    """A `seccomp_violation` record for a process the kernel killed with SIGSYS (`kill`
+    mode), or None. The kernel leaves no trace of which syscall it was."""
+    if returncode is None or returncode != -signal.SIGSYS:
+        return None
+    return {"signal": "SIGSYS", "mode": mode, "action": "killed", "syscall": "unknown"}

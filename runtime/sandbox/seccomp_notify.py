@@ -1,0 +1,192 @@
+"""The seccomp supervisor: answers the engine's filtered syscalls from harness.
+
+The engine's filter sends every syscall the kernel's allowlist does not cover to a listener fd
+(SECCOMP_RET_USER_NOTIF). Stage 2 passes that fd to harness over a Unix socket (SCM_RIGHTS:
+works where pidfd_getfd would need CAP_SYS_PTRACE), and a thread here answers:
+- enforce: EPERM, plus a `seccomp_violation` event naming the syscall and the thread id;
+- complain: let it run (SECCOMP_USER_NOTIF_FLAG_CONTINUE) and report it, except the fixed deny
+  list, which is refused even then;
+- record (`harness profile`): let everything but the fixed deny list run, and remember what
+  was called.
+Only the syscall number and its register arguments are read; the engine's memory never is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import select
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from runtime.sandbox import seccomp
+
+# linux/seccomp.h: the ioctls on the listener fd, _IOWR('!', n, struct).
+_NOTIF_RECV = 0xC0502100  # struct seccomp_notif (80 bytes)
+_NOTIF_SEND = 0xC0182101  # struct seccomp_notif_resp (24 bytes)
+_FLAG_CONTINUE = 1
+_SOCKET = "socket"
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [
+        ("nr", ctypes.c_int32),
+        ("arch", ctypes.c_uint32),
+        ("instruction_pointer", ctypes.c_uint64),
+        ("args", ctypes.c_uint64 * 6),
+    ]
+
+
+class _Notif(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint64),
+        ("pid", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("data", _Data),
+    ]
+
+
+class _Resp(ctypes.Structure):
+    _fields_ = [
+        ("id", ctypes.c_uint64),
+        ("val", ctypes.c_int64),
+        ("error", ctypes.c_int32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class Supervisor(threading.Thread):
+    """Answers notifications until every process using the filter has exited (POLLHUP) or
+    `stop()` is called. Events are limited to one per syscall name per second, with a count."""
+
+    def __init__(
+        self,
+        fd: int,
+        mode: str,
+        *,
+        errno_ret: int = errno.EPERM,
+        report: Reporter | None = None,
+    ) -> None:
+        super().__init__(name=f"seccomp-supervisor-{mode}", daemon=True)
+        if mode not in ("enforce", "complain", "record"):
+            raise ValueError(f"no supervisor for seccomp mode {mode!r}")
+        self.fd = fd
+        self.mode = mode
+        self.errno_ret = errno_ret
+        self.report = report
+        self.deny = seccomp.profile_numbers(seccomp.FIXED_DENY)
+        self.seen: Counter[int] = Counter()
+        self.sockets: set[tuple[int, int]] = set()  # (domain, type) of socket() calls
+        self.violations: Counter[str] = Counter()
+        self._names: dict[int, str] = {}
+        self._last_event: dict[str, float] = {}
+        self._pending: Counter[str] = Counter()
+        self._socket_nr = seccomp.syscall_number(_SOCKET)
+        self._stopping = threading.Event()
+        # "startup" until the engine is ready: vLLM probes a few things while it starts
+        # (io_uring, UDP sockets) that the profile refuses; the phase tells them apart.
+        self.phase = "startup"
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        try:
+            while not self._stopping.is_set():
+                events = poller.poll(250)
+                if not events:
+                    self._flush()
+                    continue
+                _fd, mask = events[0]
+                if mask & select.POLLIN:
+                    self._answer_one()
+                elif mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                    break  # no process uses the filter any more
+        finally:
+            self._flush(force=True)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+    def _answer_one(self) -> None:
+        notif = _Notif()  # the kernel requires a zeroed buffer
+        try:
+            fcntl.ioctl(self.fd, _NOTIF_RECV, notif)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EINTR):
+                return  # the caller was killed or interrupted before we looked
+            raise
+        nr = notif.data.nr
+        self.seen[nr] += 1
+        if nr == self._socket_nr:
+            self.sockets.add((int(notif.data.args[0]), int(notif.data.args[1]) & 0xF))
+        # The fixed deny list is refused in every mode, so that a recording behaves as
+        # enforcement will.
+        refuse = self.mode == "enforce" or nr in self.deny
+        resp = _Resp(id=notif.id)
+        if refuse:
+            resp.error = -(self.errno_ret if nr not in self.deny else errno.EPERM)
+        else:
+            resp.flags = _FLAG_CONTINUE
+        try:
+            fcntl.ioctl(self.fd, _NOTIF_SEND, resp)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the caller is gone
+                raise
+        if self.mode != "record":
+            self._violation(nr, notif, refused=refuse)
+
+    def _violation(self, nr: int, notif: _Notif, *, refused: bool) -> None:
+        name = self._names.get(nr) or self._names.setdefault(nr, seccomp.syscall_name(nr))
+        self.violations[name] += 1
+        now = time.monotonic()
+        if now - self._last_event.get(name, -10.0) < 1.0:
+            self._pending[name] += 1  # reported with the next event for this syscall
+            return
+        self._last_event[name] = now
+        record: dict[str, Any] = {
+            "syscall": name,
+            "nr": nr,
+            "pid": int(notif.pid),
+            "mode": self.mode,
+            "phase": self.phase,
+            "action": "refused_eperm" if refused else "allowed",
+            "fixed_deny_list": nr in self.deny,
+            "suppressed_since_last": self._pending.pop(name, 0),
+        }
+        if nr == self._socket_nr:
+            record["socket_domain"] = int(notif.data.args[0])
+            record["socket_type"] = int(notif.data.args[1]) & 0xF
+        if self.report is not None:
+            self.report(record)
+
+    def _flush(self, force: bool = False) -> None:
+        """Report counts that were held back by the one-per-second limit."""
+        now = time.monotonic()
+        for name, count in list(self._pending.items()):
+            if force or now - self._last_event.get(name, 0.0) >= 1.0:
+                del self._pending[name]
+                self._last_event[name] = now
+                if self.report is not None:
+                    self.report(
+                        {
+                            "syscall": name,
+                            "mode": self.mode,
+                            "action": "refused_eperm" if self.mode == "enforce" else "allowed",
+                            "repeated": count,
+                        }
+                    )
+
+    def recorded_names(self) -> set[str]:
+        return {seccomp.syscall_name(nr) for nr in self.seen}

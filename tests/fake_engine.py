@@ -1,0 +1,88 @@
+"""A stand-in for vLLM's OpenAI server, run by the real `harness serve` as `engine.python`
+(through the real stage 2: namespace, privilege drop, exec). The real engine takes ~50 s to
+start, too slow for the fast tier; the engine tier runs it.
+
+It answers `/health`, `/v1/models` and `/v1/completions` on the `--uds` socket. With
+HARNESS_FAKE_ENGINE_MB in its environment (through `engine.env_passthrough`), its first
+`/v1/models` request makes it and a child it forks each hold that many MB of touched memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SCRIPT = r"""
+import json, os, signal, socket, socketserver, sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+argv = sys.argv
+uds = argv[argv.index("--uds") + 1]
+served = argv[argv.index("--served-model-name") + 1]
+hog_mb = int(os.environ.get("HARNESS_FAKE_ENGINE_MB", "0"))
+held = []
+
+
+def hog():
+    if os.fork() == 0:  # the child allocates its own pages: no copy-on-write sharing
+        held.append(bytearray(b"\x01") * (hog_mb << 20))
+        while True:
+            time.sleep(1)
+    held.append(bytearray(b"\x01") * (hog_mb << 20))
+
+
+class Server(HTTPServer):
+    address_family = socket.AF_UNIX
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "engine", 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    def address_string(self):
+        return "engine"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            if hog_mb and not held:
+                hog()
+            self.reply({"object": "list", "data": [{"id": served, "object": "model"}]})
+        else:
+            self.reply({})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.reply({
+            "id": "cmpl-fake", "object": "text_completion", "model": served,
+            "choices": [{"index": 0, "text": " fake", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        })
+
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+Server(uds, Handler).serve_forever()
+"""
+
+
+def install(folder: Path) -> Path:
+    """Write the executable script into `folder` (which the engine's uid must traverse)."""
+    path = folder / "fake-engine"
+    # The base interpreter, not the venv's: the script needs only the standard library, and
+    # Landlock lets the engine read what the system and `engine.python` (this script) need.
+    python = os.path.realpath(sys.executable)
+    path.write_text(f"#!{python} -I\n{SCRIPT}", encoding="utf-8")
+    path.chmod(0o755)
+    return path

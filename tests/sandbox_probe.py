@@ -1,0 +1,110 @@
+"""A child process for the sandbox tests: applies a real stage-2 plan (runtime.sandbox.exec),
+hands the seccomp listener to the test over a Unix socket, then tries what it is told to and
+prints one JSON line per probe. Run as a script by tests/test_sandbox.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import sys
+import threading
+
+from runtime.sandbox import exec as stage2
+from runtime.sandbox import seccomp
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _raw(name: str, *args: int | None) -> int:
+    number = seccomp.syscall_number(name)
+    assert number is not None, name
+    result = _libc.syscall(number, *args)
+    return 0 if result >= 0 else -ctypes.get_errno()
+
+
+def _sock(domain: int, kind: int) -> int:
+    try:
+        socket.socket(domain, kind).close()
+    except OSError as exc:
+        return -(exc.errno or 0)
+    return 0
+
+
+def _thread() -> int:
+    box: list[int] = []
+    worker = threading.Thread(target=lambda: box.append(1))
+    worker.start()
+    worker.join()
+    return 0 if box == [1] else -errno.EIO
+
+
+def _open(path: str, mode: str) -> int:
+    try:
+        with open(path, mode) as handle:
+            handle.write("x") if "w" in mode else handle.read()
+    except OSError as exc:
+        return -(exc.errno or 0)
+    return 0
+
+
+def _connect(port: str) -> int:
+    with socket.socket() as sock:
+        try:
+            sock.connect(("127.0.0.1", int(port)))
+        except OSError as exc:
+            return -(exc.errno or 0)
+    return 0
+
+
+PROBES = {
+    "ptrace": lambda: _raw("ptrace", 0, 0, None, None),  # PTRACE_TRACEME
+    "unshare": lambda: _raw("unshare", 0x10000000),  # CLONE_NEWUSER
+    "mount": lambda: _raw("mount", None, None, None, 0, None),
+    "io_uring_setup": lambda: _raw(
+        "io_uring_setup", 1, ctypes.addressof(ctypes.create_string_buffer(128))
+    ),
+    "bpf": lambda: _raw("bpf", 0, None, 0),
+    "getpgid": lambda: _raw("getpgid", 0),  # harmless, and not in the engine's profile
+    "udp": lambda: _sock(socket.AF_INET, socket.SOCK_DGRAM),
+    "packet": lambda: _sock(17, socket.SOCK_RAW),  # AF_PACKET
+    "unix": lambda: _sock(socket.AF_UNIX, socket.SOCK_STREAM),
+    "clone3": lambda: _raw("clone3", None, 0),
+    "thread": _thread,
+}
+
+
+def main() -> int:
+    channel_fd, plan_path, *probes = sys.argv[1:]
+    with open(plan_path) as handle:
+        plan = json.load(handle)
+    channel = socket.socket(fileno=int(channel_fd))
+    report, compiled = stage2.apply(plan)
+    listener = seccomp.load(compiled) if compiled is not None else None
+    message = json.dumps(report).encode()
+    if listener is not None:
+        socket.send_fds(channel, [message], [listener])
+        os.close(listener)
+    else:
+        channel.sendall(message)
+    channel.close()
+    for probe in probes:
+        name, _, arg = probe.partition(":")
+        if name == "read":
+            result = _open(arg, "r")
+        elif name == "write":
+            result = _open(arg, "w")
+        elif name == "connect":
+            result = _connect(arg)
+        else:
+            result = PROBES[name]()
+        print(json.dumps({"probe": probe, "result": result}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

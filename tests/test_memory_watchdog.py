@@ -1,0 +1,239 @@
+"""Memory caps: the conversion of the GPU limit (pure), and the watchdog stopping real
+processes over a real cap: a forked memory-hungry process tree, `harness serve` with a
+stand-in engine (tests/fake_engine.py), and the real vLLM engine (engine tier)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from runtime import telemetry
+from runtime.config import Config, EngineSection
+from runtime.demo import assets
+from runtime.engine import watchdog
+from runtime.engine.command import RuntimePaths, build_argv
+from runtime.engine.resources import MemoryCaps, gpu_caps
+from runtime.errors import ConfigError
+from tests import fake_engine
+from tests.support import Harness, client_context
+
+MB = 1 << 20
+GIB = 1 << 30
+
+# A process group of two processes each holding HOLD_MB of touched memory: each alone is
+# under a cap of 1.5 x HOLD_MB, together they are over it.
+HUNGRY = """
+import os, sys, time
+mb = int(sys.argv[1])
+os.fork()  # both processes allocate their own pages (no copy-on-write sharing)
+held = bytearray(b"\\x01") * (mb << 20)
+os.write(1, b"held\\n")  # one write: the two processes' lines never interleave
+time.sleep(120)
+"""
+HOLD_MB = 100
+
+
+@pytest.fixture()
+def events() -> Iterator[list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    telemetry.subscribe(seen.append)
+    yield seen
+    telemetry.unsubscribe(seen.append)
+
+
+def _hungry(mb: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNGRY, str(mb)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as the engine has
+    )
+    assert proc.stdout is not None
+    for _ in range(2):  # both processes hold their memory
+        assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _running(proc: subprocess.Popen[str]) -> int | None:
+    return proc.pid if proc.poll() is None else None
+
+
+def test_watchdog_stops_a_process_tree_over_the_cap(events: list[dict[str, Any]]) -> None:
+    proc = _hungry(HOLD_MB)
+    reasons: list[str] = []
+    caps = MemoryCaps(cpu_bytes=int(HOLD_MB * 1.5) * MB)
+    try:
+        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), reasons.append, 0.1):
+            assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    [event] = [e for e in events if e["event_type"] == "memory_cap_exceeded"]
+    assert event["outcome"] == "blocked"
+    assert event["resource"] == "cpu_memory" and event["setting"] == "engine.max_rss_bytes"
+    assert event["cap_bytes"] == caps.cpu_bytes < event["observed_bytes"]
+    assert event["measure"] == "pss"
+    assert proc.pid in event["pids"] and len(event["pids"]) == 2  # the sum, not one process
+    assert reasons == ["memory_cap_exceeded"]
+    assert not _group_members(proc.pid)  # the forked child is gone too
+
+
+def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, Any]]) -> None:
+    proc = _hungry(10)
+    try:
+        caps = MemoryCaps(cpu_bytes=200 * MB)
+        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
+            time.sleep(1)
+        assert dog.tripped is None and proc.poll() is None
+        assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_no_caps_no_thread() -> None:
+    dog = watchdog.MemoryWatchdog(MemoryCaps(), lambda: os.getpid())
+    with dog:
+        assert dog._thread is None
+
+
+def _group_members(pgid: int) -> list[int]:
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
+@pytest.mark.parametrize(
+    ("usage", "caps", "expected"),
+    [
+        (watchdog.Usage((1, 2), 300 * MB, "pss", {}), MemoryCaps(cpu_bytes=200 * MB), "cpu_memory"),
+        (watchdog.Usage((1,), 100 * MB, "pss", {}), MemoryCaps(cpu_bytes=200 * MB), None),
+        (
+            watchdog.Usage((1,), 100 * MB, "pss", {0: GIB, 1: 3 * GIB}),
+            MemoryCaps(gpu_bytes=2 * GIB),
+            "gpu_memory",
+        ),
+        (watchdog.Usage((1,), 100 * MB, "pss", {0: GIB}), MemoryCaps(gpu_bytes=2 * GIB), None),
+        (watchdog.Usage((1,), 300 * MB, "pss", {}), MemoryCaps(gpu_bytes=2 * GIB), None),
+    ],
+)
+def test_exceeded(usage: watchdog.Usage, caps: MemoryCaps, expected: str | None) -> None:
+    over = watchdog.exceeded(usage, caps)
+    assert (over["resource"] if over else None) == expected
+    if over and expected == "gpu_memory":
+        assert over["device"] == 1 and over["observed_bytes"] == 3 * GIB
+
+
+@pytest.mark.parametrize(
+    ("limit", "total", "cap", "utilization"),
+    [
+        (0.5, 80 * GIB, 40 * GIB, 0.5),
+        (1.0, 80 * GIB, 80 * GIB, 1.0),
+        (40 * GIB, 80 * GIB, 40 * GIB, 0.5),
+        (10**10, 3 * 10**10, 10**10, 0.3333),  # rounded down, never over the cap
+    ],
+)
+def test_gpu_limit_becomes_utilization(
+    limit: int | float, total: int, cap: int, utilization: float
+) -> None:
+    assert gpu_caps(limit, total) == (cap, utilization)
+
+
+@pytest.mark.parametrize(("limit", "error"), [(81 * GIB, "more than"), (MB, "under 0.01")])
+def test_gpu_limit_refused(limit: int, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        gpu_caps(limit, 80 * GIB)
+
+
+def test_gpu_utilization_reaches_vllm_argv() -> None:
+    cfg = Config.model_validate(
+        {
+            "model": {"dir": "/m", "served_name": "m", "unsafe_unsigned": True},
+            "front": {
+                "tls": {"cert": "/c", "key": "/k", "client_ca": "/ca"},
+                "allowed_identities": ["spiffe://x/y"],
+            },
+            "engine": {"device": "cuda", "gpu_memory_limit": 0.8},
+        }
+    )
+    paths = RuntimePaths(Path("/run/h"))
+    argv = build_argv(cfg, paths, MemoryCaps(gpu_bytes=GIB, gpu_utilization=0.8))
+    assert argv[argv.index("--gpu-memory-utilization") + 1] == "0.8"
+    assert "--gpu-memory-utilization" not in build_argv(cfg, paths)
+
+
+def test_gpu_limit_needs_cuda() -> None:
+    with pytest.raises(ValueError, match="cuda"):
+        EngineSection(gpu_memory_limit=0.5)
+
+
+def test_serve_stops_an_engine_over_its_memory_cap_and_exits_6(
+    demo_dir: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through `harness serve`: the stand-in engine and a child it forks each take HOLD_MB
+    on the first /v1/models request; their sum is over the cap."""
+    monkeypatch.setenv("HARNESS_FAKE_ENGINE_MB", str(HOLD_MB))
+    harness = Harness(
+        demo_dir / assets.CONFIG_NAME,
+        open_tmp,
+        [
+            f'engine.python="{fake_engine.install(open_tmp)}"',
+            f"engine.max_rss_bytes={int(HOLD_MB * 1.5) * MB}",
+            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
+        ],
+    )
+    try:
+        harness.wait_ready()
+        pki = demo_dir / "pki"
+        ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+        with httpx.Client(verify=ctx, timeout=30) as client:
+            client.get(f"{harness.url}/v1/models")
+        assert harness.proc.wait(timeout=120) == 6
+    finally:
+        harness.kill()
+    [event] = harness.events("memory_cap_exceeded")
+    assert event["outcome"] == "blocked" and event["observed_bytes"] > event["cap_bytes"]
+    assert harness.engine_pid in event["pids"] and len(event["pids"]) >= 2
+    exit_event = harness.events("engine_exit")[-1]
+    assert exit_event["reason"] == "memory_cap_exceeded"
+    assert exit_event["exit_code"] == -signal.SIGKILL
+    shutdown = harness.events("shutdown")[-1]
+    assert shutdown["exit_code"] == 6 and shutdown["reason"] == "memory_cap_exceeded"
+    assert "over engine.max_rss_bytes" in harness.log()
+    assert not _group_members(harness.engine_pid)
+
+
+@pytest.mark.engine
+def test_real_engine_over_a_tiny_cap_is_stopped_with_exit_6(demo_dir: Path, open_tmp: Path) -> None:
+    """The real vLLM engine passes 200 MB while it imports torch: stopped before ready."""
+    harness = Harness(
+        demo_dir / assets.CONFIG_NAME, open_tmp, [f"engine.max_rss_bytes={200 * 1000 * 1000}"]
+    )
+    try:
+        assert harness.proc.wait(timeout=300) == 6
+    finally:
+        harness.kill()
+    [event] = harness.events("memory_cap_exceeded")
+    assert event["resource"] == "cpu_memory" and event["observed_bytes"] > 200 * 1000 * 1000
+    assert harness.engine_pid in event["pids"]
+    shutdown = harness.events("shutdown")[-1]
+    assert shutdown["exit_code"] == 6 and "(memory_cap_exceeded)" in shutdown["message"]
+    assert "engine_ready" not in {e["event_type"] for e in harness.events()}
+    assert not _group_members(harness.engine_pid)

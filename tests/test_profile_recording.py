@@ -1,0 +1,70 @@
+"""`harness profile`'s recorder against strace: one run, recorded by the seccomp supervisor
+and traced by strace at the same time, must yield the same syscalls.
+
+The run is the stand-in engine (tests/fake_engine.py) through the real stage 2 and the real
+recorder: real vLLM under strace -f and the recorder together takes over ten minutes on two
+cores. The real engine's recording is what seccomp/engine-cpu.json is, and the engine tier
+serves with it in `enforce` mode."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runtime import config as config_mod
+from runtime.sandbox import recorder, seccomp
+from tests import fake_engine
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("strace") is None, reason="strace is not installed (make test installs it)"
+)
+
+_LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)[( ]")
+
+
+def _after_filter(trace: str) -> set[str]:
+    """Syscalls strace saw once the filter was in place: stage 2's after its
+    seccomp(SECCOMP_SET_MODE_FILTER) call, and those of every process started after that.
+    Processes stage 2 ran before (ctypes looking for libseccomp) are not filtered."""
+    lines = trace.splitlines()
+    stage2 = _LINE.match(lines[0]).group(1)  # type: ignore[union-attr]
+    before: set[str] = set()
+    filtered = False
+    names: set[str] = set()
+    for line in lines:
+        match = _LINE.match(line)
+        if not match or "resumed>" in line:
+            continue
+        pid, name = match.groups()
+        if not filtered:
+            before.add(pid)
+            # libseccomp probes the kernel with NULL filters first; the load is the one that
+            # carries a filter and succeeds.
+            filtered = pid == stage2 and "SECCOMP_SET_MODE_FILTER" in line and "= -1" not in line
+            continue
+        if pid == stage2 or pid not in before:
+            names.add(name)
+    assert filtered, "strace never saw the filter being loaded"
+    return names
+
+
+def test_recording_matches_strace_of_the_same_run(demo_dir: Path, open_tmp: Path) -> None:
+    trace = open_tmp / "strace.log"
+    engine = fake_engine.install(open_tmp)
+    cfg = config_mod.load(demo_dir / "demo.toml", [f'engine.python="{engine}"'])
+    workload = recorder.default_workload(cfg.model.served_name)
+    rec = recorder.record(
+        cfg, workload, concurrency=2, wrapper=["strace", "-f", "-qq", "-o", str(trace)]
+    )
+    traced = _after_filter(trace.read_text())
+    # The kernel answers these itself: the supervisor never sees them.
+    kernel = {*seccomp.ALWAYS_ALLOW, *seccomp.HANDOFF_ALLOW, *seccomp.ENOSYS_ALWAYS}
+    recorded = rec.names | rec.denied_seen
+    assert recorded, "nothing was recorded"
+    assert traced - kernel == recorded - kernel, (
+        f"only strace: {sorted(traced - kernel - recorded)}; "
+        f"only the recorder: {sorted(recorded - kernel - traced)}"
+    )

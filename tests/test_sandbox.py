@@ -1,0 +1,278 @@
+"""The engine's sandbox, for real: a child process applies the stage-2 plan (Landlock,
+privilege drop, the shipped seccomp profile) exactly as before vLLM, hands its seccomp
+listener to a real supervisor here, and then tries things it must not do."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.sandbox import landlock, recorder, seccomp
+from runtime.sandbox.seccomp_notify import Supervisor
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "seccomp" / "engine-cpu.json"
+PROBE = Path(__file__).with_name("sandbox_probe.py")
+DOCKER_DEFAULT = REPO.parent / "shared" / "data" / "docker-default-seccomp.json"
+AS_ROOT = os.geteuid() == 0
+NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
+
+
+def _plan(mode: str, fence: dict[str, Any] | None = None) -> dict[str, Any]:
+    drop = {"uid": 65534, "gid": 65534} if AS_ROOT else {"uid": None, "gid": None}
+    filtered: dict[str, Any] = {"mode": mode}
+    if mode != "off":
+        filtered.update(profile=json.loads(PROFILE.read_text()), profile_path=str(PROFILE))
+    return {
+        "network_namespace": "off",
+        "privileges": drop,
+        "landlock": fence or NO_LANDLOCK,
+        "seccomp": filtered,
+    }
+
+
+class Run:
+    def __init__(self, report: dict[str, Any], results: dict[str, int], events: list[Any]):
+        self.report = report
+        self.results = results
+        self.events = events
+        self.returncode = 0
+
+    def named(self, syscall: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["syscall"] == syscall]
+
+
+def sandboxed(
+    workdir: Path, mode: str, probes: list[str], fence: dict[str, Any] | None = None
+) -> Run:
+    plan_path = workdir / "plan.json"
+    plan_path.write_text(json.dumps(_plan(mode, fence)))
+    plan_path.chmod(0o644)
+    parent, child = socket.socketpair()
+    proc = subprocess.Popen(
+        [sys.executable, str(PROBE), str(child.fileno()), str(plan_path), *probes],
+        pass_fds=[child.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    child.close()
+    events: list[dict[str, Any]] = []
+    supervisor = None
+    chunks = []
+    with parent:
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 1)
+            for fd in fds:
+                supervisor = Supervisor(fd, mode, report=events.append)
+                supervisor.start()
+            if not data:
+                break
+            chunks.append(data)
+    out, err = proc.communicate(timeout=60)
+    if supervisor is not None:
+        supervisor.join(timeout=10)  # ends when the child is gone (POLLHUP)
+        assert not supervisor.is_alive()
+    lines = [json.loads(line) for line in out.decode().splitlines()]
+    run = Run(json.loads(b"".join(chunks)), {r["probe"]: r["result"] for r in lines}, events)
+    run.returncode = proc.returncode
+    assert "error" not in run.report, (run.report, err.decode())
+    return run
+
+
+DENIED = ["ptrace", "unshare", "mount", "io_uring_setup", "bpf", "udp", "packet"]
+
+
+def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(open_tmp: Path) -> None:
+    run = sandboxed(open_tmp, "enforce", [*DENIED, "unix", "clone3", "thread"])
+    for probe in DENIED:
+        assert run.results[probe] == -errno.EPERM, probe
+    # Positive controls: an allowed socket, and threads despite clone3 -> ENOSYS.
+    assert run.results["unix"] == 0
+    assert run.results["clone3"] == -errno.ENOSYS
+    assert run.results["thread"] == 0
+    for name in ("ptrace", "unshare", "mount", "io_uring_setup", "bpf"):
+        (event,) = run.named(name)
+        assert event["action"] == "refused_eperm" and event["fixed_deny_list"] is True
+        assert event["mode"] == "enforce" and event["pid"] > 0
+    sockets = {(e["socket_domain"], e["socket_type"]) for e in run.named("socket") if "nr" in e}
+    assert (socket.AF_INET, socket.SOCK_DGRAM) in sockets
+    # Within a second of the first refusal the AF_PACKET one is held back, then counted.
+    packet = (17, socket.SOCK_RAW) in sockets or any(e.get("repeated") for e in run.named("socket"))
+    assert packet
+    assert run.report["seccomp"]["mode"] == "enforce" and run.report["seccomp"]["installed"]
+
+
+def test_kill_mode_kills_the_process_with_sigsys(open_tmp: Path) -> None:
+    run = sandboxed(open_tmp, "kill", ["unix", "ptrace", "unix"])
+    assert run.returncode == -signal.SIGSYS
+    assert list(run.results) == ["unix"]  # nothing ran after the forbidden call
+    assert run.events == []  # no supervisor in kill mode: the kernel acts alone
+    event = seccomp.exit_event(run.returncode, mode="kill")
+    assert event is not None and event["signal"] == "SIGSYS"
+    assert seccomp.exit_event(1, mode="kill") is None
+
+
+def test_complain_mode_lets_calls_through_and_reports_them(open_tmp: Path) -> None:
+    run = sandboxed(open_tmp, "complain", ["getpgid", "ptrace"])
+    assert run.results["getpgid"] == 0
+    (event,) = run.named("getpgid")
+    assert event["action"] == "allowed" and event["mode"] == "complain"
+    # The fixed deny list is refused even when complaining.
+    assert run.results["ptrace"] == -errno.EPERM
+    assert run.named("ptrace")[0]["action"] == "refused_eperm"
+
+
+def test_getpgid_is_refused_under_enforce(open_tmp: Path) -> None:
+    """The complain test's control: the same call without complain mode."""
+    run = sandboxed(open_tmp, "enforce", ["getpgid"])
+    assert run.results["getpgid"] == -errno.EPERM
+
+
+@pytest.mark.skipif(landlock.abi_version() < 4, reason="Landlock TCP rules need ABI 4")
+def test_inside_the_sandbox_paths_and_ports_are_fenced(open_tmp: Path) -> None:
+    model = open_tmp / "model"
+    model.mkdir(mode=0o755)
+    (model / "weights").write_text("w")
+    (model / "weights").chmod(0o644)
+    private = open_tmp / "private"
+    private.mkdir(mode=0o755)
+    (private / "secret.txt").write_text("s")
+    (private / "secret.txt").chmod(0o644)  # only Landlock stands in the way
+    runtime_dir = open_tmp / "runtime"
+    runtime_dir.mkdir()
+    runtime_dir.chmod(0o777)  # the probe runs as uid 65534 when the tests run as root
+    with socket.socket() as allowed, socket.socket() as other:
+        for listener in (allowed, other):
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+        ok_port, other_port = allowed.getsockname()[1], other.getsockname()[1]
+        fence = landlock.LandlockPlan(
+            mode="required",
+            read=[*landlock.SYSTEM_READ, sys.prefix, sys.base_prefix, str(model)],
+            write=[str(runtime_dir)],
+            devices=list(landlock.DEVICES),
+            tcp_ports=[ok_port],
+        ).to_json()
+        run = sandboxed(
+            open_tmp,
+            "enforce",
+            [
+                f"read:{model / 'weights'}",
+                f"write:{model / 'planted'}",
+                f"read:{private / 'secret.txt'}",
+                f"write:{runtime_dir / 'scratch'}",
+                f"connect:{ok_port}",
+                f"connect:{other_port}",
+                "udp",
+            ],
+            fence,
+        )
+    assert run.report["landlock"]["enforced"] is True
+    assert run.results[f"read:{model / 'weights'}"] == 0
+    assert run.results[f"write:{model / 'planted'}"] == -errno.EACCES
+    assert not (model / "planted").exists()
+    assert run.results[f"read:{private / 'secret.txt'}"] == -errno.EACCES
+    assert run.results[f"write:{runtime_dir / 'scratch'}"] == 0
+    assert run.results[f"connect:{ok_port}"] == 0
+    assert run.results[f"connect:{other_port}"] == -errno.EACCES
+    assert run.results["udp"] == -errno.EPERM
+    if AS_ROOT:
+        assert run.report["privileges"]["uid"] == 65534
+
+
+# --- profiles ---------------------------------------------------------------------------------
+
+
+def test_shipped_profile_compiles_in_every_mode_and_allows_nothing_on_the_deny_list() -> None:
+    profile = seccomp.load_profile(PROFILE)
+    for mode in ("enforce", "kill", "complain"):
+        compiled = seccomp.compile_profile(profile, mode)
+        assert not set(seccomp.FIXED_DENY) & set(compiled.allowed + compiled.conditional)
+        assert compiled.stub_from is not None and compiled.stub_from > 400
+    names = {n for rule in profile.rules if rule.action == "SCMP_ACT_ALLOW" for n in rule.names}
+    assert {"clone", "rseq", "execve", "futex"} <= names
+    assert "clone3" not in names and not set(seccomp.FIXED_DENY) & names
+
+
+def _harness(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_seccomp_check_loads_dockers_default_profile() -> None:
+    result = _harness("seccomp", "check", str(DOCKER_DEFAULT), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["default_action"] == "SCMP_ACT_ERRNO"
+    assert summary["allowed"] > 250
+    assert "socket" in summary["allowed_with_argument_checks"]
+    # Docker allows ptrace on recent kernels; harness's fixed list never does.
+    assert "ptrace" in summary["fixed_deny_list_allowed_by_profile"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda p: p.update(defaultAction="SCMP_ACT_NOPE"), "defaultAction"),
+        (lambda p: p["syscalls"][0].update(names=[]), "syscalls[0].names"),
+        (lambda p: p["syscalls"][1]["args"][0].update(op="SCMP_CMP_ALMOST"), "syscalls[1].args[0]"),
+        (lambda p: p.update(architectures=["SCMP_ARCH_S390X"]), "architectures"),
+    ],
+)
+def test_seccomp_check_refuses_a_broken_profile_naming_the_field(
+    tmp_path: Path, edit: Any, where: str
+) -> None:
+    profile = json.loads(PROFILE.read_text())
+    edit(profile)
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(profile))
+    result = _harness("seccomp", "check", str(broken))
+    assert result.returncode == 2
+    assert where in result.stderr and "fix:" in result.stderr
+
+
+def test_profile_round_trip_and_merge_keep_the_fixed_rules(tmp_path: Path) -> None:
+    first = recorder.Recording({"read", "write", "ptrace"}, {(1, 1), (2, 2), (17, 3)})
+    second = recorder.Recording({"read", "mremap"}, {(2, 1), (10, 1)})
+    merged = recorder.merge([first, second])
+    profile = recorder.to_profile(merged, "test")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(profile))
+    back = recorder.from_profile(path)
+    assert {"read", "write", "mremap", "clone", "rseq"} <= back.names
+    assert "ptrace" not in back.names  # the fixed deny list wins over any recording
+    # UDP and packet sockets never make it into a profile; stream sockets do.
+    assert back.sockets == {(1, 1), (2, 1), (10, 1)}
+    seccomp.compile_profile(seccomp.load_profile(path), "enforce")
+
+
+def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> None:
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    a.write_text(json.dumps(recorder.to_profile(recorder.Recording({"read"}, {(1, 1)}), "a")))
+    b.write_text(json.dumps(recorder.to_profile(recorder.Recording({"mremap"}, set()), "b")))
+    config = demo_dir / "demo.toml"
+    result = _harness(
+        "profile",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--merge",
+        str(a),
+        "--merge",
+        str(b),
+        "--merge-only",
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"read", "mremap"} <= recorder.from_profile(out).names
