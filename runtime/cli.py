@@ -103,14 +103,35 @@ def _profile(args: argparse.Namespace) -> int:
     telemetry.set_stream(sys.stderr)  # stdout says where the profile went
     cfg = config_mod.load(args.config, args.set)
     recordings = [recorder.from_profile(Path(p)) for p in args.merge]
-    if not args.merge_only:
+    if args.container and not args.merge_only:
+        if not (args.client_cert and args.client_key and args.ca):
+            raise ConfigError(
+                "--container needs --ca, --client-cert and --client-key",
+                fix="give a client certificate the front allows, and the CA of its server "
+                "certificate",
+            )
+        workload = recorder.load_workload(args.workload, cfg.model.served_name)
+        client = (Path(args.ca), Path(args.client_cert), Path(args.client_key))
+        recordings.append(
+            recorder.record_container(
+                Path(args.config),
+                args.set,
+                cfg.front.listen,
+                workload,
+                client,
+                Path(f"{args.out}.events.jsonl"),
+                args.concurrency,
+            )
+        )
+    elif not args.merge_only:
         launcher.verify_weights(cfg)  # the engine about to run loads these weights
         workload = recorder.load_workload(args.workload, cfg.model.served_name)
         recordings.append(recorder.record(cfg, workload, args.concurrency))
     merged = recorder.merge(recordings)
     profile = recorder.to_profile(
         merged,
-        f"harness engine profile, device {cfg.engine.device}, recorded by `harness profile`"
+        f"harness {'container' if args.container else 'engine'} profile, device "
+        f"{cfg.engine.device}, recorded by `harness profile`"
         + (f", merged with {len(args.merge)} other profile(s)" if args.merge else ""),
     )
     out = Path(args.out)
@@ -118,8 +139,11 @@ def _profile(args: argparse.Namespace) -> int:
     print(
         f"wrote {out}: {len(profile['syscalls'][0]['names'])} syscalls allowed, "
         f"{len(profile['syscalls']) - 2} socket rules"
-        + (f"; refused although called: {', '.join(sorted(merged.denied_seen))}"
-           if merged.denied_seen else "")
+        + (
+            f"; refused although called: {', '.join(sorted(merged.denied_seen))}"
+            if merged.denied_seen
+            else ""
+        )
     )
     return 0
 
@@ -295,6 +319,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--merge-only", action="store_true", help="only merge the --merge profiles, record none"
     )
+    p.add_argument(
+        "--container",
+        action="store_true",
+        help="record harness serve itself (front and engine): the container's profile for "
+        "the kubelet; the workload goes through the front",
+    )
+    p.add_argument("--ca", help="--container: CA of the front's server certificate")
+    p.add_argument("--client-cert", help="--container: a client certificate the front allows")
+    p.add_argument("--client-key", help="--container: its private key")
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("seccomp", help="seccomp profile tools")

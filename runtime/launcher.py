@@ -25,6 +25,7 @@ from runtime.front import server as front_server
 from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
 from runtime.integrity import model_dir, signature
+from runtime.sandbox import front as front_sandbox
 from runtime.sandbox import seccomp
 
 ENGINE_FAILED = EngineError.exit_code
@@ -83,7 +84,11 @@ def serve(
         # 6. The weights the engine loaded are the ones verified in step 2.
         recheck_weights(weights)
 
-        # 7. Front: mTLS, identity allowlist, route allowlist; supervise until stopped.
+        # 7. Front: harness itself may no longer start programs, mount, trace, load BPF or
+        #    open raw sockets (a deny-list filter on every thread); then mTLS, identity
+        #    allowlist, route allowlist; supervise until stopped.
+        if cfg.sandbox.seccomp != "off":
+            telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
         code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, admission, on_ready))
         engine_code = engine.stop()
     telemetry.emit(

@@ -8,6 +8,7 @@ serves with it in `enforce` mode."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -68,3 +69,40 @@ def test_recording_matches_strace_of_the_same_run(demo_dir: Path, open_tmp: Path
         f"only strace: {sorted(traced - kernel - recorded)}; "
         f"only the recorder: {sorted(recorded - kernel - traced)}"
     )
+
+
+def test_container_recording_covers_front_and_engine(demo_dir: Path, open_tmp: Path) -> None:
+    """`harness profile --container`: harness serve itself under the recording filter, the
+    workload through the mTLS front (here with the stand-in engine)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import free_port
+
+    engine = fake_engine.install(open_tmp)
+    out = open_tmp / "container.json"
+    pki = demo_dir / "pki"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "runtime", "profile", "--container",
+            "--config", str(demo_dir / "demo.toml"),
+            "--set", f'engine.python="{engine}"',
+            "--set", f'front.listen="127.0.0.1:{free_port()}"',
+            "--out", str(out),
+            "--ca", str(pki / "ca.pem"),
+            "--client-cert", str(pki / "client.pem"),
+            "--client-key", str(pki / "client-key.pem"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rec = recorder.from_profile(out)
+    # The front's TLS listener, the sandbox it sets up for the engine, and the engine's work.
+    assert {"accept4", "landlock_restrict_self", "seccomp", "execve"} <= rec.names
+    if os.geteuid() == 0:
+        assert "setresuid" in rec.names  # the engine's uid change
+    assert (2, 1) in rec.sockets  # AF_INET stream: the front's listener
+    events = [json.loads(x) for x in Path(f"{out}.events.jsonl").read_text().splitlines()]
+    served = [e for e in events if e["event_type"] == "request" and e["status"] == 200]
+    assert served, "the workload never went through the front"

@@ -276,3 +276,56 @@ def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert {"read", "mremap"} <= recorder.from_profile(out).names
+
+
+_FRONT_CHILD = r"""
+import errno, json, socket, subprocess, threading
+from runtime.sandbox import front, seccomp
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+
+def ptrace():
+    nr = seccomp.syscall_number("ptrace")
+    return 0 if libc.syscall(nr, 0, 0, None, None) >= 0 else -ctypes.get_errno()
+
+def sock(domain, kind):
+    try:
+        socket.socket(domain, kind).close()
+        return 0
+    except OSError as exc:
+        return -exc.errno
+
+go, done, seen = threading.Event(), threading.Event(), {}
+def early():  # started before the filter: TSYNC must cover it too
+    go.wait()
+    seen["ptrace_in_early_thread"] = ptrace()
+    done.set()
+threading.Thread(target=early).start()
+report = front.apply()
+go.set(); done.wait()
+try:
+    subprocess.run(["/bin/true"], check=True)
+    seen["exec"] = 0
+except OSError as exc:
+    seen["exec"] = -exc.errno
+seen["udp"] = sock(socket.AF_INET, socket.SOCK_DGRAM)
+seen["tcp"] = sock(socket.AF_INET, socket.SOCK_STREAM)
+seen["raw"] = sock(socket.AF_INET, socket.SOCK_RAW)
+seen["packet"] = sock(17, socket.SOCK_RAW)
+print(json.dumps({"report": report, "seen": seen}))
+"""
+
+
+def test_front_filter_covers_every_thread_and_refuses_exec_and_raw_sockets() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _FRONT_CHILD], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    seen = out["seen"]
+    assert seen["ptrace_in_early_thread"] == -errno.EPERM
+    assert seen["exec"] == -errno.EPERM
+    assert seen["packet"] == -errno.EPERM and seen["raw"] == -errno.EPERM
+    # What the front does keep working: TCP, and UDP (DNS for an OTLP collector's name).
+    assert seen["tcp"] == 0 and seen["udp"] == 0
+    assert "execve" in out["report"]["denied"] and "ptrace" in out["report"]["denied"]

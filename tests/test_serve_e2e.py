@@ -313,6 +313,11 @@ def test_engine_serves_with_seccomp_enforced_and_landlock_on(
     client = openai_client(harness.url, _client_ctx(demo_dir))
     done = client.completions.create(model="demo", prompt="sandboxed", max_tokens=4)
     assert done.usage.completion_tokens >= 1
+    # harness itself (the front) runs under its deny-list filter, on every thread.
+    front = [e for e in harness.events("seccomp_install") if e.get("scope") == "front"]
+    assert front and front[0]["installed"] is True
+    status = _status(harness.proc.pid)
+    assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
     # A filtered syscall the engine made would be an event naming it; while serving, none.
     serving = [e for e in harness.events("seccomp_violation") if e.get("phase") == "serving"]
     assert serving == []

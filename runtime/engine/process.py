@@ -18,9 +18,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -114,47 +115,9 @@ class Engine:
             ).to_json(),
             "seccomp": self.seccomp_plan(),
         }
-        plan_r, plan_w = os.pipe()
-        report_parent, report_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        stage2 = [
-            *self.stage2_wrapper,
-            sys.executable,
-            "-I",
-            "-m",
-            "runtime.sandbox.exec",
-            "--plan-fd",
-            str(plan_r),
-            "--report-fd",
-            str(report_child.fileno()),
-        ]
-        try:
-            # The plan goes through a pipe the child reads at once; write it from a thread so
-            # a plan larger than the pipe buffer (the seccomp profile) cannot block us.
-            writer = threading.Thread(target=_write_all, args=(plan_w, json.dumps(plan).encode()))
-            writer.start()
-            # The engine's output goes to harness's stderr; stdout carries only events.
-            self.proc = subprocess.Popen(
-                stage2,
-                env=self.plan.env,
-                cwd=self.plan.cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=2,
-                stderr=2,
-                close_fds=True,
-                pass_fds=(plan_r, report_child.fileno()),
-                start_new_session=True,
-            )
-        except OSError as exc:
-            os.close(plan_w)
-            raise EngineError(
-                f"cannot start the engine's stage 2 ({sys.executable}): {exc}"
-            ) from exc
-        finally:
-            os.close(plan_r)
-            report_child.close()
-        writer.join()
-        with report_parent:
-            report = self._read_report(report_parent)
+        self.proc, report = spawn_stage2(
+            plan, wrapper=self.stage2_wrapper, on_listener=self._start_supervisor
+        )
         self._report_sandbox(report)
         telemetry.emit(
             "engine_start",
@@ -178,22 +141,6 @@ class Engine:
             }
         path = profile_path(self.cfg)
         return {"mode": mode, "profile": json.loads(path.read_text()), "profile_path": str(path)}
-
-    def _read_report(self, channel: socket.socket) -> dict[str, Any]:
-        """The stage-2 report, and the seccomp listener when it sends one: the supervisor
-        starts at once, since from then on the engine's filtered syscalls wait for it."""
-        chunks: list[bytes] = []
-        while True:
-            data, fds, _flags, _addr = socket.recv_fds(channel, 1 << 16, 1)
-            for fd in fds:
-                self._start_supervisor(fd)
-            if not data:
-                break
-            chunks.append(data)
-        raw = b"".join(chunks)
-        if not raw.strip():
-            return {"error": "stage 2 exited without a report"}
-        return json.loads(raw)
 
     def _start_supervisor(self, fd: int) -> None:
         mode = self.seccomp_mode or self.cfg.sandbox.seccomp
@@ -312,6 +259,68 @@ class Engine:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def spawn_stage2(
+    plan: dict[str, Any],
+    *,
+    wrapper: list[str] | None = None,
+    on_listener: Callable[[int], None],
+    stdout: int | IO[bytes] = 2,
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start stage 2 (runtime.sandbox.exec) with `plan` and return it with its report. The
+    seccomp listener, when stage 2 sends one, goes to `on_listener` at once: from then on the
+    child's filtered syscalls wait for whoever answers it."""
+    plan_r, plan_w = os.pipe()
+    report_parent, report_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [
+        *(wrapper or []),
+        sys.executable,
+        "-I",
+        "-m",
+        "runtime.sandbox.exec",
+        "--plan-fd",
+        str(plan_r),
+        "--report-fd",
+        str(report_child.fileno()),
+    ]
+    try:
+        # The plan goes through a pipe the child reads at once; write it from a thread so a
+        # plan larger than the pipe buffer (the seccomp profile) cannot block us.
+        writer = threading.Thread(target=_write_all, args=(plan_w, json.dumps(plan).encode()))
+        writer.start()
+        # The engine's output goes to harness's stderr; stdout carries only events.
+        proc = subprocess.Popen(
+            argv,
+            env=plan["env"],
+            cwd=plan["cwd"],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=2,
+            close_fds=True,
+            pass_fds=(plan_r, report_child.fileno()),
+            start_new_session=True,
+        )
+    except OSError as exc:
+        os.close(plan_w)
+        raise EngineError(f"cannot start stage 2 ({sys.executable}): {exc}") from exc
+    finally:
+        os.close(plan_r)
+        report_child.close()
+    writer.join()
+    chunks: list[bytes] = []
+    with report_parent:
+        while True:
+            data, fds, _flags, _addr = socket.recv_fds(report_parent, 1 << 16, 1)
+            for fd in fds:
+                on_listener(fd)
+            if not data:
+                break
+            chunks.append(data)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return proc, {"error": "stage 2 exited without a report"}
+    return proc, json.loads(raw)
 
 
 def _free_port() -> int:

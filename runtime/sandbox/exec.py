@@ -43,6 +43,8 @@ def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None
         ("landlock", lambda: landlock.apply(plan["landlock"])),
         ("privileges", lambda: privileges.drop(plan["privileges"])),
     ]
+    if plan.get("record_only"):  # `harness profile --container`: harness itself, filtered
+        steps = [("privileges", privileges.prepare)]
     for key, step in steps:
         try:
             report[key] = {**report.get(key, {}), **_timed(step)}

@@ -30,6 +30,16 @@ _DOMAINS_ALLOWED = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK"
 _INET = {2, 10}
 
 
+# tini, PID 1 in the images, runs under the container's profile too (traced from Debian's
+# tini 0.19 with `strace -f tini -s -- true`): it forwards signals and reaps orphans.
+TINI = frozenset(
+    {
+        "getpgrp", "getpid", "ioctl", "kill", "prctl", "rt_sigaction", "rt_sigprocmask",
+        "rt_sigtimedwait", "setpgid", "wait4",
+    }
+)  # fmt: skip
+
+
 @dataclass
 class Recording:
     names: set[str] = field(default_factory=set)
@@ -129,6 +139,97 @@ def record(
         names = supervisor.recorded_names()
         deny = set(seccomp.FIXED_DENY)
         return Recording(names - deny, set(supervisor.sockets), names & deny)
+
+
+def record_container(
+    config_path: Path,
+    overrides: list[str],
+    listen: str,
+    workload: list[dict[str, Any]],
+    client: tuple[Path, Path, Path],
+    events_path: Path,
+    concurrency: int = 4,
+) -> Recording:
+    """Record `harness serve` itself, front and engine together: the profile the kubelet
+    applies to the whole container. harness runs under a recording filter (with only
+    no_new_privs, as in a pod); the engine's own, stricter filter stacks on top, so what it
+    refuses never reaches this recording. The workload goes through the front over mTLS."""
+    import os
+    import signal
+    import ssl
+    import sys
+
+    from runtime.engine.process import spawn_stage2
+    from runtime.sandbox.seccomp_notify import Supervisor
+
+    argv = [sys.executable, "-m", "runtime", "serve", "--config", str(config_path)]
+    # Only one filter in a process tree may notify: the engine runs unfiltered under the
+    # recording, which therefore also sees what the engine's own profile would refuse.
+    for item in [*overrides, 'sandbox.seccomp="off"']:
+        argv += ["--set", item]
+    plan = {
+        "record_only": True,
+        "argv": argv,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "seccomp": {
+            "mode": "record",
+            "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
+            "profile_path": "<recording>",
+        },
+    }
+    supervisors: list[Supervisor] = []
+
+    def supervise(fd: int) -> None:
+        supervisors.append(Supervisor(fd, "record"))
+        supervisors[-1].start()
+
+    ca, cert, key = client
+    with open(events_path, "w+b") as events:  # harness's own events, kept for the record
+        proc, report = spawn_stage2(plan, on_listener=supervise, stdout=events)
+        try:
+            if "error" in report:
+                raise EngineError(f"recording stage: {report['error']}")
+            _wait_for_front(proc, events)
+            ctx = ssl.create_default_context(cafile=str(ca))
+            ctx.load_cert_chain(str(cert), str(key))
+            with httpx.Client(verify=ctx, base_url=f"https://{listen}", timeout=120) as http:
+
+                def one(req: dict[str, Any]) -> int:
+                    method, body = req.get("method", "POST"), req.get("body")
+                    with http.stream(method, req["path"], json=body) as resp:
+                        for _chunk in resp.iter_bytes():
+                            pass
+                        return resp.status_code
+
+                for req in workload:
+                    one(req)
+                with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                    list(pool.map(one, workload * 2))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=180)
+    if not supervisors:
+        raise EngineError("the recording supervisor never started")
+    supervisor = supervisors[0]
+    supervisor.join(timeout=30)
+    supervisor.stop()
+    # The engine's own filter was off for the recording; `serve` loads it with seccomp(2).
+    names = supervisor.recorded_names() | TINI | {"seccomp"}
+    deny = set(seccomp.FIXED_DENY)
+    return Recording(names - deny, set(supervisor.sockets), names & deny)
+
+
+def _wait_for_front(proc: Any, events: Any) -> None:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EngineError(f"harness exited with code {proc.returncode} while recording")
+        events.seek(0)
+        if b'"event_type":"front_listen"' in events.read():
+            return
+        time.sleep(0.5)
+    raise EngineError("harness was not serving after 900 s")
 
 
 def merge(recordings: list[Recording]) -> Recording:

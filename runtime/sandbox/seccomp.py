@@ -398,7 +398,18 @@ def prepare(plan: dict[str, Any]) -> tuple[dict[str, Any], Compiled | None]:
 def load(compiled: Compiled) -> int | None:
     """Load the filter into this thread (and what it execs). Returns the listener fd when the
     filter notifies. Keep the caller's work between this and the fd hand-off minimal."""
-    compiled.filter.load()
+    try:
+        compiled.filter.load()
+    except OSError as exc:
+        if compiled.notify and exc.errno in (errno.EBUSY, errno.ECANCELED):
+            # Only one filter in a process's ancestry may have a listener.
+            raise OSError(
+                exc.errno,
+                "a seccomp filter with a notification listener is already installed above "
+                "harness (a container runtime's, or a recording); use sandbox.seccomp = "
+                '"kill", which needs no listener',
+            ) from exc
+        raise
     if not compiled.notify:
         return None
     # pyseccomp has no public accessor for the listener libseccomp created at load.
