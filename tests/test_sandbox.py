@@ -22,7 +22,8 @@ from runtime.sandbox.seccomp_notify import Supervisor
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
 PROBE = Path(__file__).with_name("sandbox_probe.py")
-DOCKER_DEFAULT = REPO.parent / "shared" / "data" / "docker-default-seccomp.json"
+# Docker's default seccomp profile (moby/profiles, Apache-2.0), unchanged.
+DOCKER_DEFAULT = Path(__file__).with_name("data") / "docker-default-seccomp.json"
 AS_ROOT = os.geteuid() == 0
 NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
 

@@ -143,7 +143,8 @@ def load_profile(path: Path) -> Profile:
     except FileNotFoundError as exc:
         raise ConfigError(
             f"seccomp profile {path}: no such file",
-            fix="set sandbox.seccomp_profile to a profile recorded with `harness profile`",
+            fix="check the path (for the engine: sandbox.seccomp_profile), or record a profile "
+            "with `harness profile`",
         ) from exc
     except (OSError, ValueError) as exc:
         raise _invalid(str(path), "file", f"not readable JSON ({exc})") from exc
