@@ -101,7 +101,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--cycles", type=int, default=2, help="A/B engine starts, alternated")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the engine's compute threads on the last core, this load generator on the others "
+        "(steadier numbers: vLLM's CPU threads spin and suffer from any other work)",
+    )
+    parser.add_argument(
+        "--without",
+        choices=["both", "seccomp", "landlock"],
+        default="both",
+        help="what the unsandboxed engine goes without (default both)",
+    )
     args = parser.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    pinning: list[str] = []
+    if args.pin:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1])
+        pinning = ['engine.env_passthrough=["VLLM_CPU_OMP_THREADS_BIND"]']
     telemetry.set_stream(open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
     runs: dict[str, dict[str, list[tuple[float, list[float]]]]] = {}
     violations: dict[str, int] = {}
@@ -111,9 +128,14 @@ def main() -> None:
         assets.ensure(demo)
         config = demo / assets.CONFIG_NAME
         variants = {
-            "sandbox": config_mod.load(config),
+            "sandbox": config_mod.load(config, pinning),
             "no_sandbox": config_mod.load(
-                config, ['sandbox.seccomp="off"', 'sandbox.landlock="off"']
+                config,
+                [
+                    *pinning,
+                    *(['sandbox.seccomp="off"'] if args.without != "landlock" else []),
+                    *(['sandbox.landlock="off"'] if args.without != "seccomp" else []),
+                ],
             ),
         }
         try:
@@ -121,8 +143,11 @@ def main() -> None:
             for _ in range(args.cycles):
                 for name, cfg in variants.items():
                     with Engine.create(cfg) as engine:
+                        os.sched_setaffinity(0, set(cores))  # the engine inherits this
                         engine.start()
                         engine.wait_ready()
+                        if args.pin:
+                            os.sched_setaffinity(0, set(cores[:-1]))
                         for key, run in asyncio.run(load(str(engine.socket), args)).items():
                             runs.setdefault(key, {}).setdefault(name, []).append(run)
                         if engine.supervisor is not None:
@@ -141,8 +166,14 @@ def main() -> None:
             "sandbox_p50_ms": round(pct(on_lat, 50) * 1000, 2),
             "no_sandbox_p50_ms": round(pct(off_lat, 50) * 1000, 2),
         }
-    cores = len(os.sched_getaffinity(0))
-    summary = {"cores": cores, "syscalls": syscall_cost(), "seccomp_violations": violations}
+    os.sched_setaffinity(0, set(cores))
+    summary = {
+        "cores": len(cores),
+        "pinned": args.pin,
+        "without": args.without,
+        "syscalls": syscall_cost(),
+        "seccomp_violations": violations,
+    }
     print(json.dumps({**summary, **results}, indent=2))
 
 
