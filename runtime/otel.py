@@ -33,19 +33,6 @@ from runtime.secrets import Secret
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-# Startup steps exported as spans (DESIGN.md, startup sequence).
-STEPS = frozenset(
-    {
-        "weight_integrity_check",
-        "secret_injection",
-        "network_namespace",
-        "privilege_drop",
-        "landlock",
-        "seccomp_install",
-        "engine_start",
-        "engine_ready",
-    }
-)
 # Launcher steps that run one after the other: without a `seconds` of their own, they start
 # where the previous step ended. engine_ready's `seconds` counts from the engine's start, so
 # its span is the wait for readiness after engine_start.
@@ -335,7 +322,7 @@ class _Sdk:
         attributes = _attributes(record)
         failed = record["outcome"] in ("blocked", "failed")
         context = None
-        if kind in STEPS and self._root is not None:
+        if kind in telemetry.STARTUP_STEPS and self._root is not None:
             context = self._step(record, at, attributes, failed)
         elif kind in ("front_listen", "shutdown") and self._root is not None:
             status, code = self._status

@@ -16,9 +16,9 @@ from typing import Any, Literal, TextIO
 
 Outcome = Literal["allowed", "blocked", "failed", "ok"]
 
-EVENT_TYPES = frozenset(
+# The startup sequence's steps (DESIGN.md): each one event, and one OTel span.
+STARTUP_STEPS = frozenset(
     {
-        "config_loaded",
         "weight_integrity_check",
         "secret_injection",
         "network_namespace",
@@ -27,6 +27,11 @@ EVENT_TYPES = frozenset(
         "seccomp_install",
         "engine_start",
         "engine_ready",
+    }
+)
+EVENT_TYPES = STARTUP_STEPS | frozenset(
+    {
+        "config_loaded",
         "front_listen",
         "request",
         "request_rejected",

@@ -28,6 +28,20 @@ def clean_environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not SECRET_LIKE.search(k)}
 
 
+def process_group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, from /proc."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(entry.name))
+    return alive
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

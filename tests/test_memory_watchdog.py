@@ -24,7 +24,7 @@ from runtime.engine.command import RuntimePaths, build_argv
 from runtime.engine.resources import MemoryCaps, gpu_caps
 from runtime.errors import ConfigError
 from tests import fake_engine
-from tests.support import Harness, client_context
+from tests.support import Harness, client_context, process_group
 
 MB = 1 << 20
 GIB = 1 << 30
@@ -85,7 +85,7 @@ def test_watchdog_stops_a_process_tree_over_the_cap(events: list[dict[str, Any]]
     assert event["measure"] == "pss"
     assert proc.pid in event["pids"] and len(event["pids"]) == 2  # the sum, not one process
     assert reasons == ["memory_cap_exceeded"]
-    assert not _group_members(proc.pid)  # the forked child is gone too
+    assert not process_group(proc.pid)  # the forked child is gone too
 
 
 def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, Any]]) -> None:
@@ -105,19 +105,6 @@ def test_no_caps_no_thread() -> None:
     dog = watchdog.MemoryWatchdog(MemoryCaps(), lambda: os.getpid())
     with dog:
         assert dog._thread is None
-
-
-def _group_members(pgid: int) -> list[int]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(int(entry.name))
-    return alive
 
 
 @pytest.mark.parametrize(
@@ -217,7 +204,7 @@ def test_serve_stops_an_engine_over_its_memory_cap_and_exits_6(
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["exit_code"] == 6 and shutdown["reason"] == "memory_cap_exceeded"
     assert "over engine.max_rss_bytes" in harness.log()
-    assert not _group_members(harness.engine_pid)
+    assert not process_group(harness.engine_pid)
 
 
 @pytest.mark.engine
@@ -236,4 +223,4 @@ def test_real_engine_over_a_tiny_cap_is_stopped_with_exit_6(demo_dir: Path, open
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["exit_code"] == 6 and "(memory_cap_exceeded)" in shutdown["message"]
     assert "engine_ready" not in {e["event_type"] for e in harness.events()}
-    assert not _group_members(harness.engine_pid)
+    assert not process_group(harness.engine_pid)

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from runtime import config as config_mod
-from runtime import otel
+from runtime import otel, telemetry
 from runtime.demo import assets
 from runtime.errors import ConfigError, SecretsError
 from runtime.secrets import Secret
@@ -24,10 +24,13 @@ from tests.support import REPO, Harness, clean_environ, client_context
 
 TOKEN = "otlp-token-that-must-stay-in-the-headers"
 PROMPT = "a prompt that must never be exported"
+# Written out, not taken from runtime.telemetry: a step dropped there must fail here.
 STARTUP_STEPS = {
     "weight_integrity_check",
     "secret_injection",
     "privilege_drop",
+    "landlock",
+    "seccomp_install",
     "engine_start",
     "engine_ready",
 }
@@ -96,7 +99,7 @@ def test_serve_exports_spans_logs_and_metrics(
     events = harness.events()
 
     # Every startup step's event has the mandatory fields, and one span of its own.
-    steps = [e for e in events if e["event_type"] in otel.STEPS]
+    steps = [e for e in events if e["event_type"] in telemetry.STARTUP_STEPS]
     assert {e["event_type"] for e in steps} >= STARTUP_STEPS
     for event in events:
         assert all(event.get(name) for name in MANDATORY), event

@@ -9,20 +9,14 @@ from typing import Any
 
 import pytest
 
-from runtime import otel
+from runtime import telemetry
 from tests import otlp_receiver
 from tests.support import Harness, client_context, openai_client
+from tests.test_otel import STARTUP_STEPS
 
 pytestmark = pytest.mark.engine
 
 PROMPT = "an engine-tier prompt that must never be exported"
-STARTUP_STEPS = {
-    "weight_integrity_check",
-    "secret_injection",
-    "privilege_drop",
-    "engine_start",
-    "engine_ready",
-}
 
 
 def test_shared_server_exports_spans_logs_and_metrics(
@@ -50,7 +44,8 @@ def test_shared_server_exports_spans_logs_and_metrics(
         return {s["name"] for s in otlp.spans() if s["traceId"] == trace_id}
 
     otlp.wait(lambda: step_names() >= STARTUP_STEPS | {"harness.startup"})
-    stepped = {e["event_type"] for e in harness.events() if e["event_type"] in otel.STEPS}
+    steps = telemetry.STARTUP_STEPS
+    stepped = {e["event_type"] for e in harness.events() if e["event_type"] in steps}
     assert stepped <= step_names()
 
     def completions_counted() -> bool:

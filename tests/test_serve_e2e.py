@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support import Harness, client_context, openai_client, raw_request
+from tests.support import Harness, client_context, openai_client, process_group, raw_request
 
 pytestmark = pytest.mark.engine
 
@@ -201,22 +201,9 @@ def _socket_inodes(pid: int) -> set[str]:
     return found
 
 
-def _process_group(pgid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-                pids.append(int(entry.name))
-    return pids
-
-
 def test_engine_processes_have_no_tcp_listener(harness: Harness) -> None:
     listening = _listening_inodes()
-    engine = _process_group(harness.engine_pid)
+    engine = process_group(harness.engine_pid)
     assert harness.engine_pid in engine and len(engine) >= 2  # API server + EngineCore at least
     for pid in engine:
         assert not (_socket_inodes(pid) & listening), f"engine process {pid} listens on TCP"
@@ -230,7 +217,7 @@ def test_engine_runs_in_a_private_network_namespace(harness: Harness) -> None:
     own namespace they are reachable by nobody else, and there is no interface but lo."""
     assert harness.events("network_namespace")[0]["isolated"] is True
     own = os.readlink(f"/proc/{harness.proc.pid}/ns/net")
-    for pid in _process_group(harness.engine_pid):
+    for pid in process_group(harness.engine_pid):
         assert os.readlink(f"/proc/{pid}/ns/net") != own
     devices = Path(f"/proc/{harness.engine_pid}/net/dev").read_text().splitlines()[2:]
     assert [line.split(":")[0].strip() for line in devices] == ["lo"]
@@ -279,7 +266,7 @@ def _status(pid: int) -> dict[str, str]:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the engine changes uid only when harness is root")
 def test_every_engine_process_runs_unprivileged(harness: Harness) -> None:
-    engine = _process_group(harness.engine_pid)
+    engine = process_group(harness.engine_pid)
     assert len(engine) >= 2
     for pid in engine:
         status = _status(pid)

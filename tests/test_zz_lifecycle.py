@@ -14,22 +14,9 @@ import pytest
 
 from runtime.demo import assets
 from tests.conftest import Servers
-from tests.support import Harness, client_context, openai_client
+from tests.support import Harness, client_context, openai_client, process_group
 
 pytestmark = pytest.mark.engine
-
-
-def _group_alive(pgid: int) -> list[int]:
-    alive = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(int(entry.name))
-    return alive
 
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
@@ -59,7 +46,7 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["outcome"] == "ok" and shutdown["exit_code"] == 0
     # After draining, the engine and all of vLLM's children are gone, and the port is closed.
-    assert not _group_alive(harness.engine_pid)
+    assert not process_group(harness.engine_pid)
     with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as client:
         client.get(f"{harness.url}/healthz")
 
@@ -78,7 +65,7 @@ def test_weights_changed_while_the_engine_loads_exits_3(
         assert harness.proc.wait(timeout=600) == 3
         assert "tokenizer_config.json changed after verification" in harness.log()
         assert harness.events("shutdown")[-1]["exit_code"] == 3
-        assert not _group_alive(harness.engine_pid)
+        assert not process_group(harness.engine_pid)
     finally:
         harness.kill()
 
@@ -93,4 +80,4 @@ def test_engine_death_makes_harness_exit_6(servers: Servers) -> None:
     assert exit_event["outcome"] == "failed" and exit_event["exit_code"] == -signal.SIGKILL
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["outcome"] == "failed" and shutdown["exit_code"] == 6
-    assert not _group_alive(harness.engine_pid)
+    assert not process_group(harness.engine_pid)

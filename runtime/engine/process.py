@@ -8,6 +8,7 @@ vLLM's own children (EngineCore, workers).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import landlock, privileges
-from runtime.sandbox.seccomp import exit_event, profile_path
+from runtime.sandbox.seccomp import RECORDING_PLAN, exit_event, profile_path
 from runtime.sandbox.seccomp_notify import Supervisor
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -74,6 +75,7 @@ class Engine:
         # `record` (harness profile) overrides the configured mode.
         self.seccomp_mode = seccomp_mode
         self.supervisor: Supervisor | None = None
+        self.errno_ret = errno.EPERM
         # Runs stage 2 under another program (tests: strace, to check a recording).
         self.stage2_wrapper: list[str] = []
         # Why harness stopped the engine on purpose (a watchdog), for the exit's events.
@@ -134,17 +136,16 @@ class Engine:
         if mode == "off":
             return {"mode": mode}
         if mode == "record":
-            return {
-                "mode": mode,
-                "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
-                "profile_path": "<recording>",
-            }
+            return RECORDING_PLAN
         path = profile_path(self.cfg)
-        return {"mode": mode, "profile": json.loads(path.read_text()), "profile_path": str(path)}
+        profile = json.loads(path.read_text())
+        # The supervisor answers with the profile's own errno, as the kernel would have.
+        self.errno_ret = int(profile.get("defaultErrnoRet", errno.EPERM))
+        return {"mode": mode, "profile": profile, "profile_path": str(path)}
 
     def _start_supervisor(self, fd: int) -> None:
         mode = self.seccomp_mode or self.cfg.sandbox.seccomp
-        self.supervisor = Supervisor(fd, mode, report=_violation_event)
+        self.supervisor = Supervisor(fd, mode, errno_ret=self.errno_ret, report=_violation_event)
         self.supervisor.start()
 
     def _report_sandbox(self, report: dict[str, Any]) -> None:

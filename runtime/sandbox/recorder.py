@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
 from runtime.config import Config
-from runtime.errors import ConfigError, EngineError
+from runtime.engine.process import Engine, spawn_stage2
+from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import seccomp
+from runtime.sandbox.seccomp_notify import Supervisor
 
 _SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
 # socket() domains a profile may allow. Raw, packet and INET datagram sockets are refused even
@@ -28,7 +35,6 @@ _SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQP
 # disabled through VLLM_HOST_IP).
 _DOMAINS_ALLOWED = {1: "AF_UNIX", 2: "AF_INET", 10: "AF_INET6", 16: "AF_NETLINK"}
 _INET = {2, 10}
-
 
 # tini, PID 1 in the images, runs under the container's profile too (traced from Debian's
 # tini 0.19 with `strace -f tini -s -- true`): it forwards signals and reaps orphans.
@@ -94,25 +100,26 @@ def load_workload(path: Path | None, model: str) -> list[dict[str, Any]]:
     return data
 
 
-def run_workload(socket_path: Path, requests: list[dict[str, Any]], concurrency: int) -> int:
-    """Each request once, then all of them again `concurrency` at a time. Returns how many
-    were answered (any status: rejections are part of the workload)."""
-    transport = httpx.HTTPTransport(uds=str(socket_path))
-    answered = 0
-    with httpx.Client(transport=transport, base_url="http://engine", timeout=120) as client:
+def run_workload(client: httpx.Client, requests: list[dict[str, Any]], concurrency: int) -> None:
+    """Each request once, then all of them again `concurrency` at a time; any status will do
+    (rejections are part of the workload)."""
 
-        def one(req: dict[str, Any]) -> int:
-            with client.stream(req.get("method", "POST"), req["path"], json=req.get("body")) as r:
-                for _chunk in r.iter_bytes():
-                    pass
-                return r.status_code
+    def one(req: dict[str, Any]) -> int:
+        with client.stream(req.get("method", "POST"), req["path"], json=req.get("body")) as r:
+            for _chunk in r.iter_bytes():
+                pass
+            return r.status_code
 
-        for req in requests:
-            one(req)
-            answered += 1
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            answered += len(list(pool.map(one, requests * 2)))
-    return answered
+    for req in requests:
+        one(req)
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, requests * 2))
+
+
+def _recording(supervisor: Supervisor, also: frozenset[str] = frozenset()) -> Recording:
+    names = supervisor.recorded_names() | also
+    deny = set(seccomp.FIXED_DENY)
+    return Recording(names - deny, set(supervisor.sockets), names & deny)
 
 
 def record(
@@ -121,13 +128,13 @@ def record(
     concurrency: int = 4,
     wrapper: list[str] | None = None,
 ) -> Recording:
-    from runtime.engine.process import Engine
-
     with Engine.create(cfg, seccomp_mode="record") as engine:
         engine.stage2_wrapper = list(wrapper or [])
         engine.start()
         engine.wait_ready()
-        run_workload(engine.socket, workload, concurrency)
+        transport = httpx.HTTPTransport(uds=str(engine.socket))
+        with httpx.Client(transport=transport, base_url="http://engine", timeout=120) as client:
+            run_workload(client, workload, concurrency)
         engine.stop()
         supervisor = engine.supervisor
         if supervisor is None:
@@ -136,9 +143,7 @@ def record(
         while supervisor.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)  # it ends when the last engine process is gone
         supervisor.stop()
-        names = supervisor.recorded_names()
-        deny = set(seccomp.FIXED_DENY)
-        return Recording(names - deny, set(supervisor.sockets), names & deny)
+        return _recording(supervisor)
 
 
 def record_container(
@@ -152,16 +157,7 @@ def record_container(
 ) -> Recording:
     """Record `harness serve` itself, front and engine together: the profile the kubelet
     applies to the whole container. harness runs under a recording filter (with only
-    no_new_privs, as in a pod); the engine's own, stricter filter stacks on top, so what it
-    refuses never reaches this recording. The workload goes through the front over mTLS."""
-    import os
-    import signal
-    import ssl
-    import sys
-
-    from runtime.engine.process import spawn_stage2
-    from runtime.sandbox.seccomp_notify import Supervisor
-
+    no_new_privs, as in a pod), and the workload goes through the front over mTLS."""
     argv = [sys.executable, "-m", "runtime", "serve", "--config", str(config_path)]
     # Only one filter in a process tree may notify: the engine runs unfiltered under the
     # recording, which therefore also sees what the engine's own profile would refuse.
@@ -172,11 +168,7 @@ def record_container(
         "argv": argv,
         "env": dict(os.environ),
         "cwd": os.getcwd(),
-        "seccomp": {
-            "mode": "record",
-            "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
-            "profile_path": "<recording>",
-        },
+        "seccomp": seccomp.RECORDING_PLAN,
     }
     supervisors: list[Supervisor] = []
 
@@ -189,23 +181,16 @@ def record_container(
         proc, report = spawn_stage2(plan, on_listener=supervise, stdout=events)
         try:
             if "error" in report:
-                raise EngineError(f"recording stage: {report['error']}")
+                raise SandboxError(
+                    f"cannot install the recording filter: {report['error']}",
+                    fix="run `harness profile --container` where harness itself may load a "
+                    "seccomp filter (no_new_privs is set for it)",
+                )
             _wait_for_front(proc, events)
             ctx = ssl.create_default_context(cafile=str(ca))
             ctx.load_cert_chain(str(cert), str(key))
-            with httpx.Client(verify=ctx, base_url=f"https://{listen}", timeout=120) as http:
-
-                def one(req: dict[str, Any]) -> int:
-                    method, body = req.get("method", "POST"), req.get("body")
-                    with http.stream(method, req["path"], json=body) as resp:
-                        for _chunk in resp.iter_bytes():
-                            pass
-                        return resp.status_code
-
-                for req in workload:
-                    one(req)
-                with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-                    list(pool.map(one, workload * 2))
+            with httpx.Client(verify=ctx, base_url=f"https://{listen}", timeout=120) as client:
+                run_workload(client, workload, concurrency)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=180)
@@ -215,16 +200,18 @@ def record_container(
     supervisor.join(timeout=30)
     supervisor.stop()
     # The engine's own filter was off for the recording; `serve` loads it with seccomp(2).
-    names = supervisor.recorded_names() | TINI | {"seccomp"}
-    deny = set(seccomp.FIXED_DENY)
-    return Recording(names - deny, set(supervisor.sockets), names & deny)
+    return _recording(supervisor, TINI | {"seccomp"})
 
 
-def _wait_for_front(proc: Any, events: Any) -> None:
+def _wait_for_front(proc: subprocess.Popen[bytes], events: IO[bytes]) -> None:
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EngineError(f"harness exited with code {proc.returncode} while recording")
+            raise EngineError(
+                f"harness exited with code {proc.returncode} while recording",
+                fix="its events are in the recording's .events.jsonl and its log above; the "
+                "same config must start with `harness serve`",
+            )
         events.seek(0)
         if b'"event_type":"front_listen"' in events.read():
             return

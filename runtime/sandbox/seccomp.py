@@ -72,7 +72,12 @@ _STUB_END = 512
 # socket(2)'s type argument carries SOCK_NONBLOCK/SOCK_CLOEXEC above the type itself.
 SOCK_TYPE_MASK = 0xF
 
-MODES = ("enforce", "kill", "complain", "off")  # `record` is for `harness profile` only
+# `harness profile`: no rules of its own, so every syscall goes to the recording supervisor.
+RECORDING_PLAN = {
+    "mode": "record",
+    "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
+    "profile_path": "<recording>",
+}
 _ACTIONS = (
     "SCMP_ACT_ALLOW",
     "SCMP_ACT_ERRNO",
