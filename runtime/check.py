@@ -23,6 +23,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
     weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
     loaded = launcher.load_secrets(cfg)  # step 3, or exit 4
     caps = resources.compute(cfg.engine)  # step 4
+    placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
     plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"), caps=caps)
     return {
         "harness_version": __version__,
@@ -99,7 +100,11 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
             },
             "otel_export": otel.describe(cfg.telemetry),
         },
-        "engine": {"argv": list(plan.argv), "device": cfg.engine.device},
+        "engine": {
+            "argv": list(plan.argv),
+            "device": cfg.engine.device,
+            "cpus": placement.describe() if placement else "chosen by vLLM; the front anywhere",
+        },
     }
 
 

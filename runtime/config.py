@@ -198,6 +198,19 @@ class EngineSection(_Section):
     # GPU memory per device: bytes (an integer) or a fraction 0 < x <= 1 of the device (a
     # float, 1.0 = all of it); becomes vLLM's --gpu-memory-utilization and the watchdog's cap.
     gpu_memory_limit: int | float | None = None
+    # CPUs for the engine's compute threads, as a Linux CPU list ("1", "2-7", "2-5,8"): vLLM's
+    # OpenMP threads are bound to them (VLLM_CPU_OMP_THREADS_BIND) and harness keeps the front
+    # on the other CPUs it may use. Unset: vLLM picks its own, and the front runs anywhere.
+    cpus: str | None = None
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        if info.data.get("device") != "cpu":
+            raise ValueError('applies to device = "cpu" only')
+        return format_cpu_list(parse_cpu_list(value))
 
     @field_validator("gpu_memory_limit")
     @classmethod
@@ -303,6 +316,31 @@ class TelemetrySection(_Section):
                     "or to a collector on loopback"
                 )
         return self
+
+
+def parse_cpu_list(text: str) -> frozenset[int]:
+    """A Linux CPU list ("0", "2-7", "2-5,8") as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"{text!r} is not a CPU list such as \"1\", \"2-7\" or \"2-5,8\"")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first or last >= 4096:
+            raise ValueError(f"{part!r} is not a CPU range")
+        cpus.update(range(first, last + 1))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus: frozenset[int] | set[int]) -> str:
+    """The shortest Linux CPU list for a set: {0, 1, 2, 5} -> "0-2,5"."""
+    parts: list[str] = []
+    for cpu in sorted(cpus):
+        if parts and cpu == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{cpu}"
+        else:
+            parts.append(str(cpu))
+    return ",".join(parts)
 
 
 def _is_loopback(host: str) -> bool:

@@ -61,6 +61,8 @@ def serve(
     #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
     #    memory watchdog stops the engine over engine.max_rss_bytes or the GPU cap (exit 6).
     caps = resources.compute(cfg.engine)
+    #    engine.cpus: the engine's compute threads get those CPUs, the front the others.
+    placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
 
     # The front's TLS material and port are checked before the engine spends a minute
     # loading: a wrong path or a busy port fails now (exit 2).
@@ -79,6 +81,8 @@ def serve(
     #    sandbox cannot be applied).
     with listener, Engine.create(cfg, caps) as engine, watchdog.for_engine(engine, caps):
         engine.start()
+        if placement is not None:  # after the start: the engine keeps every CPU to bind its own
+            resources.place_front(placement)
         engine.wait_ready()
 
         # 6. The weights the engine loaded are the ones verified in step 2.
@@ -89,7 +93,8 @@ def serve(
         #    allowlist, route allowlist; supervise until stopped.
         if cfg.sandbox.seccomp != "off":
             telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
-        code = asyncio.run(_serve_front(cfg, engine, listener, ssl_context, admission, on_ready))
+        front = _serve_front(cfg, engine, listener, ssl_context, admission, placement, on_ready)
+        code = front_server.run(front)
         engine_code = engine.stop()
     telemetry.emit(
         "shutdown",
@@ -209,6 +214,7 @@ async def _serve_front(
     listener: socket.socket,
     ssl_context: ssl.SSLContext,
     admission: Admission,
+    placement: resources.CpuPlacement | None,
     on_ready: Callable[[Config], None] | None,
 ) -> int:
     state = FrontState(engine_ready=True)
@@ -242,7 +248,7 @@ async def _serve_front(
         server.request_stop()
 
     loop.add_reader(pidfd, on_engine_exit)
-    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, on_ready))
+    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, placement, on_ready))
     try:
         await server.serve(sockets=[listener])
     finally:
@@ -258,7 +264,10 @@ async def _serve_front(
 
 
 async def _announce_ready(
-    server: front_server.FrontServer, cfg: Config, on_ready: Callable[[Config], None] | None
+    server: front_server.FrontServer,
+    cfg: Config,
+    placement: resources.CpuPlacement | None,
+    on_ready: Callable[[Config], None] | None,
 ) -> None:
     while not server.started:
         await asyncio.sleep(0.05)
@@ -269,6 +278,7 @@ async def _announce_ready(
         tls="1.3",
         client_cert="required",
         allowed_identities=list(cfg.front.allowed_identities),
+        **(placement.describe() if placement else {}),
     )
     if on_ready is not None:
         on_ready(cfg)

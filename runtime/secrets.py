@@ -135,8 +135,8 @@ def load(
         )
     secrets: dict[str, Secret] = {}
     euid = os.geteuid()
-    for entry in sorted(os.scandir(resolved), key=lambda e: e.name):
-        if entry.name.startswith("."):  # the CSI driver's ..data / timestamped dirs
+    for entry in sorted(os.scandir(_version_dir(resolved)), key=lambda e: e.name):
+        if entry.name.startswith("."):  # the kubelet's and CSI driver's ..data / ..<time>
             continue
         st = entry.stat(follow_symlinks=False)
         check_file(entry.name, st, section.max_file_bytes, euid)
@@ -154,6 +154,32 @@ def load(
                 fix="check the Vault template or the CSI SecretProviderClass",
             )
     return secrets
+
+
+def _version_dir(root: str) -> str:
+    """The folder to read. A Kubernetes Secret volume (and the Secrets Store CSI driver) is
+    written by the kubelet's atomic writer: the files sit in a timestamped folder `..<time>`,
+    `..data` links to it and is swapped on update, and each name is a symlink `name ->
+    ..data/name`. Those symlinks are the only ones accepted, and only in that layout: the
+    files are read from the one version `..data` points to now, so all come from one update.
+    Any other folder is read as it is."""
+    try:
+        version = os.readlink(os.path.join(root, "..data"))
+    except OSError:
+        return root  # no ..data link: not the atomic writer's layout
+    fix = "mount the Secret volume as the kubelet writes it, or give a folder of regular files"
+    if "/" in version or not version.startswith("..") or version in ("..", "..data"):
+        raise SecretsError(f"secrets.dir {root}: ..data points to {version!r}", fix=fix)
+    for entry in os.scandir(root):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_symlink() or os.readlink(entry.path) != f"..data/{entry.name}":
+            raise SecretsError(
+                f"secret {entry.name}: is not a link into ..data, in a folder the kubelet "
+                "writes (its ..data link)",
+                fix=fix,
+            )
+    return os.path.join(root, version)
 
 
 def secret_env_names(environ: dict[str, str], allowed: list[str]) -> list[str]:

@@ -424,9 +424,9 @@ def test_shipped_config_validates_and_matches_the_deployment(
     assert cfg.engine.device == ("cuda" if overlay == "gpu" else "cpu")
     assert not cfg.model.unsafe_allow_writable and not cfg.model.unsafe_unsigned
     assert not cfg.engine.unsafe_run_as_root
-    secrets_dir = "/vault/secrets" if overlay == "vault-agent" else "/run/secrets/harness/..data"
+    secrets_dir = "/vault/secrets" if overlay == "vault-agent" else "/run/secrets/harness"
     assert str(cfg.secrets.dir) == secrets_dir
-    assert str(cfg.front.tls.key).startswith(secrets_dir.removesuffix("/..data"))
+    assert str(cfg.front.tls.key).startswith(secrets_dir + "/")
 
 
 # -- the images ----------------------------------------------------------------------------

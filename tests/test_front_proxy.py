@@ -82,7 +82,7 @@ class Upstream:
 
 
 def _run_in_thread(server: uvicorn.Server, **kwargs: Any) -> threading.Thread:
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(**kwargs)), daemon=True)
+    thread = threading.Thread(target=lambda: front_server.run(server.serve(**kwargs)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
@@ -100,6 +100,7 @@ class Front:
     thread: threading.Thread
     pki_dir: Path
     events: list[dict[str, Any]]
+    upstream_server: uvicorn.Server | None = None
 
     def ctx(self, name: str = "client") -> ssl.SSLContext:
         return client_context(
@@ -167,7 +168,16 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
             listener.close()
 
         stops.append(stop)
-        return Front(f"https://127.0.0.1:{port}", upstream, server, state, thread, tmp_path, events)
+        return Front(
+            f"https://127.0.0.1:{port}",
+            upstream,
+            server,
+            state,
+            thread,
+            tmp_path,
+            events,
+            upstream_server=up_server,
+        )
 
     yield start
     for stop in stops:
@@ -269,6 +279,26 @@ def test_stream_is_relayed_chunk_by_chunk(front: Front) -> None:
         front.upstream.gate.set()
         rest = [line for line in lines if line]
     assert rest == ["data: 2", "data: [DONE]"]
+
+
+def test_client_leaving_mid_stream_closes_the_engine_connection(front: Front) -> None:
+    """vLLM aborts a generation when its connection closes: the front closes it as soon as
+    the client goes, instead of letting the engine generate into the void."""
+    assert front.upstream_server is not None
+    connections = front.upstream_server.server_state.connections
+    with (
+        httpx.Client(verify=front.ctx(), timeout=20) as client,
+        client.stream("POST", f"{front.url}/v1/chat/completions", json=CHAT) as response,
+    ):
+        lines = response.iter_lines()  # held: a dropped iterator closes the response
+        assert next(lines) == "data: 1"
+        assert len(connections) == 1
+    deadline = time.monotonic() + 10
+    while connections:
+        assert time.monotonic() < deadline, "the engine connection outlived its client"
+        time.sleep(0.02)
+    [event] = _events(front, "request")
+    assert event["status"] == 499 and event["outcome"] == "failed"
 
 
 def _events(front: Front, kind: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:

@@ -72,6 +72,55 @@ def test_unsafe_secret_files_are_refused(shm_dir: Path, case: str) -> None:
     assert needle in info.value.message and info.value.exit_code == 4 and info.value.fix
 
 
+def _kubelet_volume(
+    root: Path, files: dict[str, str], version: str = "..2026_11_26_03_00.1"
+) -> None:
+    """What the kubelet's atomic writer makes of a Secret volume (defaultMode 0400)."""
+    (root / version).mkdir(mode=0o755)
+    for name, data in files.items():
+        _write(root / version / name, data)
+        os.symlink(f"..data/{name}", root / name)
+    os.symlink(version, root / "..data.tmp")
+    os.rename(root / "..data.tmp", root / "..data")
+
+
+def test_a_kubernetes_secret_volume_is_read_from_its_current_version(shm_dir: Path) -> None:
+    _kubelet_volume(shm_dir, {"server-key.pem": "old", "otlp.json": '{"a": "b"}'})
+    # An update: a new version beside the old, then ..data swapped to it.
+    (shm_dir / "..2026_11_26_04_00.2").mkdir(mode=0o755)
+    _write(shm_dir / "..2026_11_26_04_00.2" / "server-key.pem", "new")
+    _write(shm_dir / "..2026_11_26_04_00.2" / "otlp.json", '{"a": "c"}')
+    os.symlink("..2026_11_26_04_00.2", shm_dir / "..data.tmp")
+    os.rename(shm_dir / "..data.tmp", shm_dir / "..data")
+    loaded = secrets.load(SecretsSection(dir=shm_dir, required=["server-key.pem"]))
+    assert loaded["server-key.pem"].value == b"new"
+    assert loaded["otlp.json:a"].value == b"c"
+    assert sorted(loaded) == ["otlp.json:a", "server-key.pem"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda d: _write(d / "extra", "x"), "secret extra: is not a link into ..data"),
+        (lambda d: os.symlink("/etc/hostname", d / "k"), "secret k: is not a link into ..data"),
+        (lambda d: os.chmod(d / "..2026_11_26_03_00.1" / "key", 0o444), "readable by others"),
+        (
+            lambda d: (os.remove(d / "..data"), os.symlink("/etc", d / "..data")),
+            "..data points to '/etc'",
+        ),
+    ],
+    ids=["a plain file beside", "a link elsewhere", "a world-readable version", "..data away"],
+)
+def test_a_kubernetes_secret_volume_out_of_shape_is_refused(
+    shm_dir: Path, mutate: Mutation, needle: str
+) -> None:
+    _kubelet_volume(shm_dir, {"key": "v"})
+    mutate(shm_dir)
+    with pytest.raises(SecretsError) as info:
+        secrets.load(SecretsSection(dir=shm_dir))
+    assert needle in info.value.message and info.value.exit_code == 4
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
 def test_secret_owned_by_another_user_is_refused(shm_dir: Path) -> None:
     os.chown(_write(shm_dir / "k", "x"), 12345, 12345)

@@ -285,6 +285,35 @@ def test_every_engine_process_runs_unprivileged(harness: Harness) -> None:
     assert mode.st_uid == 0 and mode.st_mode & 0o077 == 0
 
 
+def test_engine_compute_threads_and_the_front_keep_to_their_cpus(harness: Harness) -> None:
+    """engine.cpus (the shared server sets it where there are two CPUs or more): vLLM binds
+    its compute threads to the engine's CPUs, and no thread of harness runs there."""
+    from runtime.config import parse_cpu_list
+
+    listen = harness.events("front_listen")[0]
+    if "engine_cpus" not in listen:
+        pytest.skip("one CPU: nothing to split")
+    engine_cpus = set(parse_cpu_list(listen["engine_cpus"]))
+    front_cpus = set(parse_cpu_list(listen["front_cpus"]))
+    assert engine_cpus and front_cpus and not engine_cpus & front_cpus
+    for task in os.listdir(f"/proc/{harness.proc.pid}/task"):
+        assert _affinity(task) in (front_cpus, None), task
+    bound = [
+        (pid, task)
+        for pid in process_group(harness.engine_pid)
+        for task in os.listdir(f"/proc/{pid}/task")
+        if _affinity(task) == engine_cpus
+    ]
+    assert bound, "no engine thread is bound to engine.cpus"
+
+
+def _affinity(task: str) -> set[int] | None:
+    try:
+        return os.sched_getaffinity(int(task))
+    except ProcessLookupError:
+        return None  # a thread that ended meanwhile
+
+
 def test_engine_serves_with_seccomp_enforced_and_landlock_on(
     harness: Harness, demo_dir: Path
 ) -> None:
@@ -315,7 +344,6 @@ def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
 ) -> None:
     """A second front, in-process, with max_tokens_policy = clamp, in front of the same real
     engine (its Unix socket): an over-cap request is served, cut to the cap."""
-    import asyncio
     import threading
 
     from runtime import config as config_mod
@@ -343,7 +371,7 @@ def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
     )
     listener = front_server.bind(cfg.front)
     server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls).base)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[listener])))
+    thread = threading.Thread(target=lambda: front_server.run(server.serve(sockets=[listener])))
     thread.start()
     try:
         while not server.started:

@@ -17,6 +17,9 @@ from runtime.engine.resources import MemoryCaps
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM asks for a few ports from VLLM_PORT up (torch.distributed's store, data parallel).
 RENDEZVOUS_PORTS = 4
+# How long the engine keeps an idle connection from the front (its only client) open; the
+# front reuses a connection only well inside this (runtime/front/upstream.py).
+KEEP_ALIVE_S = 30
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,10 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
         "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "VLLM_RPC_BASE_PATH": str(paths.rpc),
         "PYTHONDONTWRITEBYTECODE": "1",
+        "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S),
     }
+    if eng.cpus is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = eng.cpus  # normalised by the config
     for name in eng.env_passthrough:
         # Config validation already refuses secret-like names; check again at the boundary.
         if name in parent_env and not SECRET_LIKE.search(name) and name not in env:

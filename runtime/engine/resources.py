@@ -1,4 +1,5 @@
-"""Step 4: the engine's memory caps, from the config and (for GPUs) the device's total memory.
+"""Step 4: the engine's memory caps, from the config and (for GPUs) the device's total memory;
+and where the engine's compute threads and the front run (`engine.cpus`).
 
 The conversion is pure and unit-tested; NVML (nvidia-ml-py) is imported only when a GPU cap
 is configured, so CPU machines never load it.
@@ -6,12 +7,14 @@ is configured, so CPU machines never load it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.config import EngineSection
+from runtime.config import EngineSection, format_cpu_list, parse_cpu_list
 from runtime.errors import ConfigError
 
 # vLLM reads --gpu-memory-utilization as a fraction; rounding down keeps it under the cap.
@@ -75,6 +78,53 @@ def compute(engine: EngineSection) -> MemoryCaps:
     # The smallest visible device bounds what every tensor-parallel rank may use.
     cap, utilization = gpu_caps(engine.gpu_memory_limit, min(device_totals()))
     return MemoryCaps(cpu_bytes=engine.max_rss_bytes, gpu_bytes=cap, gpu_utilization=utilization)
+
+
+@dataclass(frozen=True)
+class CpuPlacement:
+    """vLLM's CPU build spins its OpenMP threads while it generates: anything else on their
+    CPUs (the front, its TLS and JSON) preempts them and stalls every step. Measured in
+    `benchmarks/front_bench.py --pin`; the README has the numbers."""
+
+    engine: frozenset[int]  # the engine's compute threads (VLLM_CPU_OMP_THREADS_BIND)
+    front: frozenset[int]  # every thread of harness, once the engine has started
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "engine_cpus": format_cpu_list(self.engine),
+            "front_cpus": format_cpu_list(self.front),
+        }
+
+
+def cpu_placement(engine: EngineSection, available: set[int]) -> CpuPlacement | None:
+    """The placement for `engine.cpus` among the CPUs harness may use (its affinity, the
+    container's cpuset); None when unset. Pure."""
+    if engine.cpus is None:
+        return None
+    wanted = parse_cpu_list(engine.cpus)
+    missing = wanted - available
+    if missing:
+        raise ConfigError(
+            f"engine.cpus {engine.cpus}: CPU {format_cpu_list(missing)} is not available to "
+            f"harness, which may use CPU {format_cpu_list(available)}",
+            fix="choose engine.cpus among those (the container's cpuset or taskset)",
+        )
+    front = frozenset(available) - wanted
+    if not front:
+        raise ConfigError(
+            f"engine.cpus {engine.cpus} takes every CPU harness may use; the front needs one",
+            fix="leave at least one CPU out of engine.cpus, or unset it",
+        )
+    return CpuPlacement(engine=wanted, front=front)
+
+
+def place_front(placement: CpuPlacement) -> None:
+    """Move every thread of harness onto the front's CPUs; threads started later inherit it.
+    Called once the engine has been started, so that the engine keeps the full set and can
+    bind its compute threads to theirs."""
+    for task in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(task), placement.front)
 
 
 @functools.cache  # nvmlInit once per process: it counts references

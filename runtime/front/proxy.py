@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from runtime import telemetry
 from runtime.config import FrontSection, LimitsSection
 from runtime.front import limits as request_limits
 from runtime.front.admission import Admission, retry_after_header
 from runtime.front.limits import Rejected
+from runtime.front.upstream import EngineBrokeOff, EngineClient, EngineUnavailable, Response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -106,23 +105,14 @@ class FrontApp:
         self.limits = limits
         self.served_name = served_name
         self.admission = admission or Admission.from_config(front)
-        self.client: httpx.AsyncClient | None = None
+        self.client: EngineClient | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
-    def _open_client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(self.engine_socket)),
-            base_url="http://engine",
-            # No read timeout: generation streams for as long as the engine generates.
-            timeout=httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
-        )
-
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.client = self._open_client()
+                self.client = EngineClient(str(self.engine_socket))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.client is not None:
@@ -259,47 +249,41 @@ class FrontApp:
             headers = [(k, v) for k, v in headers if k != b"content-type"]
             headers.append((b"content-type", b"application/json"))
         headers.append((b"x-request-id", request_id.encode()))
-        request = self.client.build_request(
-            scope["method"], route.decode(), headers=headers, content=body
-        )
         try:
-            upstream = await self.client.send(request, stream=True)
-        except httpx.TransportError:
+            upstream = await self.client.request(scope["method"], route.decode(), headers, body)
+        except EngineUnavailable:
             raise Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
         relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
         disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            # A client that leaves cancels generation: closing the upstream stream makes
+            # A client that leaves cancels generation: closing the upstream connection makes
             # vLLM abort the request instead of generating into the void.
+            disconnect.cancel()
             if not relay.done():
                 relay.cancel()
-            disconnect.cancel()
-            await upstream.aclose()
+                await asyncio.wait({relay})  # let it unwind: its outcome is read below
+            upstream.aclose()
         if relay.cancelled():
             return 499
-        if isinstance(relay.exception(), httpx.HTTPError):
+        if isinstance(relay.exception(), EngineBrokeOff):
             # The engine broke off mid-response; the client sees a truncated stream.
             return 502
         relay.result()
         return upstream.status_code
 
-    async def _relay(self, upstream: httpx.Response, send: Send, request_id: str) -> None:
+    async def _relay(self, upstream: Response, send: Send, request_id: str) -> None:
         headers = [
-            (k.lower(), v)
-            for k, v in upstream.headers.raw
-            if k.lower() not in HOP_BY_HOP and k.lower() != b"x-request-id"
+            (k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != b"x-request-id"
         ]
         headers.append((b"x-request-id", request_id.encode()))
         await send(
             {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
         )
         # Chunk by chunk: a server-sent-event stream is never buffered whole.
-        async for chunk in upstream.aiter_raw():
-            if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async for chunk, more in upstream.chunks():
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
