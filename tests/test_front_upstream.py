@@ -186,6 +186,23 @@ def test_no_response_head_is_engine_unavailable(tmp_path: Path, reply: bytes) ->
     run(tmp_path, handler, scenario)
 
 
+def test_an_oversized_response_head_is_refused(tmp_path: Path) -> None:
+    """The engine is not trusted: a head that never ends is not buffered without bound."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for n in range(upstream.MAX_HEAD_BYTES // 1000 + 2):
+            writer.write(b"x-filler-%d: %s\r\n" % (n, b"a" * 1000))
+        await writer.drain()
+
+    async def scenario(client: EngineClient) -> None:
+        with pytest.raises(EngineUnavailable, match="response head is over"):
+            await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
+
+    run(tmp_path, handler, scenario)
+
+
 def test_no_engine_listening_is_engine_unavailable(tmp_path: Path) -> None:
     async def main() -> None:
         client = EngineClient(str(tmp_path / "missing.sock"))

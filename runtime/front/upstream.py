@@ -1,12 +1,14 @@
 """The front's client to the engine: HTTP/1.1 over the engine's Unix socket, with keep-alive.
 
-A general HTTP client was half of the front's CPU per request (httpx, measured with py-spy in
-`benchmarks/front_bench.py --stand-in`), and every millisecond the front spends is taken from the
-engine's compute threads on a small node. This client does only what the front needs: the
-front writes requests it built itself (a constant path from the route allowlist, its own
-headers, the body it checked), so writing them is one line; responses are parsed by httptools
-(llhttp, the parser uvicorn uses), which also undoes chunked encoding. Response bodies are handed
-on chunk by chunk as they arrive; a slow client pauses reading from the engine.
+A general HTTP client was half of the front's CPU per request (httpx, measured with py-spy;
+`benchmarks/front_bench.py --engine stand-in` has the numbers), and every millisecond the front
+spends is taken from the engine's compute threads on a small node. This client does only what
+the front needs: the front writes requests it built itself (a constant path from the route
+allowlist, its own headers, the body it checked), so writing them is one line; responses are
+parsed by httptools (llhttp, the parser uvicorn uses), which also undoes chunked encoding.
+Response bodies are handed on as they arrive; a slow client pauses reading from the engine.
+The engine is not trusted: a response head over MAX_HEAD_BYTES is refused, and a body must be
+framed by content-length or chunked encoding (vLLM's always are).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ HIGH_WATER = 256 * 1024
 # The engine closes idle connections after KEEP_ALIVE_S (harness sets it); reusing one close
 # to that would race the engine's close, and a completion is not safe to retry.
 IDLE_REUSE_S = KEEP_ALIVE_S / 2
+# A response head larger than this is not HTTP from vLLM (h11's default limit is 16 KiB).
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class EngineUnavailable(Exception):
@@ -43,6 +47,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
+        self.head_bytes = 0
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.paused = False
@@ -61,7 +66,9 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(EngineBrokeOff(f"bad HTTP from the engine: {exc}"))
+            # An exception in a callback arrives wrapped, with the callback's as its context.
+            cause = exc.__context__ if isinstance(exc.__context__, EngineBrokeOff) else None
+            self._fail(cause or EngineBrokeOff(f"bad HTTP from the engine: {exc}"))
             assert self.transport is not None
             self.transport.abort()
 
@@ -75,6 +82,9 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES:
+            raise EngineBrokeOff(f"the engine's response head is over {MAX_HEAD_BYTES} bytes")
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -110,6 +120,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.head = asyncio.get_running_loop().create_future()
         self.headers = []
+        self.head_bytes = 0
         self.complete = self.keep_alive = False
         self.transport.write(request)
         return self.head
