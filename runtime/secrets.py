@@ -133,26 +133,38 @@ def load(
             fix="mount an in-memory volume there (Kubernetes: emptyDir medium Memory, the "
             "Vault Agent injector, or the Secrets Store CSI driver)",
         )
-    secrets: dict[str, Secret] = {}
-    euid = os.geteuid()
-    for entry in sorted(os.scandir(_version_dir(resolved)), key=lambda e: e.name):
-        if entry.name.startswith("."):  # the kubelet's and CSI driver's ..data / ..<time>
-            continue
-        st = entry.stat(follow_symlinks=False)
-        check_file(entry.name, st, section.max_file_bytes, euid)
-        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, section.max_file_bytes + 1)
-        finally:
-            os.close(fd)
-        for key, value in parse(entry.name, data).items():
-            secrets[key] = Secret(key, value)
+    try:
+        secrets = _read_all(_version_dir(resolved), section.max_file_bytes)
+    except FileNotFoundError as exc:
+        # The kubelet removes the previous version right after swapping ..data.
+        raise SecretsError(
+            f"secrets.dir {root}: {exc.filename} went away while it was read (a rotation)",
+            fix="start again: the next start reads the new version",
+        ) from None
     for required in section.required:
         if required not in secrets:
             raise SecretsError(
                 f"secret {required} is missing from {root}",
                 fix="check the Vault template or the CSI SecretProviderClass",
             )
+    return secrets
+
+
+def _read_all(folder: str, max_bytes: int) -> dict[str, Secret]:
+    secrets: dict[str, Secret] = {}
+    euid = os.geteuid()
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):  # the kubelet's and CSI driver's ..data / ..<time>
+            continue
+        st = entry.stat(follow_symlinks=False)
+        check_file(entry.name, st, max_bytes, euid)
+        fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, max_bytes + 1)
+        finally:
+            os.close(fd)
+        for key, value in parse(entry.name, data).items():
+            secrets[key] = Secret(key, value)
     return secrets
 
 

@@ -121,6 +121,25 @@ def test_a_kubernetes_secret_volume_out_of_shape_is_refused(
     assert needle in info.value.message and info.value.exit_code == 4
 
 
+def test_a_version_removed_while_read_is_a_clear_refusal(
+    shm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet deletes the old version right after swapping ..data: if that happens
+    between finding the version and reading it, the start fails with exit 4, not a trace."""
+    _kubelet_volume(shm_dir, {"key": "v"})
+    real = secrets._version_dir
+
+    def swapped_away(root: str) -> str:
+        folder = real(root)
+        shutil.rmtree(folder)
+        return folder
+
+    monkeypatch.setattr(secrets, "_version_dir", swapped_away)
+    with pytest.raises(SecretsError, match="went away while it was read") as info:
+        secrets.load(SecretsSection(dir=shm_dir))
+    assert info.value.exit_code == 4
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
 def test_secret_owned_by_another_user_is_refused(shm_dir: Path) -> None:
     os.chown(_write(shm_dir / "k", "x"), 12345, 12345)

@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run the front on uvloop: its transports and TLS records are handled in C, which cuts
-    the front's CPU per request (`benchmarks/front_bench.py --stand-in`)."""
+    the front's CPU per request (`benchmarks/front_bench.py --engine stand-in`)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
 
