@@ -200,7 +200,9 @@ class EngineSection(_Section):
     gpu_memory_limit: int | float | None = None
     # CPUs for the engine's compute threads, as a Linux CPU list ("1", "2-7", "2-5,8"): vLLM's
     # OpenMP threads are bound to them (VLLM_CPU_OMP_THREADS_BIND) and harness keeps the front
-    # on the other CPUs it may use. Unset: vLLM picks its own, and the front runs anywhere.
+    # on the other CPUs it may use. "auto": the front gets the last CPU harness may use and the
+    # engine the others (CPU numbers in a pod's cpuset are not known in advance). Unset: vLLM
+    # picks its own, and the front runs anywhere.
     cpus: str | None = None
 
     @field_validator("cpus")
@@ -210,6 +212,8 @@ class EngineSection(_Section):
             return None
         if info.data.get("device") != "cpu":
             raise ValueError('applies to device = "cpu" only')
+        if value == "auto":
+            return value
         return format_cpu_list(parse_cpu_list(value))
 
     @field_validator("gpu_memory_limit")
@@ -218,7 +222,7 @@ class EngineSection(_Section):
         if value is None:
             return None
         if info.data.get("device") != "cuda":
-            raise ValueError("applies to device = \"cuda\" only")
+            raise ValueError('applies to device = "cuda" only')
         if isinstance(value, bool) or (isinstance(value, int) and value < 1 << 20):
             raise ValueError("bytes (an integer of at least 1 MiB), or a fraction such as 0.8")
         if isinstance(value, float) and not 0 < value <= 1:
@@ -285,9 +289,7 @@ class TelemetrySection(_Section):
     # client certificate whose key is a file name in secrets.dir.
     otlp_ca: ConfigPath | None = None
     otlp_client_cert: ConfigPath | None = None
-    otlp_client_key_file: str | None = Field(
-        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
-    )
+    otlp_client_key_file: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     export_interval_s: float = Field(default=10.0, gt=0, le=3600)
     export_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
@@ -324,7 +326,7 @@ def parse_cpu_list(text: str) -> frozenset[int]:
     for part in text.replace(" ", "").split(","):
         low, dash, high = part.partition("-")
         if not low.isdigit() or (dash and not high.isdigit()):
-            raise ValueError(f"{text!r} is not a CPU list such as \"1\", \"2-7\" or \"2-5,8\"")
+            raise ValueError(f'{text!r} is not "auto" or a CPU list such as "1", "2-7" or "2-5,8"')
         first, last = int(low), int(high) if dash else int(low)
         if last < first or last >= 4096:
             raise ValueError(f"{part!r} is not a CPU range")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -74,10 +73,9 @@ class Servers:
 
     def shared(self) -> Harness:
         if self._shared is None or not self._shared.alive():
-            # As a deployment should run: the engine's compute threads on a CPU of their own
-            # (engine.cpus), where there are two or more.
-            cpus = sorted(os.sched_getaffinity(0))
-            self._shared = self.start([f'engine.cpus="{cpus[-1]}"'] if len(cpus) > 1 else [])
+            # As a deployment should run: the engine's compute threads on CPUs of their own
+            # (engine.cpus), the front on the last one, where there are two or more.
+            self._shared = self.start(['engine.cpus="auto"'])
             self._shared.wait_ready()
         return self._shared
 

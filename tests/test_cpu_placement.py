@@ -29,10 +29,10 @@ def test_cpu_lists_are_parsed_and_normalised(text: str, normalised: str) -> None
 @pytest.mark.parametrize(
     ("value", "needle"),
     [
-        ('"two"', "is not a CPU list"),
-        ('"1-"', "is not a CPU list"),
+        ('"two"', 'is not "auto" or a CPU list'),
+        ('"1-"', 'is not "auto" or a CPU list'),
         ('"7-3"', "is not a CPU range"),
-        ('""', "is not a CPU list"),
+        ('""', 'is not "auto" or a CPU list'),
         ("1", "string"),
     ],
 )
@@ -55,6 +55,14 @@ def test_placement_splits_the_available_cpus() -> None:
     assert resources.cpu_placement(_cfg().engine, {0, 1}) is None
 
 
+def test_auto_gives_the_front_the_last_cpu_and_the_engine_the_rest() -> None:
+    auto = _cfg(cpus="auto").engine
+    assert auto.cpus == "auto"
+    placement = resources.cpu_placement(auto, {4, 5, 6, 7})
+    assert placement == resources.CpuPlacement(engine=frozenset({4, 5, 6}), front=frozenset({7}))
+    assert resources.cpu_placement(auto, {3}) is None  # one CPU: nothing to split
+
+
 def test_cpus_outside_the_allowed_set_are_refused() -> None:
     with pytest.raises(ConfigError) as info:
         resources.cpu_placement(_cfg(cpus="1-3").engine, {0, 1})
@@ -68,11 +76,17 @@ def test_the_front_must_keep_a_cpu() -> None:
     assert "leave at least one CPU" in info.value.fix
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")
 def test_the_engine_is_told_its_cpus_and_passthrough_cannot_change_them() -> None:
-    cfg = _cfg(cpus="1", env_passthrough=["VLLM_CPU_OMP_THREADS_BIND"])
-    env = build_plan(cfg, RuntimePaths(Path("/run/h")), {"VLLM_CPU_OMP_THREADS_BIND": "0"}).env
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in build_plan(_cfg(), RuntimePaths(Path("/r")), {}).env
+    cpus = sorted(os.sched_getaffinity(0))
+    paths = RuntimePaths(Path("/run/h"))
+    passthrough = ["VLLM_CPU_OMP_THREADS_BIND"]
+    parent = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    explicit = build_plan(_cfg(cpus=str(cpus[0]), env_passthrough=passthrough), paths, parent)
+    assert explicit.env["VLLM_CPU_OMP_THREADS_BIND"] == str(cpus[0])
+    auto = build_plan(_cfg(cpus="auto"), paths, parent).env["VLLM_CPU_OMP_THREADS_BIND"]
+    assert config.parse_cpu_list(auto) == set(cpus[:-1])
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in build_plan(_cfg(), paths, {}).env
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config import SECRET_LIKE, Config
-from runtime.engine.resources import MemoryCaps
+from runtime.config import SECRET_LIKE, Config, format_cpu_list
+from runtime.engine.resources import MemoryCaps, cpu_placement
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM asks for a few ports from VLLM_PORT up (torch.distributed's store, data parallel).
@@ -137,8 +137,9 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
         "PYTHONDONTWRITEBYTECODE": "1",
         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S),
     }
-    if eng.cpus is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = eng.cpus  # normalised by the config
+    placement = cpu_placement(eng, os.sched_getaffinity(0))
+    if placement is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpu_list(placement.engine)
     for name in eng.env_passthrough:
         # Config validation already refuses secret-like names; check again at the boundary.
         if name in parent_env and not SECRET_LIKE.search(name) and name not in env:

@@ -98,9 +98,14 @@ class CpuPlacement:
 
 def cpu_placement(engine: EngineSection, available: set[int]) -> CpuPlacement | None:
     """The placement for `engine.cpus` among the CPUs harness may use (its affinity, the
-    container's cpuset); None when unset. Pure."""
+    container's cpuset); None when unset, or `auto` with one CPU. Pure."""
     if engine.cpus is None:
         return None
+    if engine.cpus == "auto":
+        if len(available) < 2:
+            return None  # one CPU: nothing to split
+        wanted = frozenset(available) - {max(available)}
+        return CpuPlacement(engine=wanted, front=frozenset(available) - wanted)
     wanted = parse_cpu_list(engine.cpus)
     missing = wanted - available
     if missing:
