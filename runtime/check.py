@@ -103,7 +103,11 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
         "engine": {
             "argv": list(plan.argv),
             "device": cfg.engine.device,
-            "cpus": placement.describe() if placement else "chosen by vLLM; the front anywhere",
+            "cpus": placement.describe()
+            if placement
+            else "auto: one CPU, nothing to split"
+            if cfg.engine.cpus == "auto"
+            else "chosen by vLLM; the front anywhere",
         },
     }
 

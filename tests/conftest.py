@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,15 @@ def demo_dir() -> Iterator[Path]:
     yield root
     shutil.rmtree(assets.secrets_dir(root), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def shm_dir() -> Iterator[Path]:
+    """A private (0700) folder on tmpfs, where secrets may live; removed after the test."""
+    path = Path("/dev/shm") / f"harness-test-{os.getpid()}-{os.urandom(4).hex()}"
+    path.mkdir(mode=0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

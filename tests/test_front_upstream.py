@@ -54,7 +54,7 @@ def run(tmp_path: Path, handler: Handler, scenario: Callable[[EngineClient], Awa
             async with asyncio.timeout(20):
                 await scenario(client)
         finally:
-            await client.aclose()
+            client.close()
             server.close()
 
     asyncio.run(main())
@@ -80,10 +80,10 @@ def test_requests_are_written_exactly_and_share_one_connection(tmp_path: Path) -
             assert response.status_code == 200
             assert (b"content-type", b"application/json") in response.headers
             assert json.loads(await read_all(response)) == {"n": n}
-            response.aclose()
+            response.close()
         response = await client.request("GET", "/v1/models", [], b"")
         await read_all(response)
-        response.aclose()
+        response.close()
 
     run(tmp_path, handler, scenario)
     assert connections == 1
@@ -118,10 +118,10 @@ def test_chunked_body_is_handed_on_as_it_arrives(tmp_path: Path) -> None:
         rest = [part async for part in parts]
         assert b"".join(p for p, _ in rest) == b"data: 2\n\ndata: [DONE]\n\n"
         assert rest[-1][1] is False  # the last piece says so
-        response.aclose()
+        response.close()
         again = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         assert await read_all(again) == b"{}"
-        again.aclose()
+        again.close()
 
     run(tmp_path, handler, scenario)
 
@@ -134,7 +134,7 @@ def test_a_whole_response_goes_out_as_one_last_piece(tmp_path: Path) -> None:
     async def scenario(client: EngineClient) -> None:
         response = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         assert [part async for part in response.chunks()] == [(b'{"ok":true}', False)]
-        response.aclose()
+        response.close()
 
     run(tmp_path, handler, scenario)
 
@@ -159,10 +159,10 @@ def test_engine_breaking_off_mid_response_raises_and_the_connection_is_dropped(
         response = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         with pytest.raises(EngineBrokeOff):
             await read_all(response)
-        response.aclose()
+        response.close()
         again = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         assert await read_all(again) == b"{}"
-        again.aclose()
+        again.close()
 
     run(tmp_path, handler, scenario)
     assert connections == 2
@@ -233,11 +233,11 @@ def test_an_abandoned_response_closes_its_connection(tmp_path: Path) -> None:
     async def scenario(client: EngineClient) -> None:
         response = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         assert await anext(response.chunks()) == (b"data: 1\n\n", True)
-        response.aclose()
+        response.close()
         await asyncio.wait_for(engine_saw_eof.wait(), 5)
         again = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
         assert await read_all(again) == b"{}"
-        again.aclose()
+        again.close()
 
     run(tmp_path, handler, scenario)
     assert connections == 2
@@ -271,7 +271,7 @@ def test_a_slow_reader_stops_reading_from_the_engine(tmp_path: Path) -> None:
         async for part, _ in parts:
             received += len(part)
         assert received == total
-        response.aclose()
+        response.close()
 
     run(tmp_path, handler, scenario)
 
@@ -303,7 +303,7 @@ def test_idle_connections_are_reused_only_while_fresh(
         for pause in (0.2, 0.5, 0.0):
             response = await client.request("POST", "/v1/completions", JSON_HEADERS, BODY)
             assert await read_all(response) == b"{}"
-            response.aclose()
+            response.close()
             await asyncio.sleep(pause)
 
     run(tmp_path, handler, scenario)

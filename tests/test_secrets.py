@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,14 +18,6 @@ from runtime.config import SecretsSection
 from runtime.demo import assets
 from runtime.errors import SecretsError
 from tests.support import REPO
-
-
-@pytest.fixture()
-def shm_dir() -> Iterator[Path]:
-    path = Path("/dev/shm") / f"harness-test-{os.getpid()}-{os.urandom(4).hex()}"
-    path.mkdir(mode=0o700)
-    yield path
-    shutil.rmtree(path)
 
 
 def _write(path: Path, data: str, mode: int = 0o400) -> Path:

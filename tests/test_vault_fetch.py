@@ -17,7 +17,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import ssl
 import stat
 import subprocess
@@ -192,11 +191,8 @@ def vault(tls: Pki) -> Iterator[VaultStandIn]:
 
 
 @pytest.fixture()
-def out() -> Iterator[Path]:
-    path = Path("/dev/shm") / f"harness-vault-test-{os.getpid()}-{os.urandom(4).hex()}"
-    path.mkdir(mode=0o700)
-    yield path
-    shutil.rmtree(path)
+def out(shm_dir: Path) -> Path:
+    return shm_dir  # fetched secrets go to tmpfs
 
 
 @pytest.fixture()

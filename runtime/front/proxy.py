@@ -116,7 +116,7 @@ class FrontApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.client is not None:
-                    await self.client.aclose()
+                    self.client.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -264,7 +264,7 @@ class FrontApp:
             if not relay.done():
                 relay.cancel()
                 await asyncio.wait({relay})  # let it unwind: its outcome is read below
-            upstream.aclose()
+            upstream.close()
         if relay.cancelled():
             return 499
         if isinstance(relay.exception(), EngineBrokeOff):

@@ -153,7 +153,7 @@ class _Connection(asyncio.Protocol):
 
 
 class Response:
-    """A response head; the body follows through `chunks()`. Always `aclose()` it."""
+    """A response head; the body follows through `chunks()`. Always `close()` it."""
 
     def __init__(self, client: EngineClient, conn: _Connection) -> None:
         self._client = client
@@ -172,7 +172,7 @@ class Response:
                 return
         yield b"", False
 
-    def aclose(self) -> None:
+    def close(self) -> None:
         """Back to the pool when the whole response was read; otherwise the connection is
         closed, which makes vLLM abort the request instead of generating into the void."""
         if self._closed:
@@ -243,6 +243,6 @@ class EngineClient:
         if conn.transport is not None and not conn.transport.is_closing():
             conn.transport.close()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         while self._idle:
             self._discard(self._idle.pop())
