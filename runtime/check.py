@@ -120,7 +120,6 @@ def _privileges(cfg: config_mod.Config) -> dict[str, Any]:
         "gid": drop.gid if drop.gid is not None else os.getegid(),
         "capabilities": "none (bounding, ambient, inheritable, permitted, effective)",
         "no_new_privs": True,
-        "dumpable": False,
         "rlimits": {"core": 0},
     }
 

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from runtime import config as config_mod
+from runtime.sandbox import seccomp
 from tests.support import REPO
 
 SCAN = REPO / ".venv-scan"
@@ -427,6 +428,17 @@ def test_shipped_config_validates_and_matches_the_deployment(
     secrets_dir = "/vault/secrets" if overlay == "vault-agent" else "/run/secrets/harness"
     assert str(cfg.secrets.dir) == secrets_dir
     assert str(cfg.front.tls.key).startswith(secrets_dir + "/")
+    # The engine's seccomp profile is one the image ships (the Containerfiles copy seccomp/
+    # to /usr/share/harness/seccomp), and it compiles in the configured mode.
+    assert cfg.sandbox.seccomp in ("enforce", "complain")
+    shipped = seccomp.shipped_profiles()[-1]
+    path = seccomp.profile_path(cfg)
+    if cfg.sandbox.seccomp_profile is not None:
+        assert path.parent == shipped, "a profile outside the image"
+        for containerfile in CONTAINERFILES:
+            assert f"COPY seccomp/ {shipped}/" in containerfile.read_text()
+        path = REPO / "seccomp" / path.name
+    seccomp.compile_profile(seccomp.load_profile(path), cfg.sandbox.seccomp)
 
 
 # -- the images ----------------------------------------------------------------------------

@@ -94,13 +94,18 @@ DENIED = ["ptrace", "unshare", "mount", "io_uring_setup", "bpf", "udp", "packet"
 
 
 def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(open_tmp: Path) -> None:
-    run = sandboxed(open_tmp, "enforce", [*DENIED, "unix", "clone3", "thread"])
-    for probe in DENIED:
+    run = sandboxed(
+        open_tmp, "enforce", [*DENIED, "clone_newuser", "unix", "clone3", "thread", "fork"]
+    )
+    for probe in [*DENIED, "clone_newuser"]:
         assert run.results[probe] == -errno.EPERM, probe
-    # Positive controls: an allowed socket, and threads despite clone3 -> ENOSYS.
+    # Positive controls: an allowed socket, threads despite clone3 -> ENOSYS, and clone
+    # without a namespace flag.
     assert run.results["unix"] == 0
     assert run.results["clone3"] == -errno.ENOSYS
-    assert run.results["thread"] == 0
+    assert run.results["thread"] == 0 and run.results["fork"] == 0
+    (clone,) = run.named("clone")
+    assert clone["fixed_deny_list"] is True and clone["clone_namespace_flags"] == "0x10000000"
     for name in ("ptrace", "unshare", "mount", "io_uring_setup", "bpf"):
         (event,) = run.named(name)
         assert event["action"] == "refused_eperm" and event["fixed_deny_list"] is True
@@ -128,9 +133,24 @@ def test_complain_mode_lets_calls_through_and_reports_them(open_tmp: Path) -> No
     assert run.results["getpgid"] == 0
     (event,) = run.named("getpgid")
     assert event["action"] == "allowed" and event["mode"] == "complain"
-    # The fixed deny list is refused even when complaining.
+    # The fixed deny list is refused even when complaining, and so is a new namespace.
     assert run.results["ptrace"] == -errno.EPERM
     assert run.named("ptrace")[0]["action"] == "refused_eperm"
+
+
+def test_clone_into_a_new_namespace_is_refused_in_every_mode(open_tmp: Path) -> None:
+    """unshare(2) is on the deny list; clone(2) with a namespace flag does the same."""
+    control = sandboxed(open_tmp, "off", ["clone_newuser", "fork"])
+    if control.results["clone_newuser"] != 0:
+        pytest.skip(f"this kernel refuses user namespaces itself ({control.results})")
+    for mode in ("enforce", "complain"):
+        run = sandboxed(open_tmp, mode, ["clone_newuser", "clone_newnet", "fork"])
+        assert run.results["clone_newuser"] == -errno.EPERM, mode
+        assert run.results["clone_newnet"] == -errno.EPERM, mode
+        assert run.results["fork"] == 0, mode
+        assert {e["action"] for e in run.named("clone")} == {"refused_eperm"}
+    killed = sandboxed(open_tmp, "kill", ["fork", "clone_newuser", "fork"])
+    assert killed.returncode == -signal.SIGSYS and list(killed.results) == ["fork"]
 
 
 def test_getpgid_is_refused_under_enforce(open_tmp: Path) -> None:
@@ -282,6 +302,7 @@ def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> N
 _FRONT_CHILD = r"""
 import errno, json, socket, subprocess, threading
 from runtime.sandbox import front, seccomp
+from tests.sandbox_probe import PROBES
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -302,7 +323,9 @@ def early():  # started before the filter: TSYNC must cover it too
     seen["ptrace_in_early_thread"] = ptrace()
     done.set()
 threading.Thread(target=early).start()
+seen["clone_newuser_before"] = PROBES["clone_newuser"]()
 report = front.apply()
+seen["clone_newuser"] = PROBES["clone_newuser"]()
 go.set(); done.wait()
 try:
     subprocess.run(["/bin/true"], check=True)
@@ -319,14 +342,40 @@ print(json.dumps({"report": report, "seen": seen}))
 
 def test_front_filter_covers_every_thread_and_refuses_exec_and_raw_sockets() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", _FRONT_CHILD], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", _FRONT_CHILD], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     seen = out["seen"]
     assert seen["ptrace_in_early_thread"] == -errno.EPERM
     assert seen["exec"] == -errno.EPERM
+    assert seen["clone_newuser_before"] == 0 and seen["clone_newuser"] == -errno.EPERM
     assert seen["packet"] == -errno.EPERM and seen["raw"] == -errno.EPERM
     # What the front does keep working: TCP, and UDP (DNS for an OTLP collector's name).
     assert seen["tcp"] == 0 and seen["udp"] == 0
     assert "execve" in out["report"]["denied"] and "ptrace" in out["report"]["denied"]
+
+
+def test_cuda_engines_may_write_existing_files_under_proc() -> None:
+    """cuInit names the driver's threads through /proc/<pid>/task/<tid>/comm, opened with
+    O_TRUNC, and fails without it (tests/gpu/test_gpu_sandbox.py); the CPU engine may not."""
+    from runtime.config import Config
+
+    base: dict[str, Any] = {
+        "model": {"dir": "/models/m", "served_name": "demo", "unsafe_unsigned": True},
+        "front": {
+            "allowed_identities": ["x.example"],
+            "tls": {"cert": "/c", "key": "/k", "client_ca": "/ca"},
+        },
+    }
+    cuda = landlock.build(
+        Config.model_validate({**base, "engine": {"device": "cuda"}}), Path("/r"), []
+    )
+    cpu = landlock.build(Config.model_validate(base), Path("/r"), [])
+    assert cuda.write_files == ["/proc"] and cpu.write_files == []
+    assert "/proc" not in cuda.write
+    creates = (
+        landlock.FS_MAKE_REG | landlock.FS_MAKE_DIR | landlock.FS_REMOVE_FILE | landlock.FS_EXECUTE
+    )
+    assert landlock.WRITE_FILE & creates == 0
+    assert landlock.WRITE_FILE & landlock.FS_TRUNCATE

@@ -6,7 +6,7 @@ the engine's processes: vLLM's API server, EngineCore and workers share torch's 
 shared-memory buffers, which a sum of RSS would count once per process (several times the real
 use), while a sum of USS would miss them entirely. PSS splits each shared page among the
 processes that map it, so the sum counts it once. Where smaps cannot be read (harness not root
-and the engine not dumpable), RSS is used for that process, an overestimate, and the event says
+and the engine under another uid), RSS is used for that process, an overestimate, and the event says
 so. Files the engine writes to tmpfs (/dev/shm) are not mapped memory and not counted here; the
 pod's cgroup limit counts them.
 

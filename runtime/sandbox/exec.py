@@ -3,7 +3,7 @@ vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with
 prctl, Landlock and seccomp act on the calling thread.
 
 Order: network namespace -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
-capabilities, not dumpable -> seccomp -> report -> execve.
+capabilities -> seccomp -> report -> execve.
 
 Protocol: the plan arrives as JSON on the inherited fd `--plan-fd`. One JSON report goes back
 on the Unix socket `--report-fd`, then EOF; it carries the seccomp listener fd when there is

@@ -1,11 +1,11 @@
 """The front's own seccomp filter, installed on harness itself once the engine is ready.
 
-From then on harness only serves: it never starts another program, mounts, traces, loads BPF
-or opens raw sockets. A filter on every thread (TSYNC) refuses exactly that, with EPERM, and
-allows the rest: a deny list, not a profile, because the front's rarer paths (certificate
-rotation, OTLP export, drain) must not fail on a syscall a recording missed. The engine
-already runs and is not affected. Landlock is not applied to the front: it binds only the
-calling thread, and the front's threads are already running by then.
+From then on harness only serves: it never starts another program, mounts, traces, loads BPF,
+enters a new namespace or opens raw sockets. A filter on every thread (TSYNC) refuses exactly
+that, with EPERM, and allows the rest: a deny list, not a profile, because the front's rarer
+paths (certificate rotation, OTLP export, drain) must not fail on a syscall a recording
+missed. The engine already runs and is not affected. Landlock is not applied to the front: it
+binds only the calling thread, and the front's threads are already running by then.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ def apply() -> dict[str, Any]:
         if seccomp.syscall_number(name) is not None:
             flt.add_rule(eperm, name)
             denied.append(name)
+    # New namespaces through clone(2) (unshare is on the deny list already).
+    for bit in range(64):
+        if seccomp.CLONE_NAMESPACES & (1 << bit):
+            flt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 1 << bit, 1 << bit))
     # Raw and packet sockets: the front speaks TCP and Unix sockets only.
     flt.add_rule(eperm, "socket", pyseccomp.Arg(0, pyseccomp.EQ, _AF_PACKET))
     flt.add_rule(
@@ -49,5 +53,6 @@ def apply() -> dict[str, Any]:
         "threads": "all (TSYNC)",
         "denied": denied,
         "denied_sockets": ["AF_PACKET", "SOCK_RAW"],
+        "denied_clone_flags": hex(seccomp.CLONE_NAMESPACES),
         "no_new_privs": True,
     }

@@ -66,6 +66,8 @@ WRITE = (
 )
 # Device files the engine reads and writes (/dev/null for subprocesses; GPUs need ioctls).
 DEVICE = FS_READ_FILE | FS_WRITE_FILE | FS_IOCTL_DEV
+# Existing files the engine may write (and truncate: fopen "w"), never create or remove.
+WRITE_FILE = FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -112,6 +114,7 @@ class LandlockPlan:
     write: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     tcp_ports: list[int] = field(default_factory=list)
+    write_files: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,14 +139,21 @@ def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan
     shm = "/dev/shm"  # noqa: S108 - a fixed system path, not a temp file name
     write = [str(runtime_root), shm, *(str(p) for p in cfg.sandbox.extra_write_paths)]
     devices = list(DEVICES)
+    write_files: list[str] = []
     if cfg.engine.device == "cuda":
         devices += sorted(glob.glob("/dev/nvidia*"))
+        # cuInit names the driver's threads through /proc/<pid>/task/<tid>/comm and fails
+        # with CUDA_ERROR_OPERATING_SYSTEM when it cannot. Landlock rules bind inodes, and
+        # vLLM's workers are processes started later: only /proc itself covers their pids.
+        # The files' owners and modes still decide which of them the engine may write.
+        write_files.append("/proc")
     return LandlockPlan(
         mode=cfg.sandbox.landlock,
         read=list(dict.fromkeys(read)),
         write=write,
         devices=devices,
         tcp_ports=sorted({*cfg.sandbox.allowed_tcp_ports, *tcp_ports}),
+        write_files=write_files,
     )
 
 
@@ -174,6 +184,7 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
             (plan["read"], READ),
             (plan["write"], WRITE),
             (plan["devices"], DEVICE),
+            (plan.get("write_files", []), WRITE_FILE),
         ):
             for path in paths:
                 if not _add_path(ruleset, path, access & fs_mask):
@@ -198,6 +209,7 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
             "read_execute": plan["read"],
             "write": plan["write"],
             "devices": plan["devices"],
+            "write_files": plan.get("write_files", []),
             "missing_paths": skipped,
         },
         "tcp": {

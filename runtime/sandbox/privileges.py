@@ -2,9 +2,12 @@
 
 Order (each step needs what the next one removes): rlimits -> no_new_privs -> (Landlock) ->
 drop the bounding set (needs CAP_SETPCAP, so before the uid change) -> setgroups/setresgid/
-setresuid -> clear ambient and inheritable capabilities -> not dumpable -> (seccomp).
+setresuid -> clear ambient and inheritable capabilities -> (seccomp).
 no_new_privs makes setuid binaries and file capabilities inert for the engine and everything
-it execs.
+it execs. The engine stays dumpable: execve resets the flag (its uid no longer changes at exec),
+and the CUDA driver must write its own /proc/<pid>/task/<tid>/comm, which a non-dumpable
+process does not own. RLIMIT_CORE 0 stops core files; the seccomp deny list stops ptrace and
+process_vm_*, and Landlock keeps its processes from tracing anything outside the sandbox.
 """
 
 from __future__ import annotations
@@ -60,7 +63,6 @@ def drop(plan: dict[str, Any]) -> dict[str, Any]:
         os.setresuid(plan["uid"], plan["uid"], plan["uid"])
     _linux.prctl(_linux.PR_CAP_AMBIENT, _linux.PR_CAP_AMBIENT_CLEAR_ALL)
     _linux.clear_capabilities()
-    _linux.prctl(_linux.PR_SET_DUMPABLE, 0)
     report.update(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), capabilities="none")
     return report
 

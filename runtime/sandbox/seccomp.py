@@ -59,7 +59,22 @@ FIXED_DENY = (
 )
 # glibc needs these whether or not a recording saw them: clone3 must fail with ENOSYS so that
 # glibc falls back to clone (EPERM would break thread creation); denying rseq aborts glibc.
+# clone only without CLONE_NAMESPACES (below).
 ALWAYS_ALLOW = ("clone", "rseq", "exit", "exit_group", "rt_sigreturn")
+# clone(2) with any of these flags is unshare(2) by another name: a new user namespace opens
+# kernel code that only its own "root" can reach, the usual way into the kernel. The engine's
+# clone is allowed only without them; with them it is on the fixed deny list. (clone3 keeps
+# its flags in memory seccomp cannot read: it is ENOSYS.) CLONE_NEWTIME is not among them: in
+# clone(2) its bit is the exit signal.
+CLONE_NAMESPACES = (
+    0x00020000  # CLONE_NEWNS
+    | 0x02000000  # CLONE_NEWCGROUP
+    | 0x04000000  # CLONE_NEWUTS
+    | 0x08000000  # CLONE_NEWIPC
+    | 0x10000000  # CLONE_NEWUSER
+    | 0x20000000  # CLONE_NEWPID
+    | 0x40000000  # CLONE_NEWNET
+)
 ENOSYS_ALWAYS = ("clone3",)
 # Stage 2 passes the listener fd to harness with sendmsg after the filter is loaded, before
 # anyone answers notifications: that call, and the memory management Python may do on the
@@ -243,6 +258,9 @@ def syscall_number(name: str) -> int | None:
     return number if number >= 0 else None
 
 
+_CLONE_NR = syscall_number("clone")
+
+
 def syscall_name(number: int) -> str:
     try:
         return pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, number).decode()
@@ -267,6 +285,15 @@ def _action_value(action: str, errno_ret: int) -> int:
 def _args(rule: Rule) -> list[Any]:
     # OCI's MASKED_EQ: value is the mask, valueTwo the datum; libseccomp takes them that way.
     return [pyseccomp.Arg(a.index, _OPS[a.op], a.value, a.value_two) for a in rule.args]
+
+
+def _no_namespaces() -> Any:
+    return pyseccomp.Arg(0, pyseccomp.MASKED_EQ, CLONE_NAMESPACES, 0)
+
+
+def creates_namespace(nr: int, args: Any) -> bool:
+    """A clone(2) call that asks for a namespace (the supervisor refuses it in every mode)."""
+    return nr == _CLONE_NR and bool(args[0] & CLONE_NAMESPACES)
 
 
 @dataclass
@@ -330,8 +357,12 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
     stub_from = None
     if fixed:
         for name in (*ALWAYS_ALLOW, *HANDOFF_ALLOW):
-            flt.add_rule(pyseccomp.ALLOW, name)
-            allowed.add(name)
+            if name == "clone":
+                flt.add_rule(pyseccomp.ALLOW, name, _no_namespaces())
+                conditional.add(name)
+            else:
+                flt.add_rule(pyseccomp.ALLOW, name)
+                allowed.add(name)
         for name in ENOSYS_ALWAYS:
             flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
         highest = max(highest, *(n for n in map(syscall_number, FIXED_DENY) if n is not None))
@@ -447,8 +478,9 @@ def profile_path(cfg: Any) -> Path:
         f"sandbox.seccomp_profile: no profile given and no shipped {name} "
         f"(looked in {', '.join(str(f) for f in shipped_profiles())})",
         fix=f"record one on this kind of machine with `harness profile --config FILE --out "
-        f"seccomp/{name}` and set sandbox.seccomp_profile, or set sandbox.seccomp = "
-        f'"complain" while you do',
+        f"seccomp/{name}` and set sandbox.seccomp_profile; while you do, sandbox.seccomp = "
+        f'"complain" with sandbox.seccomp_profile set to the nearest profile you have (such '
+        f"as engine-cpu.json) reports what that profile would refuse",
     )
 
 

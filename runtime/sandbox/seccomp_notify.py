@@ -90,6 +90,7 @@ class Supervisor(threading.Thread):
         self._names: dict[int, str] = {}
         self._last_event: dict[str, float] = {}
         self._pending: Counter[str] = Counter()
+        self._refused: set[str] = set()  # names refused so far, for the held-back counts
         self._socket_nr = seccomp.syscall_number(_SOCKET)
         self._stopping = threading.Event()
         # "startup" until the engine is ready: vLLM probes a few things while it starts
@@ -133,10 +134,11 @@ class Supervisor(threading.Thread):
             self.sockets.add((int(notif.data.args[0]), int(notif.data.args[1]) & 0xF))
         # The fixed deny list is refused in every mode, so that a recording behaves as
         # enforcement will.
-        refuse = self.mode == "enforce" or nr in self.deny
+        fixed = nr in self.deny or seccomp.creates_namespace(nr, notif.data.args)
+        refuse = self.mode == "enforce" or fixed
         resp = _Resp(id=notif.id)
         if refuse:
-            resp.error = -(self.errno_ret if nr not in self.deny else errno.EPERM)
+            resp.error = -(errno.EPERM if fixed else self.errno_ret)
         else:
             resp.flags = _FLAG_CONTINUE
         try:
@@ -145,9 +147,9 @@ class Supervisor(threading.Thread):
             if exc.errno != errno.ENOENT:  # ENOENT: the caller is gone
                 raise
         if self.mode != "record":
-            self._violation(nr, notif, refused=refuse)
+            self._violation(nr, notif, refused=refuse, fixed=fixed)
 
-    def _violation(self, nr: int, notif: _Notif, *, refused: bool) -> None:
+    def _violation(self, nr: int, notif: _Notif, *, refused: bool, fixed: bool) -> None:
         name = self._names.get(nr) or self._names.setdefault(nr, seccomp.syscall_name(nr))
         self.violations[name] += 1
         now = time.monotonic()
@@ -162,12 +164,16 @@ class Supervisor(threading.Thread):
             "mode": self.mode,
             "phase": self.phase,
             "action": "refused_eperm" if refused else "allowed",
-            "fixed_deny_list": nr in self.deny,
+            "fixed_deny_list": fixed,
             "suppressed_since_last": self._pending.pop(name, 0),
         }
         if nr == self._socket_nr:
             record["socket_domain"] = int(notif.data.args[0])
             record["socket_type"] = int(notif.data.args[1]) & 0xF
+        elif fixed and nr not in self.deny:  # clone asking for a namespace
+            record["clone_namespace_flags"] = hex(notif.data.args[0] & seccomp.CLONE_NAMESPACES)
+        if refused:
+            self._refused.add(name)
         if self.report is not None:
             self.report(record)
 
@@ -183,7 +189,7 @@ class Supervisor(threading.Thread):
                         {
                             "syscall": name,
                             "mode": self.mode,
-                            "action": "refused_eperm" if self.mode == "enforce" else "allowed",
+                            "action": "refused_eperm" if name in self._refused else "allowed",
                             "repeated": count,
                         }
                     )

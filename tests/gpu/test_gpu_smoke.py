@@ -53,9 +53,12 @@ if REASON:
 @pytest.fixture(scope="module")
 def gpu_harness(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     overrides = ['engine.device="cuda"', f"engine.gpu_memory_limit={GPU_MEMORY_FRACTION}"]
-    if not (Path(__file__).parents[2] / "seccomp" / "engine-cuda.json").is_file():
-        # No CUDA profile recorded yet: report what it would refuse instead of refusing it.
-        overrides.append('sandbox.seccomp="complain"')
+    profiles = Path(__file__).parents[2] / "seccomp"
+    if not (profiles / "engine-cuda.json").is_file():
+        # No CUDA profile recorded yet: report what the CPU engine's profile would refuse
+        # instead of refusing it (complain mode still needs a profile to compare against).
+        cpu = profiles / "engine-cpu.json"
+        overrides += ['sandbox.seccomp="complain"', f'sandbox.seccomp_profile="{cpu}"']
     harness = Harness(demo_dir / assets.CONFIG_NAME, tmp_path_factory.mktemp("gpu"), overrides)
     try:
         harness.wait_ready()
