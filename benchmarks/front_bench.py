@@ -1,17 +1,19 @@
 """The front's overhead: the same load through the front (mTLS) and straight to the engine's
 Unix socket, against the same real vLLM CPU engine, in one run.
 
-    .venv/bin/python benchmarks/front_bench.py [--requests 50] [--rounds 8] [--concurrency 1 4 8]
-                                               [--pin] [--engine vllm|stand-in]
+    .venv/bin/python benchmarks/front_bench.py [--requests N] [--rounds 40] [--concurrency 1 4 8]
+                                               [--pin] [--keep-awake] [--engine vllm|stand-in]
 
 Non-streamed and streamed completions (fixed 16 tokens, ignore_eos) at several concurrencies;
-direct and front runs alternate, round by round (which goes first alternates too), and each
+direct and front runs alternate in short rounds (which goes first alternates too), and each
 path's requests and time are pooled over the rounds. `--pin` gives the engine's compute
 threads a CPU of their own (engine.cpus) and keeps the front and the load generator on the
-others, as a deployment should.
-Reports throughput ratio (front / direct), the added p50/p99 latency, and the CPU time harness
-(the front) spent per request. Goals: ratio >= 0.97, added p50 <= 1 ms for non-streamed
-requests. `--engine stand-in` replaces vLLM with an engine that answers at once
+others, as a deployment should. `--keep-awake` keeps idle virtual CPUs from halting (see
+keep_awake()).
+Reports throughput ratio (front / direct), the added p50/p99 latency, 95 % intervals of the
+ratio and the added p50 (a bootstrap over whole rounds), and the CPU time harness (the front)
+spent per request. Goals: ratio >= 0.97, added p50 <= 1 ms for non-streamed requests.
+`--engine stand-in` replaces vLLM with an engine that answers at once
 (benchmarks/stand_in_engine.py), so that what remains is the front's own cost.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -111,36 +114,75 @@ async def bench(
             await run_load(client, "/v1/completions", 10, 2, False)
         for stream in (False, True):
             for concurrency in args.concurrency:
-                elapsed = {"direct": 0.0, "front": 0.0}
-                latencies: dict[str, list[float]] = {"direct": [], "front": []}
-                ratios: list[float] = []
+                rounds: list[Round] = []
+                requests = args.requests or max(10, 3 * concurrency)
                 front_cpu = 0.0
                 for round_ in range(args.rounds):
                     # Alternate which path goes first: the engine's own speed drifts.
                     order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
-                    rps: dict[str, float] = {}
+                    this = Round()
                     for name in order:
                         cpu = _cpu_seconds(harness)
-                        rps[name], lat = await run_load(
-                            clients[name], "/v1/completions", args.requests, concurrency, stream
+                        rps, lat = await run_load(
+                            clients[name], "/v1/completions", requests, concurrency, stream
                         )
                         if name == "front":
                             front_cpu += _cpu_seconds(harness) - cpu
-                        elapsed[name] += args.requests / rps[name]
-                        latencies[name] += lat
-                    ratios.append(rps["front"] / rps["direct"])
-                total = args.requests * args.rounds
-                d_lat, f_lat = latencies["direct"], latencies["front"]
+                        this.elapsed[name] = requests / rps
+                        this.latencies[name] = lat
+                    rounds.append(this)
+                total = requests * args.rounds
+                ratios = [r.elapsed["direct"] / r.elapsed["front"] for r in rounds]
+                ratio_ci, p50_ci = bootstrap(rounds)
                 results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
-                    "direct_rps": round(total / elapsed["direct"], 1),
-                    "front_rps": round(total / elapsed["front"], 1),
-                    "throughput_ratio": round(elapsed["direct"] / elapsed["front"], 3),
+                    "direct_rps": round(total / sum(r.elapsed["direct"] for r in rounds), 1),
+                    "front_rps": round(total / sum(r.elapsed["front"] for r in rounds), 1),
+                    "throughput_ratio": round(pooled_ratio(rounds), 3),
+                    "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
                     "round_ratios": f"{min(ratios):.2f}-{max(ratios):.2f}",
-                    "added_p50_ms": round((pct(f_lat, 50) - pct(d_lat, 50)) * 1000, 3),
-                    "added_p99_ms": round((pct(f_lat, 99) - pct(d_lat, 99)) * 1000, 3),
+                    "added_p50_ms": round(added(rounds, 50) * 1000, 3),
+                    "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
+                    "added_p99_ms": round(added(rounds, 99) * 1000, 3),
                     "front_cpu_ms_per_request": round(front_cpu / total * 1000, 3),
                 }
     return results
+
+
+@dataclasses.dataclass
+class Round:
+    """One round: each path's wall time for the same requests, and their latencies."""
+
+    elapsed: dict[str, float] = dataclasses.field(default_factory=dict)
+    latencies: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+
+def pooled_ratio(rounds: list[Round]) -> float:
+    """Throughput through the front over throughput direct, requests and time pooled."""
+    return sum(r.elapsed["direct"] for r in rounds) / sum(r.elapsed["front"] for r in rounds)
+
+
+def added(rounds: list[Round], q: int) -> float:
+    """The front's percentile latency minus the direct one, over the pooled requests."""
+    front = [x for r in rounds for x in r.latencies["front"]]
+    direct = [x for r in rounds for x in r.latencies["direct"]]
+    return pct(front, q) - pct(direct, q)
+
+
+def bootstrap(rounds: list[Round], n: int = 2000) -> tuple[tuple[float, float], ...]:
+    """95 % intervals of the pooled ratio and the added p50, resampling whole rounds (each
+    holds both paths under the same engine conditions, so the engine's drift stays paired)."""
+    draws = random.Random(0)
+    ratios, p50s = [], []
+    for _ in range(n):
+        sample = draws.choices(rounds, k=len(rounds))
+        ratios.append(pooled_ratio(sample))
+        p50s.append(added(sample, 50))
+
+    def interval(values: list[float]) -> tuple[float, float]:
+        values.sort()
+        return values[int(0.025 * n)], values[int(0.975 * n) - 1]
+
+    return interval(ratios), interval(p50s)
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:
@@ -150,16 +192,43 @@ def _cpu_seconds(proc: psutil.Process) -> float:
     return times.user + times.system
 
 
+def keep_awake(cores: list[int]) -> list[subprocess.Popen[bytes]]:
+    """One SCHED_IDLE busy loop per CPU. A virtual CPU with nothing to run halts, and waking it
+    takes the host's scheduling latency (milliseconds on a busy host, when the guest does not
+    poll first: haltpoll.guest_halt_poll_ns=0); the front's extra hop pays that wake-up where
+    the direct path does not. A SCHED_IDLE task runs only when nothing else wants the CPU and
+    is preempted at once: the bare-metal analogue is disabling deep C-states for a latency
+    benchmark."""
+    spinners = []
+    for cpu in cores:
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(spinner.pid, {cpu})
+        os.sched_setscheduler(spinner.pid, os.SCHED_IDLE, os.sched_param(0))
+        spinners.append(spinner)
+    return spinners
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=50, help="per path and round")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="per path and round (default: 3 per client, at least 10: short rounds keep the "
+        "engine's drift out of the comparison)",
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument(
         "--pin",
         action="store_true",
         help="give the engine's compute threads the last CPU (engine.cpus); harness and this "
         "load generator keep to the others",
+    )
+    parser.add_argument(
+        "--keep-awake",
+        action="store_true",
+        help="a lowest-priority busy loop on every CPU, so that no virtual CPU halts between "
+        "requests (see keep_awake)",
     )
     parser.add_argument(
         "--engine",
@@ -198,6 +267,7 @@ def main() -> None:
             stdout=events.open("wb"),
             stderr=subprocess.DEVNULL,
         )
+        spinners: list[subprocess.Popen[bytes]] = []
         try:
             sock = None
             deadline = time.monotonic() + 600
@@ -209,6 +279,8 @@ def main() -> None:
                     break
                 time.sleep(0.5)
             assert sock, "harness did not become ready"
+            if args.keep_awake:
+                spinners = keep_awake(cores)
             if args.pin:  # this load generator shares the front's CPUs, not the engine's
                 os.sched_setaffinity(0, set(cores[:-1]))
             ctx = ssl.create_default_context(cafile=str(demo / "pki" / "ca.pem"))
@@ -220,11 +292,19 @@ def main() -> None:
             )
             print(
                 json.dumps(
-                    {"cores": len(cores), "pinned": args.pin, "engine": args.engine, **results},
+                    {
+                        "cores": len(cores),
+                        "pinned": args.pin,
+                        "kept_awake": args.keep_awake,
+                        "engine": args.engine,
+                        **results,
+                    },
                     indent=2,
                 )
             )
         finally:
+            for spinner in spinners:
+                spinner.kill()
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
             shutil.rmtree(assets.secrets_dir(demo), ignore_errors=True)
