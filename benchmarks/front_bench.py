@@ -156,27 +156,30 @@ class Round:
     latencies: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
-def pooled_ratio(rounds: list[Round]) -> float:
-    """Throughput through the front over throughput direct, requests and time pooled."""
-    return sum(r.elapsed["direct"] for r in rounds) / sum(r.elapsed["front"] for r in rounds)
+def pooled_ratio(rounds: list[Round], base: str = "direct", other: str = "front") -> float:
+    """Throughput of `other` (the front) over that of `base` (direct), requests and time
+    pooled."""
+    return sum(r.elapsed[base] for r in rounds) / sum(r.elapsed[other] for r in rounds)
 
 
-def added(rounds: list[Round], q: int) -> float:
-    """The front's percentile latency minus the direct one, over the pooled requests."""
-    front = [x for r in rounds for x in r.latencies["front"]]
-    direct = [x for r in rounds for x in r.latencies["direct"]]
-    return pct(front, q) - pct(direct, q)
+def added(rounds: list[Round], q: int, base: str = "direct", other: str = "front") -> float:
+    """`other`'s percentile latency minus `base`'s, over the pooled requests."""
+    return pct([x for r in rounds for x in r.latencies[other]], q) - pct(
+        [x for r in rounds for x in r.latencies[base]], q
+    )
 
 
-def bootstrap(rounds: list[Round], n: int = 2000) -> tuple[tuple[float, float], ...]:
+def bootstrap(
+    rounds: list[Round], base: str = "direct", other: str = "front", n: int = 2000
+) -> tuple[tuple[float, float], ...]:
     """95 % intervals of the pooled ratio and the added p50, resampling whole rounds (each
     holds both paths under the same engine conditions, so the engine's drift stays paired)."""
     draws = random.Random(0)
     ratios, p50s = [], []
     for _ in range(n):
         sample = draws.choices(rounds, k=len(rounds))
-        ratios.append(pooled_ratio(sample))
-        p50s.append(added(sample, 50))
+        ratios.append(pooled_ratio(sample, base, other))
+        p50s.append(added(sample, 50, base, other))
 
     def interval(values: list[float]) -> tuple[float, float]:
         values.sort()

@@ -1,19 +1,22 @@
 """The sandbox's cost: two real vLLM CPU engines from the same config, one with the sandbox
-(Landlock + the profiled seccomp filter in `enforce` mode) and one without (both off), same
-run, the same load straight to each engine's Unix socket, rounds interleaved.
+(Landlock + the profiled seccomp filter in `enforce` mode) and one without (both off), running
+at once, the same load straight to each engine's Unix socket in short alternating rounds.
 
-    .venv/bin/python benchmarks/sandbox_bench.py [--requests 100] [--concurrency 1 4]
+    .venv/bin/python benchmarks/sandbox_bench.py [--requests N] [--rounds 40]
+                                                 [--concurrency 1 4] [--pin] [--keep-awake]
 
 Both engines keep the network namespace and the privilege drop, which cost nothing per
-request. Reports throughput ratio (sandboxed / unsandboxed) and p50 latencies, and the same
-ratio for a loop of syscalls in one process before and after it applies Landlock and the
-engine's filter (the cost without the engine's run-to-run noise). Goal: >= 0.99.
+request. Reports throughput ratio (sandboxed / unsandboxed) and the added p50, each with a
+95 % interval (bootstrap over rounds, as front_bench.py), and the same ratio for a loop of
+syscalls in one process before and after it applies Landlock and the engine's filter (the
+cost without the engine's noise). Goal: >= 0.99.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from front_bench import pct, run_load
+from front_bench import Round, added, bootstrap, keep_awake, pooled_ratio, run_load
 
 from runtime import config as config_mod
 from runtime import telemetry
@@ -33,22 +36,51 @@ from runtime.demo import assets
 from runtime.engine.process import Engine
 
 
-async def load(sock: str, args: argparse.Namespace) -> dict[str, tuple[float, list[float]]]:
-    """One pass of every load shape against one engine."""
+async def compare(socks: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+    """Every load shape against both engines, alternating in short rounds (which engine goes
+    first alternates too), pooled, with 95 % intervals from a bootstrap over rounds."""
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    transport = httpx.AsyncHTTPTransport(uds=sock, limits=limits)
-    out: dict[str, tuple[float, list[float]]] = {}
-    async with httpx.AsyncClient(
-        transport=transport, base_url="http://engine", timeout=120
-    ) as client:
-        await run_load(client, "/v1/completions", 10, 2, False)  # warm up
+    clients = {
+        name: httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=sock, limits=limits),
+            base_url="http://engine",
+            timeout=120,
+        )
+        for name, sock in socks.items()
+    }
+    results: dict[str, object] = {}
+    try:
+        for client in clients.values():
+            await run_load(client, "/v1/completions", 10, 2, False)  # warm up
         for stream in (False, True):
             for concurrency in args.concurrency:
-                key = f"{'stream' if stream else 'plain'}_c{concurrency}"
-                out[key] = await run_load(
-                    client, "/v1/completions", args.requests, concurrency, stream
-                )
-    return out
+                requests = args.requests or max(10, 3 * concurrency)
+                rounds: list[Round] = []
+                for i in range(args.rounds):
+                    this = Round()
+                    for name in list(socks)[:: 1 if i % 2 == 0 else -1]:
+                        rps, lat = await run_load(
+                            clients[name], "/v1/completions", requests, concurrency, stream
+                        )
+                        this.elapsed[name] = requests / rps
+                        this.latencies[name] = lat
+                    rounds.append(this)
+                total = requests * args.rounds
+                ratio_ci, p50_ci = bootstrap(rounds, "no_sandbox", "sandbox")
+                results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
+                    "sandbox_rps": round(total / sum(r.elapsed["sandbox"] for r in rounds), 1),
+                    "no_sandbox_rps": round(
+                        total / sum(r.elapsed["no_sandbox"] for r in rounds), 1
+                    ),
+                    "throughput_ratio": round(pooled_ratio(rounds, "no_sandbox", "sandbox"), 3),
+                    "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
+                    "added_p50_ms": round(added(rounds, 50, "no_sandbox", "sandbox") * 1000, 2),
+                    "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
+                }
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return results
 
 
 # The per-syscall cost, without the engine's noise: the same loop of file and socket syscalls
@@ -98,9 +130,16 @@ def syscall_cost(cycles: int = 5) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument(
+        "--requests", type=int, help="per engine and round (default: 3 per client, at least 10)"
+    )
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--cycles", type=int, default=2, help="A/B engine starts, alternated")
+    parser.add_argument(
+        "--keep-awake",
+        action="store_true",
+        help="a lowest-priority busy loop on every CPU (see front_bench.keep_awake)",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -119,7 +158,6 @@ def main() -> None:
     if args.pin:  # the engine's compute threads on the last CPU (engine.cpus)
         pinning = [f'engine.cpus="{cores[-1]}"']
     telemetry.set_stream(open(os.devnull, "w"))  # noqa: SIM115 - for the whole run
-    runs: dict[str, dict[str, list[tuple[float, list[float]]]]] = {}
     violations: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as tmp:
         demo = Path(tmp)
@@ -137,38 +175,38 @@ def main() -> None:
                 ],
             ),
         }
+        spinners: list[subprocess.Popen[bytes]] = []
         try:
-            # One engine at a time, so that neither takes CPU from the other (2 cores here).
-            for _ in range(args.cycles):
+            with contextlib.ExitStack() as stack:
+                # Both engines at once: an idle vLLM CPU engine sleeps, so the load can switch
+                # between them every few requests, and the engine's drift falls on both alike.
+                engines = {}
                 for name, cfg in variants.items():
-                    with Engine.create(cfg) as engine:
-                        os.sched_setaffinity(0, set(cores))  # the engine inherits this
-                        engine.start()
-                        engine.wait_ready()
-                        if args.pin:
-                            os.sched_setaffinity(0, set(cores[:-1]))
-                        for key, run in asyncio.run(load(str(engine.socket), args)).items():
-                            runs.setdefault(key, {}).setdefault(name, []).append(run)
-                        if engine.supervisor is not None:
-                            for syscall, count in engine.supervisor.violations.items():
-                                violations[syscall] = violations.get(syscall, 0) + count
+                    engines[name] = stack.enter_context(Engine.create(cfg))
+                    os.sched_setaffinity(0, set(cores))  # the engine inherits this
+                    engines[name].start()
+                for engine in engines.values():
+                    engine.wait_ready()
+                if args.keep_awake:
+                    spinners = keep_awake(cores)
+                if args.pin:
+                    os.sched_setaffinity(0, set(cores[:-1]))
+                results = asyncio.run(
+                    compare({name: str(e.socket) for name, e in engines.items()}, args)
+                )
+                for engine in engines.values():
+                    if engine.supervisor is not None:
+                        for syscall, count in engine.supervisor.violations.items():
+                            violations[syscall] = violations.get(syscall, 0) + count
         finally:
+            for spinner in spinners:
+                spinner.kill()
             shutil.rmtree(assets.secrets_dir(demo), ignore_errors=True)
-    results: dict[str, object] = {}
-    for key, by_variant in runs.items():
-        best = {k: max(v, key=lambda r: r[0]) for k, v in by_variant.items()}
-        (on_rps, on_lat), (off_rps, off_lat) = best["sandbox"], best["no_sandbox"]
-        results[key] = {
-            "sandbox_rps": round(on_rps, 1),
-            "no_sandbox_rps": round(off_rps, 1),
-            "throughput_ratio": round(on_rps / off_rps, 3),
-            "sandbox_p50_ms": round(pct(on_lat, 50) * 1000, 2),
-            "no_sandbox_p50_ms": round(pct(off_lat, 50) * 1000, 2),
-        }
     os.sched_setaffinity(0, set(cores))
     summary = {
         "cores": len(cores),
         "pinned": args.pin,
+        "kept_awake": args.keep_awake,
         "without": args.without,
         "syscalls": syscall_cost(),
         "seccomp_violations": violations,
