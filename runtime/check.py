@@ -134,6 +134,8 @@ def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
         "abi": abi,
         "read_execute": rules.read,
         "write": rules.write,
+        "devices": rules.devices,
+        "write_existing_files": rules.write_files,
         "tcp": "connect only to the rendezvous ports" if abi >= 4 else "not restricted",
         "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
     }
@@ -151,6 +153,7 @@ def _seccomp(cfg: config_mod.Config) -> dict[str, Any]:
         "allowed": summary["allowed"],
         "allowed_with_argument_checks": summary["allowed_with_argument_checks"],
         "fixed_deny_list": list(seccomp.FIXED_DENY),
+        "clone_namespace_flags_refused": hex(seccomp.CLONE_NAMESPACES),
         "enosys": list(seccomp.ENOSYS_ALWAYS),
     }
 

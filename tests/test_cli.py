@@ -96,6 +96,14 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     assert weights["status"] == weights["sha256_manifest"] == "enforced"
     assert weights["files"] == 4 and weights["method"] == "key"
     assert weights["signer"].startswith("key:sha256:") and len(weights["root_digest"]) == 64
+    assert controls["landlock"]["devices"] == [
+        "/dev/null",
+        "/dev/zero",
+        "/dev/urandom",
+        "/dev/random",
+    ]
+    assert controls["landlock"]["write_existing_files"] == []  # /proc only for device cuda
+    assert controls["seccomp"]["clone_namespace_flags_refused"] == "0x7e020000"
 
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
