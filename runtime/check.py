@@ -103,13 +103,17 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
         "engine": {
             "argv": list(plan.argv),
             "device": cfg.engine.device,
-            "cpus": placement.describe()
-            if placement
-            else "auto: one CPU, nothing to split"
-            if cfg.engine.cpus == "auto"
-            else "chosen by vLLM; the front anywhere",
+            "cpus": _cpus(cfg, placement),
         },
     }
+
+
+def _cpus(cfg: config_mod.Config, placement: resources.CpuPlacement | None) -> Any:
+    if placement is not None:
+        return placement.describe()
+    if cfg.engine.cpus == "auto":
+        return "auto: one CPU, nothing to split"
+    return "chosen by vLLM; the front anywhere"
 
 
 def _privileges(cfg: config_mod.Config) -> dict[str, Any]:

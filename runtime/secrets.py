@@ -187,8 +187,8 @@ def _version_dir(root: str) -> str:
             continue
         if not entry.is_symlink() or os.readlink(entry.path) != f"..data/{entry.name}":
             raise SecretsError(
-                f"secret {entry.name}: is not a link into ..data, in a folder the kubelet "
-                "writes (its ..data link)",
+                f"secrets.dir {root}: {entry.name} is not a link to ..data/{entry.name}, "
+                "though the folder is laid out by the kubelet (it has a ..data link)",
                 fix=fix,
             )
     return os.path.join(root, version)

@@ -93,8 +93,8 @@ def test_a_kubernetes_secret_volume_is_read_from_its_current_version(shm_dir: Pa
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
-        (lambda d: _write(d / "extra", "x"), "secret extra: is not a link into ..data"),
-        (lambda d: os.symlink("/etc/hostname", d / "k"), "secret k: is not a link into ..data"),
+        (lambda d: _write(d / "extra", "x"), "extra is not a link to ..data/extra"),
+        (lambda d: os.symlink("/etc/hostname", d / "k"), "k is not a link to ..data/k"),
         (lambda d: os.chmod(d / "..2026_11_26_03_00.1" / "key", 0o444), "readable by others"),
         (
             lambda d: (os.remove(d / "..data"), os.symlink("/etc", d / "..data")),

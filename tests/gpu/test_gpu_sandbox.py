@@ -128,16 +128,12 @@ print("cuda-probe " + json.dumps(PROBE_RESULT), file=sys.stderr, flush=True)
 
 def install(folder: Path, mb: int) -> Path:
     """The stand-in engine with the CUDA probe in front of it (see fake_engine.install)."""
-    path = folder / f"cuda-engine-{mb}"
-    python = os.path.realpath(sys.executable)
     # The device files as harness sees them: Landlock keeps the engine from listing /dev.
     constants = (
         f"PROBE_MB = {mb}\nPROBE_LIBCUDA = {_libcuda_path()!r}\n"
         f"PROBE_DEVICES = {_device_files()!r}\n"
     )
-    path.write_text(f"#!{python} -I\n{constants}{PROBE}{fake_engine.SCRIPT}", encoding="utf-8")
-    path.chmod(0o755)
-    return path
+    return fake_engine.install(folder, f"cuda-engine-{mb}", constants + PROBE)
 
 
 def _interpreter_paths() -> list[str]:
