@@ -1,18 +1,20 @@
 """The front's overhead: the same load through the front (mTLS) and straight to the engine's
 Unix socket, against the same real vLLM CPU engine, in one run.
 
-    .venv/bin/python benchmarks/front_bench.py [--requests N] [--rounds 40] [--concurrency 1 4 8]
+    .venv/bin/python benchmarks/front_bench.py [--requests N] [--rounds 160] [--concurrency 1 4 8]
                                                [--pin] [--keep-awake] [--engine vllm|stand-in]
 
 Non-streamed and streamed completions (fixed 16 tokens, ignore_eos) at several concurrencies;
 direct and front runs alternate in short rounds (which goes first alternates too), and each
-path's requests and time are pooled over the rounds. `--pin` gives the engine's compute
-threads a CPU of their own (engine.cpus) and keeps the front and the load generator on the
-others, as a deployment should. `--keep-awake` keeps idle virtual CPUs from halting (see
-keep_awake()).
+path's requests and time are pooled over the rounds. The load generator is
+benchmarks/load_client.py (keep-alive connections, 0.1-0.7 ms of CPU per request). `--pin`
+gives the engine's compute threads a CPU of their own (engine.cpus) and keeps the front and
+the load generator on the others, as a deployment should. `--keep-awake` keeps idle virtual
+CPUs from halting (see keep_awake()).
 Reports throughput ratio (front / direct), the added p50/p99 latency, 95 % intervals of the
 ratio and the added p50 (a bootstrap over whole rounds), and the CPU time harness (the front)
-spent per request. Goals: ratio >= 0.97, added p50 <= 1 ms for non-streamed requests.
+and the load generator spent per request. Goals: ratio >= 0.97, added p50 <= 1 ms for
+non-streamed requests.
 `--engine stand-in` replaces vLLM with an engine that answers at once
 (benchmarks/stand_in_engine.py), so that what remains is the front's own cost.
 """
@@ -20,7 +22,6 @@ spent per request. Goals: ratio >= 0.97, added p50 <= 1 ms for non-streamed requ
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import os
@@ -35,50 +36,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import stand_in_engine  # next to this script
+import uvloop
+from load_client import Client, Target, completion
 
 from runtime.demo import assets
 
 BODY = {"model": "demo", "prompt": "hello world", "max_tokens": 16, "ignore_eos": True}
-
-
-async def run_load(
-    client: httpx.AsyncClient,
-    url: str,
-    n: int,
-    concurrency: int,
-    stream: bool,
-    jitter_ms: float = 0.0,
-) -> tuple[float, list[float]]:
-    """`concurrency` clients, each sending its next request when the last one finished,
-    after a pause drawn uniformly from [0, jitter_ms] (the same seeded draws every run)."""
-    latencies: list[float] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    pauses = random.Random(n * 1000 + concurrency)
-
-    async def worker() -> None:
-        while not queue.empty():
-            queue.get_nowait()
-            if jitter_ms:
-                await asyncio.sleep(pauses.uniform(0, jitter_ms) / 1000)
-            started = time.perf_counter()
-            if stream:
-                async with client.stream("POST", url, json={**BODY, "stream": True}) as resp:
-                    async for _ in resp.aiter_raw():
-                        pass
-                    assert resp.status_code == 200
-            else:
-                resp = await client.post(url, json=BODY)
-                assert resp.status_code == 200, resp.text
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return n / (time.perf_counter() - started), latencies
+# Requests per client through each path before a load shape is timed.
+WARM_UP = 10
 
 
 def free_port() -> int:
@@ -94,57 +61,53 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def bench(
-    front_url: str,
-    sock: str,
-    ctx: ssl.SSLContext,
+    targets: dict[str, Target],
     harness: psutil.Process,
     args: argparse.Namespace,
 ) -> dict:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    direct = httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=sock, limits=limits),
-        base_url="http://engine",
-        timeout=120,
-    )
-    front = httpx.AsyncClient(verify=ctx, base_url=front_url, timeout=120, limits=limits)
     results = {}
-    clients = {"direct": direct, "front": front}
-    async with direct, front:
-        for client in (direct, front):  # warm both paths
-            await run_load(client, "/v1/completions", 10, 2, False)
-        for stream in (False, True):
-            for concurrency in args.concurrency:
-                rounds: list[Round] = []
-                requests = args.requests or max(10, 3 * concurrency)
-                front_cpu = 0.0
-                for round_ in range(args.rounds):
-                    # Alternate which path goes first: the engine's own speed drifts.
-                    order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
-                    this = Round()
-                    for name in order:
-                        cpu = _cpu_seconds(harness)
-                        rps, lat = await run_load(
-                            clients[name], "/v1/completions", requests, concurrency, stream
-                        )
-                        if name == "front":
-                            front_cpu += _cpu_seconds(harness) - cpu
-                        this.elapsed[name] = requests / rps
-                        this.latencies[name] = lat
-                    rounds.append(this)
-                total = requests * args.rounds
-                ratios = [r.elapsed["direct"] / r.elapsed["front"] for r in rounds]
-                ratio_ci, p50_ci = bootstrap(rounds)
-                results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
-                    "direct_rps": round(total / sum(r.elapsed["direct"] for r in rounds), 1),
-                    "front_rps": round(total / sum(r.elapsed["front"] for r in rounds), 1),
-                    "throughput_ratio": round(pooled_ratio(rounds), 3),
-                    "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
-                    "round_ratios": f"{min(ratios):.2f}-{max(ratios):.2f}",
-                    "added_p50_ms": round(added(rounds, 50) * 1000, 3),
-                    "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
-                    "added_p99_ms": round(added(rounds, 99) * 1000, 3),
-                    "front_cpu_ms_per_request": round(front_cpu / total * 1000, 3),
-                }
+    for stream in (False, True):
+        request = completion({**BODY, "stream": True} if stream else BODY)
+        for concurrency in args.concurrency:
+            # Fresh connections per load shape: the front closes idle ones after 5 s.
+            clients = {name: Client(target, concurrency) for name, target in targets.items()}
+            # Warm both paths: the engine's first batches of a new size are slow.
+            for client in clients.values():
+                await client.run(request, WARM_UP * concurrency, concurrency)
+            rounds: list[Round] = []
+            requests = args.requests or max(10, 3 * concurrency)
+            front_cpu = 0.0
+            own_cpu = _cpu_seconds(psutil.Process())
+            for round_ in range(args.rounds):
+                # Alternate which path goes first: the engine's own speed drifts.
+                order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
+                this = Round()
+                for name in order:
+                    cpu = _cpu_seconds(harness)
+                    rps, lat = await clients[name].run(request, requests, concurrency)
+                    if name == "front":
+                        front_cpu += _cpu_seconds(harness) - cpu
+                    this.elapsed[name] = requests / rps
+                    this.latencies[name] = lat
+                rounds.append(this)
+            own_cpu = _cpu_seconds(psutil.Process()) - own_cpu
+            for client in clients.values():
+                client.close()
+            total = requests * args.rounds
+            ratios = [r.elapsed["direct"] / r.elapsed["front"] for r in rounds]
+            ratio_ci, p50_ci = bootstrap(rounds)
+            results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
+                "direct_rps": round(total / sum(r.elapsed["direct"] for r in rounds), 1),
+                "front_rps": round(total / sum(r.elapsed["front"] for r in rounds), 1),
+                "throughput_ratio": round(pooled_ratio(rounds), 3),
+                "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
+                "round_ratios": f"{min(ratios):.2f}-{max(ratios):.2f}",
+                "added_p50_ms": round(added(rounds, 50) * 1000, 3),
+                "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
+                "added_p99_ms": round(added(rounds, 99) * 1000, 3),
+                "front_cpu_ms_per_request": round(front_cpu / total * 1000, 3),
+                "load_generator_cpu_ms_per_request": round(own_cpu / (2 * total) * 1000, 3),
+            }
     return results
 
 
@@ -201,7 +164,8 @@ def keep_awake(cores: list[int]) -> list[subprocess.Popen[bytes]]:
     poll first: haltpoll.guest_halt_poll_ns=0); the front's extra hop pays that wake-up where
     the direct path does not. A SCHED_IDLE task runs only when nothing else wants the CPU and
     is preempted at once: the bare-metal analogue is disabling deep C-states for a latency
-    benchmark."""
+    benchmark. Under concurrency it slowed vLLM's CPU engine here (README): use it for the
+    one-at-a-time latency."""
     spinners = []
     for cpu in cores:
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -220,7 +184,7 @@ def main() -> None:
         "engine's drift out of the comparison)",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=160)
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -290,9 +254,8 @@ def main() -> None:
             ctx.load_cert_chain(
                 str(demo / "pki" / "client.pem"), str(demo / "pki" / "client-key.pem")
             )
-            results = asyncio.run(
-                bench(f"https://127.0.0.1:{port}", sock, ctx, psutil.Process(proc.pid), args)
-            )
+            targets = {"direct": Target(uds=sock), "front": Target(port=port, ssl=ctx)}
+            results = uvloop.run(bench(targets, psutil.Process(proc.pid), args))
             print(
                 json.dumps(
                     {

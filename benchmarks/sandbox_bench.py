@@ -15,7 +15,6 @@ cost without the engine's noise). Goal: >= 0.99.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -25,10 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from front_bench import Round, added, bootstrap, keep_awake, pooled_ratio, run_load
+from front_bench import BODY, WARM_UP, Round, added, bootstrap, keep_awake, pooled_ratio
+from load_client import Client, Target, completion
 
 from runtime import config as config_mod
 from runtime import telemetry
@@ -39,47 +39,34 @@ from runtime.engine.process import Engine
 async def compare(socks: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
     """Every load shape against both engines, alternating in short rounds (which engine goes
     first alternates too), pooled, with 95 % intervals from a bootstrap over rounds."""
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    clients = {
-        name: httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=sock, limits=limits),
-            base_url="http://engine",
-            timeout=120,
-        )
-        for name, sock in socks.items()
-    }
     results: dict[str, object] = {}
-    try:
-        for client in clients.values():
-            await run_load(client, "/v1/completions", 10, 2, False)  # warm up
-        for stream in (False, True):
-            for concurrency in args.concurrency:
-                requests = args.requests or max(10, 3 * concurrency)
-                rounds: list[Round] = []
-                for i in range(args.rounds):
-                    this = Round()
-                    for name in list(socks)[:: 1 if i % 2 == 0 else -1]:
-                        rps, lat = await run_load(
-                            clients[name], "/v1/completions", requests, concurrency, stream
-                        )
-                        this.elapsed[name] = requests / rps
-                        this.latencies[name] = lat
-                    rounds.append(this)
-                total = requests * args.rounds
-                ratio_ci, p50_ci = bootstrap(rounds, "no_sandbox", "sandbox")
-                results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
-                    "sandbox_rps": round(total / sum(r.elapsed["sandbox"] for r in rounds), 1),
-                    "no_sandbox_rps": round(
-                        total / sum(r.elapsed["no_sandbox"] for r in rounds), 1
-                    ),
-                    "throughput_ratio": round(pooled_ratio(rounds, "no_sandbox", "sandbox"), 3),
-                    "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
-                    "added_p50_ms": round(added(rounds, 50, "no_sandbox", "sandbox") * 1000, 2),
-                    "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
-                }
-    finally:
-        for client in clients.values():
-            await client.aclose()
+    for stream in (False, True):
+        request = completion({**BODY, "stream": True} if stream else BODY)
+        for concurrency in args.concurrency:
+            clients = {name: Client(Target(uds=sock), concurrency) for name, sock in socks.items()}
+            for client in clients.values():  # warm up
+                await client.run(request, WARM_UP * concurrency, concurrency)
+            requests = args.requests or max(10, 3 * concurrency)
+            rounds: list[Round] = []
+            for i in range(args.rounds):
+                this = Round()
+                for name in list(socks)[:: 1 if i % 2 == 0 else -1]:
+                    rps, lat = await clients[name].run(request, requests, concurrency)
+                    this.elapsed[name] = requests / rps
+                    this.latencies[name] = lat
+                rounds.append(this)
+            for client in clients.values():
+                client.close()
+            total = requests * args.rounds
+            ratio_ci, p50_ci = bootstrap(rounds, "no_sandbox", "sandbox")
+            results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
+                "sandbox_rps": round(total / sum(r.elapsed["sandbox"] for r in rounds), 1),
+                "no_sandbox_rps": round(total / sum(r.elapsed["no_sandbox"] for r in rounds), 1),
+                "throughput_ratio": round(pooled_ratio(rounds, "no_sandbox", "sandbox"), 3),
+                "throughput_ratio_ci95": "{:.3f} to {:.3f}".format(*ratio_ci),
+                "added_p50_ms": round(added(rounds, 50, "no_sandbox", "sandbox") * 1000, 2),
+                "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
+            }
     return results
 
 
@@ -191,7 +178,7 @@ def main() -> None:
                     spinners = keep_awake(cores)
                 if args.pin:
                     os.sched_setaffinity(0, set(cores[:-1]))
-                results = asyncio.run(
+                results = uvloop.run(
                     compare({name: str(e.socket) for name, e in engines.items()}, args)
                 )
                 for engine in engines.values():
