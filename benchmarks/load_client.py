@@ -68,9 +68,7 @@ class Client:
 
     def __init__(self, target: Target, size: int) -> None:
         self.target = target
-        self.conns: list[_Connection] = [_Connection() for _ in range(size)]
-        for conn in self.conns:
-            conn.closed = True  # not opened yet: run() opens them
+        self.conns: list[_Connection | None] = [None] * size  # opened by run()
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -86,6 +84,12 @@ class Client:
             )
         return conn
 
+    async def _ready(self, slot: int) -> _Connection:
+        conn = self.conns[slot]
+        if conn is None or conn.closed:
+            conn = self.conns[slot] = await self._open()
+        return conn
+
     async def run(self, request: bytes, n: int, concurrency: int) -> tuple[float, list[float]]:
         """`n` requests from `concurrency` clients, each sending its next when its last one
         finished. Returns (requests per second, each request's latency in seconds)."""
@@ -96,9 +100,7 @@ class Client:
             nonlocal left
             while left > 0:
                 left -= 1
-                if self.conns[slot].closed:
-                    self.conns[slot] = await self._open()
-                conn = self.conns[slot]
+                conn = await self._ready(slot)
                 conn.done = asyncio.get_running_loop().create_future()
                 started = time.perf_counter()
                 assert conn.transport is not None
@@ -108,13 +110,12 @@ class Client:
                 assert status == 200, f"status {status}"
 
         for slot in range(concurrency):  # open outside the timing
-            if self.conns[slot].closed:
-                self.conns[slot] = await self._open()
+            await self._ready(slot)
         started = time.perf_counter()
         await asyncio.gather(*(worker(slot) for slot in range(concurrency)))
         return n / (time.perf_counter() - started), latencies
 
     def close(self) -> None:
         for conn in self.conns:
-            if conn.transport is not None and not conn.closed:
+            if conn is not None and conn.transport is not None and not conn.closed:
                 conn.transport.close()
