@@ -2,9 +2,12 @@
 Unix socket, against the same real vLLM CPU engine, in one run.
 
     .venv/bin/python benchmarks/front_bench.py [--requests N] [--rounds 160] [--concurrency 1 4 8]
+                                               [--kinds plain stream] [--max-tokens 16|8-24]
                                                [--pin] [--keep-awake] [--engine vllm|stand-in]
+                                               [--stand-in-delay-ms MS]
 
-Non-streamed and streamed completions (fixed 16 tokens, ignore_eos) at several concurrencies;
+Non-streamed and streamed completions (16 tokens each, ignore_eos; `--max-tokens 8-24` varies
+the length per request, the same sequence in both paths) at several concurrencies;
 direct and front runs alternate in short rounds (which goes first alternates too), and each
 path's requests and time are pooled over the rounds. The load generator is
 benchmarks/load_client.py (keep-alive connections, 0.1-0.7 ms of CPU per request). `--pin`
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import ssl
@@ -43,9 +47,19 @@ from load_client import Client, Target, completion
 
 from runtime.demo import assets
 
-BODY = {"model": "demo", "prompt": "hello world", "max_tokens": 16, "ignore_eos": True}
+BODY = {"model": "demo", "prompt": "hello world", "ignore_eos": True}
 # Requests per client through each path before a load shape is timed.
 WARM_UP = 10
+
+
+def token_counts(text: str) -> list[int]:
+    """`16` -> [16]; `8-24` -> 8..24 in a fixed shuffled order."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text)
+    counts = list(range(int(match[1]), int(match[2] or match[1]) + 1)) if match else []
+    if not counts or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text}: want N or LOW-HIGH, 1 <= LOW <= HIGH")
+    random.Random(0).shuffle(counts)
+    return counts
 
 
 def free_port() -> int:
@@ -66,14 +80,17 @@ async def bench(
     args: argparse.Namespace,
 ) -> dict:
     results = {}
-    for stream in (False, True):
-        request = completion({**BODY, "stream": True} if stream else BODY)
+    for stream in [s == "stream" for s in args.kinds]:
+        prepared = [
+            completion({**BODY, "max_tokens": tokens, "stream": stream})
+            for tokens in args.max_tokens
+        ]
         for concurrency in args.concurrency:
             # Fresh connections per load shape: the front closes idle ones after 5 s.
             clients = {name: Client(target, concurrency) for name, target in targets.items()}
             # Warm both paths: the engine's first batches of a new size are slow.
             for client in clients.values():
-                await client.run(request, WARM_UP * concurrency, concurrency)
+                await client.run(prepared, WARM_UP * concurrency, concurrency)
             rounds: list[Round] = []
             requests = args.requests or max(10, 3 * concurrency)
             front_cpu = 0.0
@@ -84,7 +101,7 @@ async def bench(
                 this = Round()
                 for name in order:
                     cpu = _cpu_seconds(harness)
-                    rps, lat = await clients[name].run(request, requests, concurrency)
+                    rps, lat = await clients[name].run(prepared, requests, concurrency)
                     if name == "front":
                         front_cpu += _cpu_seconds(harness) - cpu
                     this.elapsed[name] = requests / rps
@@ -186,6 +203,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=160)
     parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=("plain", "stream"),
+        default=["plain", "stream"],
+        help="non-streamed (plain) and/or streamed completions",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=token_counts,
+        default=[16],
+        metavar="N|LOW-HIGH",
+        help="tokens per completion (ignore_eos, so exactly that many). A range sends every "
+        "length in it in a fixed shuffled order, the same in both paths: requests then finish "
+        "in different engine steps, as real completions do, instead of all in the same one",
+    )
+    parser.add_argument(
         "--pin",
         action="store_true",
         help="give the engine's compute threads the last CPU (engine.cpus); harness and this "
@@ -203,6 +236,13 @@ def main() -> None:
         default="vllm",
         help="stand-in: an engine that answers at once, to measure the front's own cost",
     )
+    parser.add_argument(
+        "--stand-in-delay-ms",
+        type=float,
+        default=0.0,
+        help="the stand-in answers each completion this much later: requests reach the front "
+        "spaced out, as with a real engine, without a real engine's CPU use",
+    )
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
     serve_args: list[str] = []
@@ -215,7 +255,7 @@ def main() -> None:
         port = free_port()
         events = demo / "events.jsonl"
         if args.engine == "stand-in":
-            engine = stand_in_engine.install(demo)
+            engine = stand_in_engine.install(demo, args.stand_in_delay_ms / 1000)
             serve_args += ["--set", f'engine.python="{engine}"']
         proc = subprocess.Popen(
             [
@@ -263,6 +303,8 @@ def main() -> None:
                         "pinned": args.pin,
                         "kept_awake": args.keep_awake,
                         "engine": args.engine,
+                        "stand_in_delay_ms": args.stand_in_delay_ms,
+                        "max_tokens": f"{min(args.max_tokens)}-{max(args.max_tokens)}",
                         **results,
                     },
                     indent=2,

@@ -1,5 +1,7 @@
 """An engine that answers at once, for `front_bench.py --engine stand-in`: with the engine's
-time taken out, what is left of a request through the front is the front's own cost.
+time taken out, what is left of a request through the front is the front's own cost. With a
+delay it answers each completion that much later, as a real engine would, but without a real
+engine's CPU use and noise: requests then reach the front spaced out, not back to back.
 
 `harness serve` runs it as `engine.python` through the real stage 2 (namespace, Landlock,
 privilege drop, seccomp). It answers `/health`, `/v1/models` and `/v1/completions` on the
@@ -20,6 +22,7 @@ argv = sys.argv
 uds = argv[argv.index("--uds") + 1]
 served = argv[argv.index("--served-model-name") + 1]
 TOKENS = 16
+DELAY_S = 0.0  # install(delay_s=...)
 COMPLETION = json.dumps({
     "id": "cmpl-stand-in", "object": "text_completion", "created": 0, "model": served,
     "choices": [{"index": 0, "text": " tok" * TOKENS, "logprobs": None,
@@ -52,6 +55,8 @@ async def handle(reader, writer):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
             body = await reader.readexactly(length) if length else b""
+            if target == b"/v1/completions" and DELAY_S:
+                await asyncio.sleep(DELAY_S)  # the engine's time, before the first byte
             if target == b"/v1/completions" and json.loads(body).get("stream"):
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
@@ -83,12 +88,14 @@ asyncio.run(main())
 """
 
 
-def install(folder: Path) -> Path:
-    """Write the executable script into `folder` (which the engine's uid must traverse)."""
+def install(folder: Path, delay_s: float = 0.0) -> Path:
+    """Write the executable script into `folder` (which the engine's uid must traverse);
+    it answers each completion after `delay_s`."""
     path = folder / "stand-in-engine"
     # The base interpreter, not the venv's: the script needs only the standard library, and
     # Landlock lets the engine read only the system and `engine.python` (this script).
     python = os.path.realpath(sys.executable)
-    path.write_text(f"#!{python} -I\n{SCRIPT}", encoding="utf-8")
+    script = SCRIPT.replace("DELAY_S = 0.0", f"DELAY_S = {float(delay_s)!r}", 1)
+    path.write_text(f"#!{python} -I\n{script}", encoding="utf-8")
     path.chmod(0o755)
     return path

@@ -5,15 +5,21 @@ this script with the real vLLM engine; this keeps it from rotting between runs."
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from front_bench import Round, added, bootstrap, pooled_ratio  # noqa: E402
+from front_bench import Round, added, bootstrap, pooled_ratio, token_counts  # noqa: E402
+from load_client import Client, Target, completion  # noqa: E402
 
 
 def test_front_bench_with_the_stand_in_engine() -> None:
@@ -30,6 +36,10 @@ def test_front_bench_with_the_stand_in_engine() -> None:
             "--concurrency",
             "1",
             "3",
+            "--max-tokens",
+            "8-24",
+            "--stand-in-delay-ms",
+            "2",
         ],
         capture_output=True,
         text=True,
@@ -38,6 +48,9 @@ def test_front_bench_with_the_stand_in_engine() -> None:
     )
     results = json.loads(out.stdout)
     assert results["engine"] == "stand-in"
+    assert results["max_tokens"] == "8-24" and results["stand_in_delay_ms"] == 2
+    # The stand-in held each completion 2 ms: one at a time, no path beats 500 per second.
+    assert results["plain_c1"]["direct_rps"] < 500 and results["plain_c1"]["front_rps"] < 500
     shapes = [results[name] for name in ("plain_c1", "plain_c3", "stream_c1", "stream_c3")]
     for row in shapes:
         assert row["direct_rps"] > 0 and row["front_rps"] > 0, row
@@ -64,3 +77,48 @@ def test_ratio_pools_time_and_the_interval_covers_paired_rounds() -> None:
     # Whole rounds are resampled, so the drift stays paired and the ratio stays 1/1.1.
     assert abs(low - 1 / 1.1) < 1e-9 and abs(high - 1 / 1.1) < 1e-9
     assert abs(p50_low - 0.002) < 1e-9 and abs(p50_high - 0.002) < 1e-9
+
+
+def test_token_counts_are_a_fixed_shuffle_of_the_range() -> None:
+    assert token_counts("16") == [16]
+    counts = token_counts("8-24")
+    assert sorted(counts) == list(range(8, 25))
+    assert counts != sorted(counts)  # lengths mixed, not a ramp
+    assert token_counts("8-24") == counts  # the same order in every run
+    for bad in ("0", "24-8", "x", "8-", "-3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            token_counts(bad)
+
+
+def test_load_client_sends_a_list_of_requests_in_turn() -> None:
+    """Each run of n requests sends the first n of the list's cycle, whatever the
+    concurrency: both paths of a round do the same work."""
+    received: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                received.append(json.loads(await reader.readexactly(length))["max_tokens"])
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            writer.close()  # the client closed its keep-alive connection
+
+    async def main(path: str) -> list[list[int]]:
+        server = await asyncio.start_unix_server(handle, path)
+        requests = [completion({"max_tokens": n}) for n in (5, 6, 7, 8, 9)]
+        client = Client(Target(uds=path), 3)
+        runs = []
+        for _ in range(2):
+            received.clear()
+            _rps, latencies = await client.run(requests, 12, 3)
+            assert len(latencies) == 12
+            runs.append(sorted(received))
+        client.close()
+        server.close()
+        return runs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = asyncio.run(main(str(Path(tmp) / "engine.sock")))
+    assert runs[0] == runs[1] == sorted([5, 6, 7, 8, 9] * 2 + [5, 6])
