@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httptools
 import httpx
 import pytest
 import uvicorn
@@ -466,6 +467,70 @@ def test_slowloris_is_disconnected_by_the_header_timeout(make_front: Callable[..
     assert front.upstream.seen == []
     with httpx.Client(verify=front.ctx()) as client:  # a normal client is unaffected
         assert client.get(f"{front.url}/v1/models").status_code == 200
+
+
+def _read_response(tls: ssl.SSLSocket) -> int:
+    """One whole response from a keep-alive connection (httptools frames it); its status."""
+    done: list[bool] = []
+
+    class Callbacks:
+        def on_message_complete(self) -> None:
+            done.append(True)
+
+    parser = httptools.HttpResponseParser(Callbacks())
+    while not done:
+        chunk = tls.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed before a whole response")
+        parser.feed_data(chunk)
+    return parser.get_status_code()
+
+
+def test_an_idle_keep_alive_connection_is_not_a_slow_header(
+    make_front: Callable[..., Front],
+) -> None:
+    """Idle time between requests is the keep-alive timeout's business: the header timeout
+    starts with the next request's first byte, even when it is the shorter of the two."""
+    front = make_front(header_timeout_s=1, keepalive_timeout_s=3)
+    host, port = front.url.removeprefix("https://").split(":")
+    request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request)
+        assert _read_response(tls) == 200
+        time.sleep(1.8)  # idle past the header timeout, within the keep-alive timeout
+        tls.sendall(request)
+        assert _read_response(tls) == 200
+        # A slow head on the same connection is still cut by the header timeout.
+        started = time.monotonic()
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\n")
+        tls.settimeout(0.2)
+        closed = False
+        while not closed and time.monotonic() - started < 5:
+            try:
+                tls.sendall(b"X")
+                closed = tls.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (ConnectionError, ssl.SSLError):
+                closed = True
+        assert closed and time.monotonic() - started < 2.5
+    [slow] = _events(front, "request_rejected")
+    assert slow["reason"] == "header_timeout"
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request)
+        assert _read_response(tls) == 200
+        started = time.monotonic()
+        assert tls.recv(1) == b""  # closed by the keep-alive timeout...
+        assert 2 < time.monotonic() - started < 6
+    time.sleep(0.2)  # ...with no slow-header event for it
+    assert len(_events(front, "request_rejected")) == 1
+    assert len(front.upstream.seen) == 3
 
 
 def test_streams_over_the_concurrency_cap_get_429_and_admitted_ones_complete(

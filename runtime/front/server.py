@@ -62,6 +62,7 @@ def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[
     class IdentityCheckingProtocol(HttpToolsProtocol):
         rejected = False
         header_timer: asyncio.TimerHandle | None = None
+        between_requests = False  # a response went out; the next request has not begun
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -95,11 +96,16 @@ def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[
         def data_received(self, data: bytes) -> None:
             if self.rejected:
                 return
+            if self.between_requests:  # the next request's first bytes: its head is timed
+                self.between_requests = False
+                self._arm_header_timer()
             super().data_received(data)
 
         # uvicorn has no timeout for reading a request head, and any byte received cancels
         # its keep-alive timer: a client trickling header bytes (slowloris) would hold the
-        # connection forever. The head must be complete within header_timeout_s.
+        # connection forever. The head must be complete within header_timeout_s of the
+        # connection's start or of the request's first byte; the idle time between requests
+        # is the keep-alive timeout's.
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
             self.header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
@@ -125,9 +131,8 @@ def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm_header_timer()  # the next request's head, on this connection
+            super().on_response_complete()  # starts uvicorn's keep-alive timer
+            self.between_requests = True
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
