@@ -291,7 +291,7 @@ class _Sdk:
             "connections_refused": meter.create_counter(
                 "harness.connections.refused",
                 "{connection}",
-                "Connections closed before HTTP (identity, header timeout)",
+                "Connections closed before HTTP (failed handshake, identity, header timeout)",
             ),
             "tls_reloads": meter.create_counter("harness.tls.reloads", "{reload}"),
             "events": meter.create_counter(
@@ -343,8 +343,8 @@ class _Sdk:
         self._counters["events"].add(1, {"event_type": kind, "outcome": record["outcome"]})
         found = measurement(record)
         if found is not None:
-            metric, labels, latency = found
-            self._counters[metric].add(1, labels)
+            metric, labels, latency, count = found
+            self._counters[metric].add(count, labels)
             if latency is not None:
                 self._duration.record(latency, {"route": labels["route"]})
 

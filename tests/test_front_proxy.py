@@ -634,6 +634,71 @@ def test_client_certificates_of_the_right_ca_but_unfit_are_refused(
     ):
         client.get(f"{front.url}/v1/models")
     assert front.upstream.seen == []
+    # OpenSSL refused the handshake, before the front saw a connection; it is still reported.
+    [event] = _events(front, "tls_handshake_rejected")
+    assert event["reason"] == "client_certificate_invalid" and event["count"] == 1
+    assert (
+        event["detail"]
+        == {
+            "expired": "certificate has expired",
+            "not_yet_valid": "certificate is not yet valid",
+            "server_auth_only": "unsuitable certificate purpose",
+        }[variant]
+    )
+
+
+def _handshake(front: Front, ctx: ssl.SSLContext) -> None:
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        pytest.raises((ssl.SSLError, ConnectionError)),
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        if not tls.recv(1):  # TLS 1.3: the server's verdict arrives after the client's Finished
+            raise ConnectionError("closed")
+
+
+def test_handshakes_openssl_refuses_are_reported_and_counted(front: Front) -> None:
+    from runtime import telemetry
+    from runtime.front import metrics
+
+    port = free_port()
+    collected = metrics.serve(f"127.0.0.1:{port}", lambda: 0.0)
+    host, front_port = front.url.removeprefix("https://").split(":")
+    try:
+        for _ in range(3):  # the kubelet's probes: a TCP connect that sends nothing
+            socket.create_connection((host, int(front_port))).close()
+        no_cert = ssl.create_default_context(cafile=str(front.pki_dir / "ca.pem"))
+        for _ in range(10):  # one event at once, the other nine within a second, counted
+            _handshake(front, no_cert)
+        tls12 = front.ctx()
+        tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+        _handshake(front, tls12)
+        with socket.create_connection((host, int(front_port)), timeout=10) as raw:
+            raw.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            raw.recv(1)
+        deadline = time.monotonic() + 10
+        while sum(e.get("count", 0) for e in front.events) < 12:
+            assert time.monotonic() < deadline, front.events
+            time.sleep(0.05)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        telemetry.unsubscribe(collected.observe)
+    events = [e for e in front.events if e["event_type"] == "tls_handshake_rejected"]
+    no_certs = [e for e in events if e["reason"] == "no_client_certificate"]
+    # The first at once, the rest held back and reported together (10 take well under 1 s).
+    assert no_certs[0]["count"] == 1 and sum(e["count"] for e in no_certs) == 10
+    assert len(no_certs) <= 3
+    assert no_certs[0]["detail"] == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    others = {(e["reason"], e["detail"], e["count"]) for e in events if e not in no_certs}
+    assert others == {
+        ("handshake_failed", "UNSUPPORTED_PROTOCOL", 1),  # TLS 1.2
+        ("handshake_failed", "HTTP_REQUEST", 1),  # plain HTTP to the TLS port
+    }
+    assert 'harness_connections_refused_total{reason="no_client_certificate"} 10.0' in text
+    assert 'harness_connections_refused_total{reason="handshake_failed"} 2.0' in text
+    assert front.upstream.seen == []
 
 
 # -- certificate rotation ----------------------------------------------------------------

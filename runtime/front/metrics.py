@@ -15,10 +15,11 @@ from runtime.errors import ConfigError
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
-def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None] | None:
-    """What one event counts, as (metric, labels, latency in seconds); shared by these
-    Prometheus metrics and the OTel export. Refused request targets are counted as route
-    `other`, never as a label value (unbounded cardinality)."""
+def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None, int] | None:
+    """What one event counts, as (metric, labels, latency in seconds, how many); shared by
+    these Prometheus metrics and the OTel export. Refused request targets are counted as route
+    `other`, never as a label value (unbounded cardinality). An event that stands for several
+    (failed handshakes, limited to one event a second) carries `count`."""
     kind = event["event_type"]
     if kind in ("request", "request_rejected") and event.get("route") is not None:
         route = event["route"] if event.get("reason") != "route_not_allowed" else "other"
@@ -29,11 +30,16 @@ def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | Non
             "reason": event.get("reason", ""),
         }
         latency = event["latency_ms"] / 1000 if "latency_ms" in event else None
-        return "requests", labels, latency
+        return "requests", labels, latency, 1
     if kind in ("request_rejected", "tls_handshake_rejected"):
-        return "connections_refused", {"reason": event.get("reason", "")}, None
+        return (
+            "connections_refused",
+            {"reason": event.get("reason", "")},
+            None,
+            event.get("count", 1),
+        )
     if kind == "tls_reload":
-        return "tls_reloads", {"outcome": event["outcome"]}, None
+        return "tls_reloads", {"outcome": event["outcome"]}, None, 1
     return None
 
 
@@ -59,7 +65,7 @@ class FrontMetrics:
         self.in_flight.set_function(in_flight)
         self.connections_refused = Counter(
             "harness_connections_refused",
-            "Connections closed before HTTP (identity, timeout)",
+            "Connections closed before HTTP (failed handshake, identity, header timeout)",
             ["reason"],
             registry=self.registry,
         )
@@ -71,13 +77,13 @@ class FrontMetrics:
         found = measurement(event)
         if found is None:
             return
-        metric, labels, latency = found
+        metric, labels, latency, count = found
         if metric == "requests":
             self.requests.labels(**labels).inc()
             if latency is not None:
                 self.latency.labels(labels["route"]).observe(latency)
         elif metric == "connections_refused":
-            self.connections_refused.labels(**labels).inc()
+            self.connections_refused.labels(**labels).inc(count)
         else:
             self.tls_reloads.labels(**labels).inc()
 

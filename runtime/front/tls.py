@@ -3,9 +3,11 @@ and the client's identity (a SAN) matched against an exact allowlist."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import ssl
 import time
+from collections import Counter
 from typing import Any
 
 from runtime import telemetry
@@ -44,6 +46,74 @@ def peer_identities(peercert: dict[str, Any] | None) -> list[tuple[str, str]]:
     return [(kind, value) for kind, value in peercert.get("subjectAltName", ())]
 
 
+# OpenSSL's reasons for what a client gets wrong, as event reasons. Anything else (TLS 1.2, not
+# TLS at all, no shared cipher) is `handshake_failed`, with OpenSSL's reason as the detail.
+_REASONS = {
+    "CERTIFICATE_VERIFY_FAILED": "client_certificate_invalid",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_client_certificate",
+}
+
+
+class HandshakeFailures:
+    """Handshakes that OpenSSL refuses: no client certificate, one that does not verify
+    (unknown CA, expired, not yet valid, not for clientAuth), TLS 1.2, or not TLS at all.
+    They fail before the front sees a connection, so they are caught where the handshake runs,
+    in the SSL object. Each one is counted; the `tls_handshake_rejected` events are limited to
+    one per reason and detail per second, each with `count`, the failures it stands for, so
+    that a scanner cannot flood the log. A TCP connect that sends nothing (the kubelet's
+    probes) is not a failed handshake."""
+
+    WINDOW_S = 1.0
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, str], float] = {}
+        self._held: Counter[tuple[str, str]] = Counter()
+
+    def observe(self, ctx: ssl.SSLContext) -> None:
+        """Report the failed handshakes of the connections that `ctx` wraps."""
+        failures = self
+
+        class ObservedSSLObject(ssl.SSLObject):
+            def do_handshake(self) -> None:
+                try:
+                    super().do_handshake()
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    raise  # not done yet
+                except ssl.SSLError as exc:
+                    failures.failed(exc)
+                    raise
+
+        ctx.sslobject_class = ObservedSSLObject
+
+    def failed(self, exc: ssl.SSLError) -> None:
+        reason = _REASONS.get(exc.reason or "", "handshake_failed")
+        detail = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
+        key = (reason, str(detail))
+        wait = self._last.get(key, -self.WINDOW_S) + self.WINDOW_S - time.monotonic()
+        if wait <= 0:
+            self._emit(key, 1)
+            return
+        if not self._held[key]:  # the first held back: report them when the second is over
+            try:
+                asyncio.get_running_loop().call_later(wait, self._flush, key)
+            except RuntimeError:  # no event loop: nothing to wait with
+                self._emit(key, 1)
+                return
+        self._held[key] += 1
+
+    def _flush(self, key: tuple[str, str]) -> None:
+        count = self._held.pop(key, 0)
+        if count:
+            self._emit(key, count)
+
+    def _emit(self, key: tuple[str, str], count: int) -> None:
+        self._last[key] = time.monotonic()
+        reason, detail = key
+        telemetry.emit(
+            "tls_handshake_rejected", "blocked", reason=reason, detail=detail, count=count
+        )
+
+
 class RotatingContext:
     """The front's TLS material, re-read when its files change (Vault Agent or cert-manager
     rotate them in place, often through a symlink swap). New handshakes switch to the newest
@@ -59,6 +129,8 @@ class RotatingContext:
         self._stamp = self._files_stamp()
         self._next_check = time.monotonic() + self.CHECK_EVERY_S
         self.base.sni_callback = self._on_client_hello
+        self.handshake_failures = HandshakeFailures()
+        self.handshake_failures.observe(self.base)
 
     def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
         try:
