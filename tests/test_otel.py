@@ -5,9 +5,11 @@ metrics to a receiver that decodes the protobufs (tests/otlp_receiver.py)."""
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,6 +95,15 @@ def test_serve_exports_spans_logs_and_metrics(
             assert client.post("/v1/completions", json=completion).status_code == 200
             assert client.get("/pause").status_code == 404
         harness.wait_for("request_rejected", status=404)
+        # Three handshakes without a client certificate: fewer events, all three counted.
+        no_cert = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        for _ in range(3):
+            with pytest.raises(httpx.HTTPError), httpx.Client(verify=no_cert) as client:
+                client.get(f"{harness.url}/v1/models")
+        deadline = time.monotonic() + 10
+        while sum(e.get("count", 0) for e in harness.events("tls_handshake_rejected")) < 3:
+            assert time.monotonic() < deadline, harness.events("tls_handshake_rejected")
+            time.sleep(0.05)
         assert harness.terminate() == 0
     finally:
         harness.kill()
@@ -150,6 +161,12 @@ def test_serve_exports_spans_logs_and_metrics(
     assert requests[("/v1/completions", "200")] >= 1
     assert requests[("other", "404")] >= 1
     assert any(int(p["count"]) >= 1 for p in metrics["harness.request.duration"])
+    refused = [
+        int(p["asInt"])
+        for p in metrics["harness.connections.refused"]
+        if otlp_receiver.attributes(p["attributes"])["reason"] == "no_client_certificate"
+    ]
+    assert max(refused) == 3  # cumulative: the last export holds the total
     assert "harness.requests.in_flight" in metrics
 
     # Resource attributes on every export; credentials only in the headers; no prompt.
