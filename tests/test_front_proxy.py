@@ -774,6 +774,33 @@ def test_client_ca_rotation_applies_to_new_connections(front: Front) -> None:
         client.get(f"{front.url}/v1/models")
 
 
+def test_session_resumption_cannot_outlive_a_client_ca_rotation(front: Front) -> None:
+    """A resumed TLS session skips the client certificate: the front issues no session
+    tickets, so a client the rotated CA no longer trusts cannot get back in with one."""
+    host, port = front.url.removeprefix("https://").split(":")
+    ctx = front.ctx()
+
+    def get(session: ssl.SSLSession | None = None) -> tuple[ssl.SSLSession | None, bool]:
+        with (
+            socket.create_connection((host, int(port)), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+        ):
+            tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert _read_response(tls) == 200
+            return tls.session, tls.session_reused
+
+    session, _ = get()
+    assert session is not None and not session.has_ticket
+    _, reused = get(session)
+    assert not reused  # every connection shows its certificate
+    pki.make_ca("rotated client CA").write(front.pki_dir / "ca.pem.new")
+    os.replace(front.pki_dir / "ca.pem.new", front.pki_dir / "ca.pem")
+    time.sleep(RotatingContext.CHECK_EVERY_S + 0.2)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        get(session)
+    assert len(front.upstream.seen) == 2
+
+
 def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
     from runtime import telemetry
     from runtime.front import metrics

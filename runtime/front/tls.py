@@ -21,6 +21,11 @@ def server_context(tls: TLSSection) -> ssl.SSLContext:
     # OpenSSL also checks the client certificate's EKU allows clientAuth.
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # No session tickets: a resumed session skips the client certificate, so a client whose
+    # CA was rotated out (or whose certificate expired) would keep getting in for the ticket's
+    # lifetime. Every connection is a full handshake; connections are kept alive, so they are
+    # few.
+    ctx.num_tickets = 0
     ctx.set_alpn_protocols(["http/1.1"])
     try:
         ctx.load_cert_chain(certfile=tls.cert, keyfile=tls.key)
