@@ -9,7 +9,6 @@ import asyncio
 import os
 import signal
 import socket
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -66,7 +65,7 @@ def serve(
 
     # The front's TLS material and port are checked before the engine spends a minute
     # loading: a wrong path or a busy port fails now (exit 2).
-    ssl_context = tls.RotatingContext(cfg.front.tls).base
+    tls_material = tls.RotatingContext(cfg.front.tls)
     listener = front_server.bind(cfg.front)
     admission = Admission.from_config(cfg.front)
     export.watch_in_flight(lambda: admission.in_flight)
@@ -93,7 +92,7 @@ def serve(
         #    allowlist, route allowlist; supervise until stopped.
         if cfg.sandbox.seccomp != "off":
             telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
-        front = _serve_front(cfg, engine, listener, ssl_context, admission, placement, on_ready)
+        front = _serve_front(cfg, engine, listener, tls_material, admission, placement, on_ready)
         code = front_server.run(front)
         engine_code = engine.stop()
     telemetry.emit(
@@ -212,7 +211,7 @@ async def _serve_front(
     cfg: Config,
     engine: Engine,
     listener: socket.socket,
-    ssl_context: ssl.SSLContext,
+    tls_material: tls.RotatingContext,
     admission: Admission,
     placement: resources.CpuPlacement | None,
     on_ready: Callable[[Config], None] | None,
@@ -226,7 +225,7 @@ async def _serve_front(
         served_name=cfg.model.served_name,
         admission=admission,
     )
-    server = front_server.build_server(cfg.front, app, state, ssl_context)
+    server = front_server.build_server(cfg.front, app, state, tls_material)
     died: list[int] = []
 
     # The engine's death wakes us at once (pidfd), not at the next poll.

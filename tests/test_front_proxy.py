@@ -155,9 +155,7 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
         state = FrontState(engine_ready=True)
         app = FrontApp(sock_path, state, front=cfg.front, limits=cfg.limits, served_name="demo")
         listener = front_server.bind(cfg.front)
-        server = front_server.build_server(
-            cfg.front, app, state, RotatingContext(cfg.front.tls).base
-        )
+        server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls))
         thread = _run_in_thread(server, sockets=[listener])
 
         def stop() -> None:
@@ -469,11 +467,16 @@ def test_slowloris_is_disconnected_by_the_header_timeout(make_front: Callable[..
         assert client.get(f"{front.url}/v1/models").status_code == 200
 
 
-def _read_response(tls: ssl.SSLSocket) -> int:
-    """One whole response from a keep-alive connection (httptools frames it); its status."""
+def _read_response(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -> int:
+    """One whole response from a keep-alive connection (httptools frames it); its status.
+    Its headers go into `headers` when given."""
     done: list[bool] = []
+    found = {} if headers is None else headers
 
     class Callbacks:
+        def on_header(self, name: bytes, value: bytes) -> None:
+            found[name.lower()] = value
+
         def on_message_complete(self) -> None:
             done.append(True)
 
@@ -799,6 +802,64 @@ def test_session_resumption_cannot_outlive_a_client_ca_rotation(front: Front) ->
     with pytest.raises((ssl.SSLError, ConnectionError)):
         get(session)
     assert len(front.upstream.seen) == 2
+
+
+def _keep_alive_requests(
+    front: Front, ctx: ssl.SSLContext, between: Callable[[], None]
+) -> list[tuple[int, bytes | None]]:
+    """Two requests on one keep-alive connection, `between()` in between: each one's status
+    and `connection` header, and whether the front closed the connection after the second."""
+    host, port = front.url.removeprefix("https://").split(":")
+    request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    answers: list[tuple[int, bytes | None]] = []
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        for step in (None, between):
+            if step is not None:
+                step()
+            tls.sendall(request)
+            headers: dict[bytes, bytes] = {}
+            answers.append((_read_response(tls, headers), headers.get(b"connection")))
+        assert tls.recv(1) == b""  # closed by the front after that last response
+    return answers
+
+
+def test_a_client_ca_rotation_ends_kept_alive_connections_after_one_request(
+    front: Front,
+) -> None:
+    """An open connection was authenticated by the old client CA: after the rotation it gets
+    one more response, marked `connection: close`; its client cannot come back."""
+
+    def rotate() -> None:
+        pki.make_ca("rotated client CA").write(front.pki_dir / "ca.pem.new")
+        os.replace(front.pki_dir / "ca.pem.new", front.pki_dir / "ca.pem")
+        time.sleep(RotatingContext.CHECK_EVERY_S + 0.2)
+
+    assert _keep_alive_requests(front, front.ctx(), rotate) == [(200, None), (200, b"close")]
+    with pytest.raises(httpx.HTTPError), httpx.Client(verify=front.ctx()) as client:
+        client.get(f"{front.url}/v1/models")
+    assert len(front.upstream.seen) == 2
+
+
+def test_an_expired_client_certificate_ends_its_kept_alive_connection(
+    make_front: Callable[..., Front],
+) -> None:
+    import datetime as dt
+
+    front = make_front(keepalive_timeout_s=30)
+    now = dt.datetime.now(dt.UTC)
+    expires = now.replace(microsecond=0) + dt.timedelta(seconds=3)
+    pki.client_cert(
+        _ca(front), ALLOWED, not_before=now - dt.timedelta(minutes=1), not_after=expires
+    ).write(front.pki_dir / "brief.pem", front.pki_dir / "brief-key.pem")
+
+    def expire() -> None:
+        time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 1.1)
+
+    answers = _keep_alive_requests(front, front.ctx("brief"), expire)
+    assert answers == [(200, None), (200, b"close")]
 
 
 def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:

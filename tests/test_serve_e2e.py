@@ -370,7 +370,7 @@ def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
         served_name="demo",
     )
     listener = front_server.bind(cfg.front)
-    server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls).base)
+    server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls))
     thread = threading.Thread(target=lambda: front_server.run(server.serve(sockets=[listener])))
     thread.start()
     try:

@@ -11,6 +11,7 @@ import asyncio
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from runtime import telemetry
 from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
 from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState
-from runtime.front.tls import peer_identities
+from runtime.front.tls import RotatingContext, peer_identities
 from runtime.identity import match_identity
 
 T = TypeVar("T")
@@ -58,16 +59,24 @@ def bind(front: FrontSection) -> socket.socket:
     return sock
 
 
-def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[HttpToolsProtocol]:
+def _identity_protocol(
+    allowed: tuple[str, ...], header_timeout: float, tls_material: RotatingContext
+) -> type[HttpToolsProtocol]:
     class IdentityCheckingProtocol(HttpToolsProtocol):
         rejected = False
         header_timer: asyncio.TimerHandle | None = None
         between_requests = False  # a response went out; the next request has not begun
+        client_ca_generation = 0  # the client CA this connection's certificate was checked by
+        not_after = float("inf")  # when that certificate expires (epoch seconds)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-            sans = peer_identities(ssl_object.getpeercert() if ssl_object else None)
+            peercert = ssl_object.getpeercert() if ssl_object else None
+            sans = peer_identities(peercert)
+            self.client_ca_generation = tls_material.client_ca_generation
+            if peercert and "notAfter" in peercert:
+                self.not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
             identity = match_identity(sans, allowed)
             if identity is None:
                 # The client's first request may arrive in the same read as its handshake,
@@ -129,6 +138,14 @@ def _identity_protocol(allowed: tuple[str, ...], header_timeout: float) -> type[
         def on_headers_complete(self) -> None:
             self._cancel_header_timer()
             super().on_headers_complete()
+            # A keep-alive connection outlives its handshake. Once the client CA has changed
+            # or the client's certificate has expired, this request is its last: the response
+            # says `connection: close`, and the client shows its certificate again on a new
+            # connection (the old CA's clients are then refused).
+            tls_material.reload_if_changed()
+            stale = tls_material.client_ca_generation != self.client_ca_generation
+            if (stale or time.time() >= self.not_after) and self.cycle is not None:
+                self.cycle.keep_alive = False
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # starts uvicorn's keep-alive timer
@@ -178,12 +195,14 @@ def build_server(
     front: FrontSection,
     app: FrontApp,
     state: FrontState,
-    ssl_context: ssl.SSLContext,
+    tls_material: RotatingContext,
 ) -> FrontServer:
     config = uvicorn.Config(
         app,
-        http=_identity_protocol(tuple(front.allowed_identities), front.header_timeout_s),
-        ssl_context_factory=_fixed(ssl_context),
+        http=_identity_protocol(
+            tuple(front.allowed_identities), front.header_timeout_s, tls_material
+        ),
+        ssl_context_factory=_fixed(tls_material.base),
         lifespan="on",
         log_config=None,
         access_log=False,  # the front emits its own audit events

@@ -123,7 +123,9 @@ class RotatingContext:
     """The front's TLS material, re-read when its files change (Vault Agent or cert-manager
     rotate them in place, often through a symlink swap). New handshakes switch to the newest
     context from the ClientHello callback; established connections keep theirs, so open
-    streams are not cut. A half-written or mismatched update keeps the previous material."""
+    streams are not cut. A half-written or mismatched update keeps the previous material.
+    `client_ca_generation` counts the client CA's changes: the front serves a connection
+    authenticated under an older one no further than the request in hand."""
 
     CHECK_EVERY_S = 1.0
 
@@ -131,6 +133,7 @@ class RotatingContext:
         self.tls = tls
         self.base = server_context(tls)  # handed to the server; never replaced
         self.current = self.base
+        self.client_ca_generation = 0
         self._stamp = self._files_stamp()
         self._next_check = time.monotonic() + self.CHECK_EVERY_S
         self.base.sni_callback = self._on_client_hello
@@ -158,6 +161,8 @@ class RotatingContext:
             telemetry.emit("tls_reload", "failed", error=exc.message)
             return  # keep serving with the previous material; retried on the next change
         fresh.sni_callback = self._on_client_hello
+        if self._stamp is None or stamp[2] != self._stamp[2]:
+            self.client_ca_generation += 1
         self.current, self._stamp = fresh, stamp
         telemetry.emit(
             "tls_reload", "ok", cert=str(self.tls.cert), client_ca=str(self.tls.client_ca)
