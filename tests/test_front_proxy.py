@@ -4,6 +4,7 @@ of a real HTTP server on a Unix socket that records what reaches it. No vLLM: fa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -534,6 +535,52 @@ def test_an_idle_keep_alive_connection_is_not_a_slow_header(
     time.sleep(0.2)  # ...with no slow-header event for it
     assert len(_events(front, "request_rejected")) == 1
     assert len(front.upstream.seen) == 3
+
+
+def _send_head(front: Front, head: bytes) -> tuple[int, bytes]:
+    """Send a request head in pieces; the status and raw body of the response."""
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        try:
+            for start in range(0, len(head), 4096):
+                tls.sendall(head[start : start + 4096])
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            pass  # the front closed the connection mid-head: its answer is already there
+        data = b""
+        with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+            while chunk := tls.recv(65536):
+                data += chunk
+    status_line, _, rest = data.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+@pytest.mark.parametrize("where", ["headers", "target"])
+def test_an_oversized_request_head_gets_431_and_nothing_is_forwarded(
+    front: Front, where: str
+) -> None:
+    from runtime.front.server import MAX_HEAD_BYTES
+
+    pad = b"x" * 1000
+    if where == "headers":
+        lines = b"".join(b"x-pad-%d: %s\r\n" % (i, pad) for i in range(MAX_HEAD_BYTES // 1000 + 2))
+        head = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n" + lines + b"\r\n"
+    else:
+        head = b"GET /v1/models?" + pad * (MAX_HEAD_BYTES // 1000 + 2) + b" HTTP/1.1\r\n\r\n"
+    status, body = _send_head(front, head)
+    assert status == 431 and json.loads(body)["error"]["code"] == "header_too_large"
+    [event] = _events(front, "request_rejected")
+    assert event["reason"] == "header_too_large" and event["limit_bytes"] == MAX_HEAD_BYTES
+    assert front.upstream.seen == []
+    # A head well within the cap is served.
+    lines = b"".join(b"x-pad-%d: %s\r\n" % (i, pad) for i in range(MAX_HEAD_BYTES // 2000))
+    status, _ = _send_head(
+        front,
+        b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + lines + b"\r\n",
+    )
+    assert status == 200 and len(front.upstream.seen) == 1
 
 
 def test_streams_over_the_concurrency_cap_get_429_and_admitted_ones_complete(

@@ -70,7 +70,7 @@ class FrontState:
         return self.engine_ready and not self.draining
 
 
-def _error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
+def error_body(status: int, message: str, code: str, param: str | None = None) -> bytes:
     kind = "invalid_request_error" if status < 500 else "server_error"
     return json.dumps(
         {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -155,7 +155,7 @@ class FrontApp:
             # The deadline covers the body, the wait for a slot and the whole generation.
             if not responded:
                 await _respond(
-                    send, 504, _error_body(504, "The request took too long", "deadline_exceeded")
+                    send, 504, error_body(504, "The request took too long", "deadline_exceeded")
                 )
             audit_event("request", "failed", 504, route=route, reason="deadline_exceeded")
             return
@@ -164,7 +164,7 @@ class FrontApp:
             if rej.retry_after is not None:
                 extra.append((b"retry-after", retry_after_header(rej.retry_after)))
             await _respond(
-                send, rej.status, _error_body(rej.status, rej.message, rej.code, rej.param), extra
+                send, rej.status, error_body(rej.status, rej.message, rej.code, rej.param), extra
             )
             failed = rej.status >= 500
             audit_event(

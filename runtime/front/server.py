@@ -23,11 +23,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from runtime import telemetry
 from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
-from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState
+from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState, error_body
 from runtime.front.tls import RotatingContext, peer_identities
 from runtime.identity import match_identity
 
 T = TypeVar("T")
+
+# The request line and headers of one request, in bytes. uvicorn's httptools protocol has no
+# limit of its own: a client could make the front hold an unbounded head in memory.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -63,8 +67,9 @@ def _identity_protocol(
     allowed: tuple[str, ...], header_timeout: float, tls_material: RotatingContext
 ) -> type[HttpToolsProtocol]:
     class IdentityCheckingProtocol(HttpToolsProtocol):
-        rejected = False
+        rejected = False  # refused: whatever else arrives is dropped, the app never runs
         header_timer: asyncio.TimerHandle | None = None
+        head_bytes = 0
         between_requests = False  # a response went out; the next request has not begun
         client_ca_generation = 0  # the client CA this connection's certificate was checked by
         not_after = float("inf")  # when that certificate expires (epoch seconds)
@@ -135,7 +140,56 @@ def _identity_protocol(
             )
             self.transport.close()
 
+        # The head is counted as httptools hands it over; past MAX_HEAD_BYTES the connection
+        # gets a 431 and is closed, and the parser's further callbacks are ignored.
+        def on_message_begin(self) -> None:
+            self.head_bytes = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            if self._counted(len(url)):
+                super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if self._counted(len(name) + len(value) + 4):
+                super().on_header(name, value)
+
+        def _counted(self, size: int) -> bool:
+            if self.rejected:
+                return False
+            self.head_bytes += size
+            if self.head_bytes <= MAX_HEAD_BYTES:
+                return True
+            self.rejected = True
+            self._cancel_header_timer()
+            telemetry.emit(
+                "request_rejected",
+                "blocked",
+                reason="header_too_large",
+                client=_peer(self.transport),
+                limit_bytes=MAX_HEAD_BYTES,
+            )
+            message = f"The request head is larger than {MAX_HEAD_BYTES} bytes"
+            body = error_body(431, message, "header_too_large")
+            self.transport.write(
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                b"content-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            self.transport.close()
+            return False
+
+        def on_body(self, body: bytes) -> None:
+            if not self.rejected:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if not self.rejected:
+                super().on_message_complete()
+
         def on_headers_complete(self) -> None:
+            if self.rejected:
+                return
             self._cancel_header_timer()
             super().on_headers_complete()
             # A keep-alive connection outlives its handshake. Once the client CA has changed
@@ -203,6 +257,7 @@ def build_server(
             tuple(front.allowed_identities), front.header_timeout_s, tls_material
         ),
         ssl_context_factory=_fixed(tls_material.base),
+        ws="none",  # no WebSocket upgrades: the front serves none, and no library parses them
         lifespan="on",
         log_config=None,
         access_log=False,  # the front emits its own audit events
