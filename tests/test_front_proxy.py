@@ -77,7 +77,13 @@ class Upstream:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    # What an engine under an attacker's control might add.
+                    (b"set-cookie", b"session=engine"),
+                    (b"access-control-allow-origin", b"*"),
+                    (b"x-request-id", b"chosen-by-the-engine"),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": payload})
@@ -236,6 +242,11 @@ def test_allowed_route_reaches_upstream_with_a_clean_request(front: Front) -> No
     assert b"x-forwarded-for" not in seen["headers"]
     assert seen["headers"][b"accept"] == b"application/json"
     assert seen["headers"][b"x-request-id"] == response.headers["x-request-id"].encode()
+    # The engine's response headers are allowlisted too.
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"] != "chosen-by-the-engine"
+    assert "set-cookie" not in response.headers
+    assert "access-control-allow-origin" not in response.headers
 
 
 def test_wrong_method_is_405(front: Front) -> None:

@@ -40,21 +40,10 @@ LOCAL = frozenset({b"/healthz", b"/readyz"})
 # Only these request headers reach the engine; nothing the client sends about hosts,
 # forwarding, auth or encodings does.
 REQUEST_HEADERS = frozenset({b"content-type", b"accept"})
-# Hop-by-hop headers are the front's own business.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"transfer-encoding",
-        b"te",
-        b"trailer",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"server",
-        b"date",
-    }
-)
+# Only these response headers reach the client: the engine is not trusted to set cookies,
+# CORS, redirects or anything else on the gateway's side. Framing (chunked or not) and the
+# connection are the front's own business.
+RESPONSE_HEADERS = frozenset({b"content-type", b"content-length"})
 IDENTITY_KEY = "harness.identity"
 
 
@@ -274,9 +263,7 @@ class FrontApp:
         return upstream.status_code
 
     async def _relay(self, upstream: Response, send: Send, request_id: str) -> None:
-        headers = [
-            (k, v) for k, v in upstream.headers if k not in HOP_BY_HOP and k != b"x-request-id"
-        ]
+        headers = [(k, v) for k, v in upstream.headers if k in RESPONSE_HEADERS]
         headers.append((b"x-request-id", request_id.encode()))
         await send(
             {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
