@@ -170,8 +170,14 @@ def test_engine_breaking_off_mid_response_raises_and_the_connection_is_dropped(
 
 @pytest.mark.parametrize(
     "reply",
-    [b"", b"garbage\r\n\r\n", b"HTTP/1.1 2x0 OK\r\n\r\n"],
-    ids=["closed", "not-http", "bad-status"],
+    [
+        b"",
+        b"garbage\r\n\r\n",
+        b"HTTP/1.1 2x0 OK\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n" + json_response(b"{}"),
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\nconnection: upgrade\r\n\r\n",
+    ],
+    ids=["closed", "not-http", "bad-status", "interim-100", "switching-101"],
 )
 def test_no_response_head_is_engine_unavailable(tmp_path: Path, reply: bytes) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -7,8 +7,9 @@ the front needs: the front writes requests it built itself (a constant path from
 allowlist, its own headers, the body it checked), so writing them is one line; responses are
 parsed by httptools (llhttp, the parser uvicorn uses), which also undoes chunked encoding.
 Response bodies are handed on as they arrive; a slow client pauses reading from the engine.
-The engine is not trusted: a response head over MAX_HEAD_BYTES is refused, and a body must be
-framed by content-length or chunked encoding (vLLM's always are).
+The engine is not trusted: a response head over MAX_HEAD_BYTES is refused, so is an interim
+(1xx) response, and a body must be framed by content-length or chunked encoding (vLLM's always
+are).
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ class _Connection(asyncio.Protocol):
         self.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:  # 1xx: vLLM sends none, and a final response would follow, unpaired
+            raise EngineBrokeOff(f"the engine sent an interim response ({status})")
         self.keep_alive = self.parser.should_keep_alive()  # llhttp forgets it once complete
         if self.head is not None and not self.head.done():
             self.head.set_result(None)
