@@ -581,7 +581,10 @@ def test_an_oversized_request_head_gets_431_and_nothing_is_forwarded(
     else:
         head = b"GET /v1/models?" + pad * (MAX_HEAD_BYTES // 1000 + 2) + b" HTTP/1.1\r\n\r\n"
     status, body = _send_head(front, head)
-    assert status == 431 and json.loads(body)["error"]["code"] == "header_too_large"
+    error = json.loads(body)["error"]
+    assert status == 431 and error["code"] == "header_too_large"
+    assert f"larger than {MAX_HEAD_BYTES} bytes" in error["message"]  # what, and the fix:
+    assert "shorter headers" in error["message"]
     [event] = _events(front, "request_rejected")
     assert event["reason"] == "header_too_large" and event["limit_bytes"] == MAX_HEAD_BYTES
     assert front.upstream.seen == []

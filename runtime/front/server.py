@@ -131,13 +131,18 @@ def _identity_protocol(
 
         def _header_timed_out(self) -> None:
             self.header_timer = None
+            self._close_refused("header_timeout", seconds=header_timeout)
+
+        def _close_refused(self, reason: str, last: bytes = b"", **fields: Any) -> None:
+            """Refuse this connection before its request reaches the app: an event, then
+            `last` (a whole response, if any) and the close; what else arrives is dropped."""
+            self.rejected = True
+            self._cancel_header_timer()
             telemetry.emit(
-                "request_rejected",
-                "blocked",
-                reason="header_timeout",
-                client=_peer(self.transport),
-                seconds=header_timeout,
+                "request_rejected", "blocked", reason=reason, client=_peer(self.transport), **fields
             )
+            if last:
+                self.transport.write(last)
             self.transport.close()
 
         # The head is counted as httptools hands it over; past MAX_HEAD_BYTES the connection
@@ -160,23 +165,18 @@ def _identity_protocol(
             self.head_bytes += size
             if self.head_bytes <= MAX_HEAD_BYTES:
                 return True
-            self.rejected = True
-            self._cancel_header_timer()
-            telemetry.emit(
-                "request_rejected",
-                "blocked",
-                reason="header_too_large",
-                client=_peer(self.transport),
-                limit_bytes=MAX_HEAD_BYTES,
+            message = (
+                f"The request line and headers are larger than {MAX_HEAD_BYTES} bytes; "
+                "send fewer or shorter headers, or a shorter request target"
             )
-            message = f"The request head is larger than {MAX_HEAD_BYTES} bytes"
             body = error_body(431, message, "header_too_large")
-            self.transport.write(
+            self._close_refused(
+                "header_too_large",
                 b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                 b"content-type: application/json\r\nconnection: close\r\n"
-                b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                b"content-length: %d\r\n\r\n%s" % (len(body), body),
+                limit_bytes=MAX_HEAD_BYTES,
             )
-            self.transport.close()
             return False
 
         def on_body(self, body: bytes) -> None:
