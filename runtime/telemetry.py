@@ -6,6 +6,7 @@ Events never carry prompts, completions or secret values; callers pass only meta
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import socket
@@ -47,6 +48,7 @@ EVENT_TYPES = STARTUP_STEPS | frozenset(
 )
 
 _lock = threading.Lock()
+_ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one per process, not per event
 _stream: TextIO | None = None
 _subscribers: list[Callable[[dict[str, Any]], None]] = []
 
@@ -66,8 +68,10 @@ def set_stream(stream: TextIO | None) -> None:
     _stream = stream
 
 
+@functools.cache
 def identity() -> dict[str, str]:
-    """Pod name and namespace, as the Kubernetes Downward API sets them."""
+    """Pod name and namespace, as the Kubernetes Downward API sets them (at the pod's start:
+    read once, not for every request's event)."""
     return {
         "pod_name": os.environ.get("POD_NAME") or socket.gethostname(),
         "namespace": os.environ.get("POD_NAMESPACE") or "default",
@@ -85,7 +89,7 @@ def emit(event_type: str, outcome: Outcome, **fields: Any) -> dict[str, Any]:
         **identity(),
         **fields,
     }
-    line = json.dumps(record, default=str, separators=(",", ":"))
+    line = _ENCODER.encode(record)
     stream = _stream or sys.stdout
     with _lock:
         stream.write(line + "\n")

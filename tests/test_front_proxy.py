@@ -40,6 +40,7 @@ class Upstream:
 
     seen: list[dict[str, Any]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
+    hold_completions: bool = False  # answer /v1/completions only once the gate opens
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -58,6 +59,9 @@ class Upstream:
                 "body": body,
             }
         )
+        if scope["path"] == "/v1/completions" and self.hold_completions:
+            # As vLLM does for a completion that is not streamed: nothing until it is whole.
+            await asyncio.to_thread(self.gate.wait, 30)
         if scope["path"] == "/v1/chat/completions":
             await send(
                 {
@@ -109,6 +113,7 @@ class Front:
     pki_dir: Path
     events: list[dict[str, Any]]
     upstream_server: uvicorn.Server | None = None
+    app: FrontApp | None = None
 
     def ctx(self, name: str = "client") -> ssl.SSLContext:
         return client_context(
@@ -183,6 +188,7 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
             tmp_path,
             events,
             upstream_server=up_server,
+            app=app,
         )
 
     yield start
@@ -310,6 +316,93 @@ def test_client_leaving_mid_stream_closes_the_engine_connection(front: Front) ->
         time.sleep(0.02)
     [event] = _events(front, "request")
     assert event["status"] == 499 and event["outcome"] == "failed"
+
+
+COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 4}
+
+
+@contextlib.contextmanager
+def _completion_sent(front: Front) -> Iterator[ssl.SSLSocket]:
+    """A completion (not streamed) sent on a TLS connection that the test holds; leaving the
+    block closes it, as a client that gives up would."""
+    body = json.dumps(COMPLETION).encode()
+    host, port = front.url.removeprefix("https://").rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        yield tls
+
+
+def _until(condition: Callable[[], object], message: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.02)
+
+
+def test_client_leaving_before_the_response_head_closes_the_engine_connection(
+    front: Front,
+) -> None:
+    """A completion that is not streamed sends nothing until it is whole, so a client that
+    leaves meanwhile must be noticed from its connection, not from the response: otherwise
+    the engine generates the whole completion for nobody."""
+    assert front.upstream_server is not None
+    connections = front.upstream_server.server_state.connections
+    front.upstream.hold_completions = True
+    with _completion_sent(front):
+        _until(lambda: front.upstream.seen, "the request never reached the engine")
+        assert len(connections) == 1  # the engine is "generating"
+    _until(lambda: not connections, "the engine connection outlived its client")
+    [event] = _events(front, "request")
+    assert (event["status"], event["outcome"]) == (499, "failed")
+    assert (event["reason"], event["route"]) == ("client_left", "/v1/completions")
+
+
+def test_a_client_that_leaves_while_queued_never_reaches_the_engine(
+    make_front: Callable[..., Front],
+) -> None:
+    front = make_front(max_concurrency=1, max_queue=2, queue_timeout_s=20)
+    assert front.app is not None
+    admission = front.app.admission
+    front.upstream.hold_completions = True
+    with _completion_sent(front) as first:  # holds the only slot
+        _until(lambda: len(front.upstream.seen) == 1, "the first request never reached the engine")
+        with _completion_sent(front):
+            _until(lambda: admission.waiting == 1, "the second request was not queued")
+        [left] = _events(front, "request")
+        assert (left["status"], left["reason"]) == (499, "client_left")
+        assert admission.waiting == 0
+        front.upstream.gate.set()  # the first completes; the slot is free again
+        answer = b""
+        while chunk := first.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ")
+    with httpx.Client(verify=front.ctx(), timeout=20) as client:
+        assert client.post(f"{front.url}/v1/completions", json=COMPLETION).status_code == 200
+    assert len(front.upstream.seen) == 2  # the first and the last: never the one that left
+    assert admission.in_flight == 0
+
+
+def test_request_deadline_answers_504_while_the_engine_holds_a_completion(
+    make_front: Callable[..., Front],
+) -> None:
+    front = make_front(request_deadline_s=1)
+    assert front.upstream_server is not None
+    connections = front.upstream_server.server_state.connections
+    front.upstream.hold_completions = True
+    with httpx.Client(verify=front.ctx(), timeout=20) as client:
+        response = client.post(f"{front.url}/v1/completions", json=COMPLETION)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    _until(lambda: not connections, "the engine connection outlived the deadline")
+    [event] = _events(front, "request")
+    assert (event["status"], event["reason"]) == (504, "deadline_exceeded")
+    assert front.app is not None and front.app.admission.in_flight == 0
 
 
 def _events(front: Front, kind: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:

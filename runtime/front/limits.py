@@ -31,6 +31,7 @@ ALLOWED_PARAMS: dict[bytes, frozenset[str]] = {
 }
 MAX_STOP_BYTES = 256
 MAX_LOGIT_BIAS = 300
+_COMPACT = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps builds one per call
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def check(
         raise _bad("'stream' must be a boolean", "invalid_type", "stream")
     asked, allowed = _tokens(route, body, limits)
     _check_caps(route, body, limits, allowed)
-    return Checked(json.dumps(body, separators=(",", ":")).encode(), stream, asked, allowed)
+    return Checked(_COMPACT.encode(body).encode(), stream, asked, allowed)
 
 
 def _tokens(route: bytes, body: dict[str, Any], limits: LimitsSection) -> tuple[int | None, int]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +45,37 @@ REQUEST_HEADERS = frozenset({b"content-type", b"accept"})
 # connection are the front's own business.
 RESPONSE_HEADERS = frozenset({b"content-type", b"content-length"})
 IDENTITY_KEY = "harness.identity"
+WATCH_KEY = "harness.watch"
+
+
+class RequestWatch:
+    """Ends a request early, saying why: its deadline passed, or its client left (the front's
+    protocol calls `client_left` when the connection is lost). It cancels the request's task,
+    which reaches the request wherever it waits: for its body, a slot, the engine's response
+    head (a completion that is not streamed sends nothing until it is whole) or the stream.
+    One timer and no extra task per request: the front's CPU is taken from the engine's."""
+
+    __slots__ = ("_task", "_timer", "reason")
+
+    def __init__(self, deadline_s: float) -> None:
+        self._task = asyncio.current_task()
+        self.reason: str | None = None
+        self._timer = asyncio.get_running_loop().call_later(
+            deadline_s, self._end, "deadline_exceeded"
+        )
+
+    def client_left(self) -> None:
+        self._end("client_left")
+
+    def _end(self, reason: str) -> None:
+        if self._task is not None and self.reason is None:
+            self.reason = reason
+            self._task.cancel()
+
+    def disarm(self) -> None:
+        """The request is answered: from here on nothing ends it."""
+        self._timer.cancel()
+        self._task = None
 
 
 @dataclass
@@ -117,7 +148,7 @@ class FrontApp:
         if scope["type"] != "http":  # websockets: not a route we serve
             return
         started = time.perf_counter()
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()
         raw_path = scope.get("raw_path")
         identity = scope.get(IDENTITY_KEY)
         audit: dict[str, Any] = {
@@ -137,10 +168,21 @@ class FrontApp:
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
             telemetry.emit(kind, outcome, **audit, status=status, latency_ms=latency_ms, **extra)
 
+        watch = scope[WATCH_KEY] = RequestWatch(self.deadline_s)
         try:
-            async with asyncio.timeout(self.deadline_s):
+            try:
                 status = await self._handle(scope, receive, tracked_send, raw_path, audit)
-        except TimeoutError:
+            finally:
+                watch.disarm()
+        except asyncio.CancelledError:
+            if watch.reason is None:
+                raise  # not this request's end: the server is stopping
+            task = asyncio.current_task()
+            assert task is not None
+            task.uncancel()
+            if watch.reason == "client_left":
+                audit_event("request", "failed", 499, route=route, reason="client_left")
+                return
             # The deadline covers the body, the wait for a slot and the whole generation.
             if not responded:
                 await _respond(
@@ -242,24 +284,16 @@ class FrontApp:
             upstream = await self.client.request(scope["method"], route.decode(), headers, body)
         except EngineUnavailable:
             raise Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
-        relay = asyncio.ensure_future(self._relay(upstream, send, request_id))
-        disconnect = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            await asyncio.wait({relay, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # A client that leaves cancels generation: closing the upstream connection makes
-            # vLLM abort the request instead of generating into the void.
-            disconnect.cancel()
-            if not relay.done():
-                relay.cancel()
-                await asyncio.wait({relay})  # let it unwind: its outcome is read below
-            upstream.close()
-        if relay.cancelled():
-            return 499
-        if isinstance(relay.exception(), EngineBrokeOff):
+            await self._relay(upstream, send, request_id)
+        except EngineBrokeOff:
             # The engine broke off mid-response; the client sees a truncated stream.
             return 502
-        relay.result()
+        finally:
+            # Also when the client left or the deadline passed (the watch cancels this task):
+            # closing the engine connection makes vLLM abort the request instead of
+            # generating into the void.
+            upstream.close()
         return upstream.status_code
 
     async def _relay(self, upstream: Response, send: Send, request_id: str) -> None:
@@ -278,11 +312,6 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 def _loggable(route: str | None) -> str | None:

@@ -23,7 +23,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from runtime import telemetry
 from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
-from runtime.front.proxy import IDENTITY_KEY, FrontApp, FrontState, error_body
+from runtime.front.proxy import IDENTITY_KEY, WATCH_KEY, FrontApp, FrontState, error_body
 from runtime.front.tls import RotatingContext, peer_identities
 from runtime.identity import match_identity
 
@@ -207,6 +207,11 @@ def _identity_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                watch = cycle.scope.get(WATCH_KEY)
+                if watch is not None:  # the client left mid-request: the engine must stop
+                    watch.client_left()
             super().connection_lost(exc)
 
     return IdentityCheckingProtocol
