@@ -594,6 +594,32 @@ def _read_response(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None
     return parser.get_status_code()
 
 
+def test_a_fresh_connection_idles_as_a_kept_alive_one_does(
+    make_front: Callable[..., Front],
+) -> None:
+    """A gateway may open a connection before it has a request for it. Until the first byte
+    that connection is idle, not slow: the keep-alive timeout closes it quietly, and the
+    header timeout runs from the first byte, as between requests."""
+    front = make_front(header_timeout_s=1, keepalive_timeout_s=3)
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        time.sleep(1.8)  # past the header timeout, within the keep-alive timeout
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_response(tls) == 200
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        started = time.monotonic()
+        assert tls.recv(1) == b""  # never used: closed by the keep-alive timeout...
+        assert 2 < time.monotonic() - started < 6
+    time.sleep(0.2)  # ...and neither connection was a slow header
+    assert _events(front, "request_rejected", count=0, timeout=0) == []
+
+
 def test_an_idle_keep_alive_connection_is_not_a_slow_header(
     make_front: Callable[..., Front],
 ) -> None:

@@ -70,7 +70,7 @@ def _identity_protocol(
         rejected = False  # refused: whatever else arrives is dropped, the app never runs
         header_timer: asyncio.TimerHandle | None = None
         head_bytes = 0
-        between_requests = False  # a response went out; the next request has not begun
+        between_requests = False  # idle: a new connection, or a response went out; no request yet
         client_ca_generation = 0  # the client CA this connection's certificate was checked by
         not_after = float("inf")  # when that certificate expires (epoch seconds)
 
@@ -105,7 +105,13 @@ def _identity_protocol(
                 await inner(scope, receive, send)
 
             self.app = app_with_identity
-            self._arm_header_timer()
+            # Until its first byte a connection is idle, not slow (a gateway may open one
+            # before it has a request for it): uvicorn's keep-alive timer closes it quietly,
+            # as between requests, and the header timer starts with the first byte.
+            self.between_requests = True
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
         def data_received(self, data: bytes) -> None:
             if self.rejected:
@@ -118,8 +124,8 @@ def _identity_protocol(
         # uvicorn has no timeout for reading a request head, and any byte received cancels
         # its keep-alive timer: a client trickling header bytes (slowloris) would hold the
         # connection forever. The head must be complete within header_timeout_s of the
-        # connection's start or of the request's first byte; the idle time between requests
-        # is the keep-alive timeout's.
+        # request's first byte; the idle time before it, on a new connection or between
+        # requests, is the keep-alive timeout's.
         def _arm_header_timer(self) -> None:
             self._cancel_header_timer()
             self.header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
