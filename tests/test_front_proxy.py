@@ -322,7 +322,7 @@ COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 4}
 
 
 @contextlib.contextmanager
-def _completion_sent(front: Front) -> Iterator[ssl.SSLSocket]:
+def _completion_sent(front: Front, keep_alive: bool = False) -> Iterator[ssl.SSLSocket]:
     """A completion (not streamed) sent on a TLS connection that the test holds; leaving the
     block closes it, as a client that gives up would."""
     body = json.dumps(COMPLETION).encode()
@@ -332,8 +332,9 @@ def _completion_sent(front: Front) -> Iterator[ssl.SSLSocket]:
         front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         tls.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            b"POST /v1/completions HTTP/1.1\r\nhost: localhost\r\nconnection: %s\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (b"keep-alive" if keep_alive else b"close", len(body), body)
         )
         yield tls
 
@@ -361,6 +362,24 @@ def test_client_leaving_before_the_response_head_closes_the_engine_connection(
     [event] = _events(front, "request")
     assert (event["status"], event["outcome"]) == (499, "failed")
     assert (event["reason"], event["route"]) == ("client_left", "/v1/completions")
+
+
+def test_client_leaving_with_a_pipelined_request_behind_closes_the_engine_connection(
+    front: Front,
+) -> None:
+    """With a second request pipelined behind the first, uvicorn's current cycle is the
+    second, which has not started: the departure must still reach the first."""
+    assert front.upstream_server is not None
+    connections = front.upstream_server.server_state.connections
+    front.upstream.hold_completions = True
+    with _completion_sent(front, keep_alive=True) as tls:
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        _until(lambda: front.upstream.seen, "the request never reached the engine")
+        time.sleep(0.2)  # the pipelined request is parsed and queued behind the first
+    _until(lambda: not connections, "the engine connection outlived its client")
+    [event] = _events(front, "request")
+    assert (event["status"], event["reason"]) == (499, "client_left")
+    assert len(front.upstream.seen) == 1  # the queued request never ran
 
 
 def test_a_client_that_leaves_while_queued_never_reaches_the_engine(

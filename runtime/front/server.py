@@ -73,6 +73,7 @@ def _identity_protocol(
         between_requests = False  # idle: a new connection, or a response went out; no request yet
         client_ca_generation = 0  # the client CA this connection's certificate was checked by
         not_after = float("inf")  # when that certificate expires (epoch seconds)
+        running_scope: dict[str, Any] | None = None  # the request the app is running
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -102,7 +103,11 @@ def _identity_protocol(
 
             async def app_with_identity(scope: Any, receive: Any, send: Any) -> None:
                 scope[IDENTITY_KEY] = identity
-                await inner(scope, receive, send)
+                self.running_scope = scope
+                try:
+                    await inner(scope, receive, send)
+                finally:
+                    self.running_scope = None
 
             self.app = app_with_identity
             # Until its first byte a connection is idle, not slow (a gateway may open one
@@ -213,11 +218,13 @@ def _identity_protocol(
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_header_timer()
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                watch = cycle.scope.get(WATCH_KEY)
-                if watch is not None:  # the client left mid-request: the engine must stop
-                    watch.client_left()
+            # The request the app is running, not uvicorn's current cycle: with a request
+            # pipelined behind it, that cycle is the queued one. An answered request's watch
+            # is disarmed and ignores this.
+            scope = self.running_scope
+            watch = scope.get(WATCH_KEY) if scope is not None else None
+            if watch is not None:  # the client left mid-request: the engine must stop
+                watch.client_left()
             super().connection_lost(exc)
 
     return IdentityCheckingProtocol
