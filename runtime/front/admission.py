@@ -83,8 +83,12 @@ class Admission:
             if self.waiting >= self._max_queue:
                 raise Rejected(429, "The server is busy", "overloaded", retry_after=1)
             self.waiting += 1
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation (a client that
+            # left, the request deadline) that arrives as the slot is granted, and the request
+            # would go on to the engine. Awaited directly, the semaphore gives the slot back.
             try:
-                await asyncio.wait_for(self._slots.acquire(), self._queue_timeout)
+                async with asyncio.timeout(self._queue_timeout):
+                    await self._slots.acquire()
             except TimeoutError:
                 raise Rejected(429, "The server is busy", "overloaded", retry_after=1) from None
             finally:
