@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -17,6 +19,71 @@ from tests.conftest import Servers
 from tests.support import Harness, client_context, openai_client, process_group
 
 pytestmark = pytest.mark.engine
+
+
+def _engine_counters(harness: Harness) -> dict[str, float]:
+    """vLLM's own token counters and running requests, from its socket (not the front's)."""
+    path = harness.events("engine_start")[0]["socket"]
+    with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=10) as client:
+        text = client.get("http://engine/metrics").text
+    names = (
+        "vllm:prompt_tokens_total",
+        "vllm:generation_tokens_total",
+        "vllm:num_requests_running",
+    )
+    return {
+        name: sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(f"{name}{{")
+        )
+        for name in names
+    }
+
+
+def test_a_client_that_leaves_makes_the_engine_stop_generating(
+    servers: Servers, demo_dir: Path
+) -> None:
+    """A completion that is not streamed sends nothing until it is whole. When its client
+    leaves, the front closes the engine connection and vLLM aborts the generation: the engine
+    took the prompt but generated fewer than the 64 tokens asked (ignore_eos). Tried again if
+    the engine finished first, or the front had not forwarded it yet. It reads the engine's
+    /metrics through its socket, which puts a route outside the allowlist into the engine's
+    access log, so it runs here, on the server that the next test ends."""
+    harness = servers.shared()
+    pki = demo_dir / "pki"
+    ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+    body = json.dumps({"model": "demo", "prompt": "hello", "max_tokens": 64, "ignore_eos": True})
+    request = (
+        "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+    outcomes = []
+    for _ in range(5):
+        before = _engine_counters(harness)
+        seen = len(harness.events("request"))
+        with (
+            socket.create_connection(("127.0.0.1", harness.port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            # Or Nagle holds the request behind the handshake's last flight until the close.
+            tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls.sendall(request)
+            time.sleep(0.02)  # forwarded within a millisecond; 64 tokens take far longer
+        deadline = time.monotonic() + 10
+        while len(harness.events("request")) == seen:
+            assert time.monotonic() < deadline, "no request event"
+            time.sleep(0.05)
+        while (after := _engine_counters(harness))["vllm:num_requests_running"]:
+            assert time.monotonic() < deadline, "the engine is still generating"
+            time.sleep(0.05)
+        status = harness.events("request")[seen]["status"]
+        prompt = after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
+        generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+        outcomes.append((status, prompt, generated))
+        if status == 499 and prompt > 0 and generated < 64:
+            return
+    raise AssertionError(f"(status, prompt tokens, generated tokens) per try: {outcomes}")
 
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
