@@ -53,7 +53,8 @@ class RequestWatch:
     protocol calls `client_left` when the connection is lost). It cancels the request's task,
     which reaches the request wherever it waits: for its body, a slot, the engine's response
     head (a completion that is not streamed sends nothing until it is whole) or the stream.
-    One timer and no extra task per request: the front's CPU is taken from the engine's."""
+    One timer per request and no extra tasks: on a small node, the front's CPU time is taken
+    from the engine's."""
 
     __slots__ = ("_task", "_timer", "reason")
 
