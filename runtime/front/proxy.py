@@ -263,7 +263,9 @@ class FrontApp:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError  # client went away; nothing to answer
+                # Not reached in the front: its protocol tells the watch before uvicorn marks
+                # the request disconnected. Elsewhere (the app alone), nothing to answer.
+                raise asyncio.CancelledError
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:  # counted while it streams in, not after
