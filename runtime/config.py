@@ -123,9 +123,11 @@ class FrontSection(_Section):
     # Per client identity: requests per second (0 = off) and burst.
     rate_limit_rps: float = Field(default=0.0, ge=0)
     rate_limit_burst: int = Field(default=20, ge=1)
-    # Slow clients: the request head must arrive within header_timeout_s (slowloris), idle
-    # keep-alive connections close after keepalive_timeout_s, and a whole request (body,
-    # generation, streaming) ends at request_deadline_s.
+    # Slow clients: the TLS handshake must be done within handshake_timeout_s of the connect,
+    # the request head must arrive within header_timeout_s (slowloris), idle keep-alive
+    # connections close after keepalive_timeout_s, and a whole request (body, generation,
+    # streaming) ends at request_deadline_s.
+    handshake_timeout_s: float = Field(default=10.0, gt=0, le=600)
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     keepalive_timeout_s: float = Field(default=5.0, gt=0, le=600)
     request_deadline_s: float = Field(default=600.0, gt=0, le=86400)

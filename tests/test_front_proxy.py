@@ -589,6 +589,50 @@ def test_slowloris_is_disconnected_by_the_header_timeout(make_front: Callable[..
         assert client.get(f"{front.url}/v1/models").status_code == 200
 
 
+def _closed_after(raw: socket.socket, send: bytes, limit_s: float) -> float:
+    """Send `send` on a plain TCP connection, then wait (at most `limit_s`) for the front to
+    close it; the seconds it took."""
+    started = time.monotonic()
+    raw.settimeout(limit_s)
+    if send:
+        raw.sendall(send)
+    try:
+        while raw.recv(4096):  # an alert, if OpenSSL sends one, then the close
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"the front held a connection with no finished handshake for {limit_s} s")
+    return time.monotonic() - started
+
+
+def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
+    make_front: Callable[..., Front],
+) -> None:
+    """Before the handshake nobody is authenticated: a client that connects and sends nothing,
+    or the start of a ClientHello and no more, is cut after handshake_timeout_s (uvloop's
+    default, which uvicorn keeps, is 60 s). The header and keep-alive timeouts, longer here,
+    start only once the handshake is done, so they are not what closes it."""
+    front = make_front(handshake_timeout_s=1, header_timeout_s=30, keepalive_timeout_s=30)
+    host, port = front.url.removeprefix("https://").split(":")
+    # A TLS 1.x handshake record header announcing 512 bytes, and then 5 of them.
+    partial_hello = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03"
+    for send in (b"", partial_hello):
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            assert 0.5 < _closed_after(raw, send, limit_s=8) < 4
+    # A client that completes its handshake is not affected, however long it then waits
+    # before its request (within the keep-alive timeout).
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        time.sleep(1.8)
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_response(tls) == 200
+    # Only that request reached the engine.
+    assert [seen["path"] for seen in front.upstream.seen] == [b"/v1/models"]
+
+
 def _read_response(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -> int:
     """One whole response from a keep-alive connection (httptools frames it); its status.
     Its headers go into `headers` when given."""

@@ -37,8 +37,23 @@ MAX_HEAD_BYTES = 64 * 1024
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run the front on uvloop: its transports and TLS records are handled in C, which cuts
     the front's CPU per request (`benchmarks/front_bench.py --engine stand-in`)."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=HandshakeBoundLoop) as runner:
         return runner.run(main)
+
+
+class HandshakeBoundLoop(uvloop.Loop):
+    """uvloop, with a bound on the TLS handshakes of the servers it starts. uvicorn passes none
+    to create_server, and the default is 60 s: anyone who can reach the port could hold a
+    socket and an SSL object that long without ever showing a certificate. A connection
+    whose handshake is not done in time is closed; uvloop says nothing about it (it logs
+    such aborts only in debug mode), so the front counts no event for it."""
+
+    ssl_handshake_timeout: float | None = None  # FrontServer.startup sets it
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+        if kwargs.get("ssl") is not None and self.ssl_handshake_timeout is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self.ssl_handshake_timeout)
+        return await super().create_server(*args, **kwargs)
 
 
 def bind(front: FrontSection) -> socket.socket:
@@ -245,10 +260,20 @@ class FrontServer(uvicorn.Server):
     uvicorn, the signal is not re-raised afterwards: the supervisor still has to stop the
     engine and exit 0."""
 
-    def __init__(self, config: uvicorn.Config, state: FrontState) -> None:
+    def __init__(
+        self, config: uvicorn.Config, state: FrontState, *, handshake_timeout: float
+    ) -> None:
         super().__init__(config)
         self.state = state
         self.stop_signal: int | None = None
+        self.handshake_timeout = handshake_timeout
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, HandshakeBoundLoop):  # not through run(): no handshake bound
+            raise RuntimeError("the front must run on front.server.run()'s event loop")
+        loop.ssl_handshake_timeout = self.handshake_timeout
+        await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.draining = True
@@ -284,7 +309,7 @@ def build_server(
         timeout_keep_alive=max(1, round(front.keepalive_timeout_s)),
         timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
     )
-    return FrontServer(config, state)
+    return FrontServer(config, state, handshake_timeout=front.handshake_timeout_s)
 
 
 def _fixed(
