@@ -5,6 +5,7 @@ Unix socket, against the same real vLLM CPU engine, in one run.
                                                [--kinds plain stream] [--max-tokens 16|8-24]
                                                [--pin] [--keep-awake] [--engine vllm|stand-in]
                                                [--stand-in-delay-ms MS]
+                                               [--baselines relay uvicorn]
 
 Non-streamed and streamed completions (16 tokens each, ignore_eos; `--max-tokens 8-24` varies
 the length per request, the same sequence in both paths) at several concurrencies;
@@ -20,11 +21,16 @@ and the load generator spent per request. Goals: ratio >= 0.97, added p50 <= 1 m
 non-streamed requests.
 `--engine stand-in` replaces vLLM with an engine that answers at once
 (benchmarks/stand_in_engine.py), so that what remains is the front's own cost.
+`--baselines` adds fronts that do less (benchmarks/baseline_fronts.py) to the same rounds: a
+bare mTLS byte relay (`relay`) and uvicorn forwarding through harness's engine client with
+no controls (`uvicorn`); each gets its own added p50 and ratio against the direct path, so
+the front's cost splits into the floor, the HTTP server and harness's controls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,6 +38,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import ssl
 import statistics
 import subprocess
@@ -63,8 +70,6 @@ def token_counts(text: str) -> list[int]:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -76,9 +81,11 @@ def pct(values: list[float], q: float) -> float:
 
 async def bench(
     targets: dict[str, Target],
-    harness: psutil.Process,
+    processes: dict[str, psutil.Process],
     args: argparse.Namespace,
 ) -> dict:
+    """`targets`: "direct", "front" and any baselines; `processes`: whose CPU time each path
+    but the direct one costs."""
     results = {}
     for stream in [s == "stream" for s in args.kinds]:
         prepared = [
@@ -93,17 +100,20 @@ async def bench(
                 await client.run(prepared, WARM_UP * concurrency, concurrency)
             rounds: list[Round] = []
             requests = args.requests or max(10, 3 * concurrency)
-            front_cpu = 0.0
+            cpu_spent = dict.fromkeys(processes, 0.0)
             own_cpu = _cpu_seconds(psutil.Process())
+            names = list(targets)
             for round_ in range(args.rounds):
-                # Alternate which path goes first: the engine's own speed drifts.
-                order = ["direct", "front"] if round_ % 2 == 0 else ["front", "direct"]
+                # Rotate which path goes first: the engine's own speed drifts.
+                shift = round_ % len(names)
+                order = names[shift:] + names[:shift]
                 this = Round()
                 for name in order:
-                    cpu = _cpu_seconds(harness)
+                    proc = processes.get(name)
+                    cpu = _cpu_seconds(proc) if proc else 0.0
                     rps, lat = await clients[name].run(prepared, requests, concurrency)
-                    if name == "front":
-                        front_cpu += _cpu_seconds(harness) - cpu
+                    if proc:
+                        cpu_spent[name] += _cpu_seconds(proc) - cpu
                     this.elapsed[name] = requests / rps
                     this.latencies[name] = lat
                 rounds.append(this)
@@ -113,7 +123,7 @@ async def bench(
             total = requests * args.rounds
             ratios = [r.elapsed["direct"] / r.elapsed["front"] for r in rounds]
             ratio_ci, p50_ci = bootstrap(rounds)
-            results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
+            row = results[f"{'stream' if stream else 'plain'}_c{concurrency}"] = {
                 "direct_rps": round(total / sum(r.elapsed["direct"] for r in rounds), 1),
                 "front_rps": round(total / sum(r.elapsed["front"] for r in rounds), 1),
                 "throughput_ratio": round(pooled_ratio(rounds), 3),
@@ -122,9 +132,20 @@ async def bench(
                 "added_p50_ms": round(added(rounds, 50) * 1000, 3),
                 "added_p50_ms_ci95": "{:.2f} to {:.2f}".format(*(x * 1000 for x in p50_ci)),
                 "added_p99_ms": round(added(rounds, 99) * 1000, 3),
-                "front_cpu_ms_per_request": round(front_cpu / total * 1000, 3),
-                "load_generator_cpu_ms_per_request": round(own_cpu / (2 * total) * 1000, 3),
+                "front_cpu_ms_per_request": round(cpu_spent["front"] / total * 1000, 3),
+                "load_generator_cpu_ms_per_request": round(
+                    own_cpu / (len(names) * total) * 1000, 3
+                ),
             }
+            for name in names[2:]:  # the baselines, against the same direct path
+                (low, high), (p50_low, p50_high) = bootstrap(rounds, other=name)
+                row[name] = {
+                    "throughput_ratio": round(pooled_ratio(rounds, other=name), 3),
+                    "throughput_ratio_ci95": f"{low:.3f} to {high:.3f}",
+                    "added_p50_ms": round(added(rounds, 50, other=name) * 1000, 3),
+                    "added_p50_ms_ci95": f"{p50_low * 1000:.2f} to {p50_high * 1000:.2f}",
+                    "cpu_ms_per_request": round(cpu_spent[name] / total * 1000, 3),
+                }
     return results
 
 
@@ -173,6 +194,32 @@ def _cpu_seconds(proc: psutil.Process) -> float:
     process group and not counted."""
     times = proc.cpu_times()
     return times.user + times.system
+
+
+def start_baseline(kind: str, port: int, engine_socket: str, demo: Path) -> subprocess.Popen:
+    """A baseline front on `port`, with the demo's server certificate and client CA."""
+    pki = demo / "pki"
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("baseline_fronts.py")),
+            kind,
+            str(port),
+            engine_socket,
+            str(pki / "server.pem"),
+            str(assets.secrets_dir(demo) / assets.SERVER_KEY),
+            str(pki / "ca.pem"),
+        ],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert child.poll() is None, f"the {kind} baseline exited"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+            return child
+        time.sleep(0.1)
+    child.kill()
+    raise AssertionError(f"the {kind} baseline did not listen within 30 s")
 
 
 def keep_awake(cores: list[int]) -> list[subprocess.Popen[bytes]]:
@@ -237,6 +284,14 @@ def main() -> None:
         help="stand-in: an engine that answers at once, to measure the front's own cost",
     )
     parser.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=("relay", "uvicorn"),
+        default=[],
+        help="also measure fronts that do less, in the same rounds (benchmarks/baseline_fronts"
+        ".py): a bare mTLS byte relay, and uvicorn with harness's engine client and no controls",
+    )
+    parser.add_argument(
         "--stand-in-delay-ms",
         type=float,
         default=0.0,
@@ -275,6 +330,7 @@ def main() -> None:
             stderr=subprocess.DEVNULL,
         )
         spinners: list[subprocess.Popen[bytes]] = []
+        baselines: list[subprocess.Popen[bytes]] = []
         try:
             sock = None
             deadline = time.monotonic() + 600
@@ -295,7 +351,14 @@ def main() -> None:
                 str(demo / "pki" / "client.pem"), str(demo / "pki" / "client-key.pem")
             )
             targets = {"direct": Target(uds=sock), "front": Target(port=port, ssl=ctx)}
-            results = uvloop.run(bench(targets, psutil.Process(proc.pid), args))
+            processes = {"front": psutil.Process(proc.pid)}
+            for kind in args.baselines:  # started after the pinning: they share its CPUs
+                baseline_port = free_port()
+                baseline = start_baseline(kind, baseline_port, sock, demo)
+                baselines.append(baseline)
+                targets[kind] = Target(port=baseline_port, ssl=ctx)
+                processes[kind] = psutil.Process(baseline.pid)
+            results = uvloop.run(bench(targets, processes, args))
             print(
                 json.dumps(
                     {
@@ -311,8 +374,8 @@ def main() -> None:
                 )
             )
         finally:
-            for spinner in spinners:
-                spinner.kill()
+            for child in spinners + baselines:
+                child.kill()
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
             shutil.rmtree(assets.secrets_dir(demo), ignore_errors=True)

@@ -1,7 +1,8 @@
 """The front benchmark still runs and measures what it says: `front_bench.py --engine stand-in`
 starts the real `harness serve` (stage 2, sandbox, mTLS front) with the stand-in engine, and
-a few short rounds of each load shape go through both paths. The README's numbers come from
-this script with the real vLLM engine; this keeps it from rotting between runs."""
+a few short rounds of each load shape go through both paths and the two baseline fronts. The
+README's numbers come from this script with the real vLLM engine; this keeps it from rotting
+between runs."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ def test_front_bench_with_the_stand_in_engine() -> None:
             "8-24",
             "--stand-in-delay-ms",
             "2",
+            "--baselines",
+            "relay",
+            "uvicorn",
         ],
         capture_output=True,
         text=True,
@@ -59,6 +63,12 @@ def test_front_bench_with_the_stand_in_engine() -> None:
     # The front path went through harness: its process spent CPU on those requests (summed
     # over the shapes: the kernel counts CPU time in 10 ms ticks).
     assert sum(row["front_cpu_ms_per_request"] for row in shapes) > 0, shapes
+    # The baselines ran in the same rounds, each through its own process.
+    for name in ("relay", "uvicorn"):
+        for row in shapes:
+            low, high = (float(x) for x in row[name]["throughput_ratio_ci95"].split(" to "))
+            assert low <= row[name]["throughput_ratio"] <= high, row
+        assert sum(row[name]["cpu_ms_per_request"] for row in shapes) > 0, shapes
 
 
 def _round(direct: float, front: float, lat_direct: float, lat_front: float) -> Round:
