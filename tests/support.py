@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import openai
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_READY_TIMEOUT = 600
@@ -196,3 +197,14 @@ class Harness:
         for record in self.events("engine_start"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(record["pid"], signal.SIGKILL)
+
+
+def json_values(max_leaves: int) -> st.SearchStrategy[Any]:
+    """Any JSON value, nested lists and objects included (hypothesis)."""
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+        ),
+        max_leaves=max_leaves,
+    )

@@ -19,6 +19,7 @@ from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import model_dir
 from runtime.integrity.safetensors_header import DTYPE_BITS, header_length, parse_header
+from tests.support import json_values
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +256,7 @@ _tensor = st.fixed_dictionaries(
         "data_offsets": st.lists(st.integers(-2, 200), min_size=0, max_size=3),
     }
 )
-_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
-    ),
-    max_leaves=10,
-)
+_json = json_values(max_leaves=10)
 
 
 @settings(max_examples=400, deadline=None)

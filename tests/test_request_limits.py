@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.config import LimitsSection
-from runtime.front.limits import Rejected, check
+from runtime.front.limits import Rejected, _depth, check
+from tests.support import json_values
 
 LIMITS = LimitsSection(
     max_tokens=64,
@@ -213,3 +214,43 @@ def test_fuzz_never_crashes_and_never_forwards_a_body_over_a_cap(
     stops = sent.get("stop")
     assert stops is None or isinstance(stops, str) or len(stops) <= 2
     assert sent["model"] == "demo"
+
+
+def _nesting(value: Any) -> int:
+    """The plain recursive definition that `_depth` walks iteratively."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return 1 + max((_nesting(v) for v in value), default=0)
+    return 1
+
+
+_json = json_values(max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=st.dictionaries(st.text(max_size=3), _json, max_size=4) | st.lists(_json, max_size=4))
+def test_depth_counts_every_level_of_nesting(value: dict[str, Any] | list[Any]) -> None:
+    assert _depth(value) == _nesting(value)
+
+
+@pytest.mark.parametrize("depth", [7, 8, 9])
+def test_the_depth_cap_is_exact(depth: int) -> None:
+    """max_json_depth=8 here: a body nested 8 deep passes, 9 deep is refused."""
+    user: Any = "x"
+    for _ in range(depth - 2):  # the body itself, and the string at the bottom, are two levels
+        user = [user]
+    body = json.dumps({"model": "demo", "prompt": "hi", "user": user}).encode()
+    if depth <= 8:
+        assert check(COMPLETIONS, b"application/json", body, LIMITS, "demo").body
+    else:
+        with pytest.raises(Rejected) as err:
+            check(COMPLETIONS, b"application/json", body, LIMITS, "demo")
+        assert err.value.code == "json_too_deep"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_json_in_any_encoding_that_json_loads_reads_is_read(encoding: str) -> None:
+    body = json.dumps({"model": "demo", "prompt": "h\u00e9"}, ensure_ascii=False)
+    checked = check(COMPLETIONS, b"application/json", body.encode(encoding), LIMITS, "demo")
+    assert json.loads(checked.body)["prompt"] == "h\u00e9"
