@@ -116,6 +116,10 @@ class FrontSection(_Section):
     allowed_identities: list[str] = Field(min_length=1)
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)
     drain_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # Connections past their TLS handshake, open at once; past it a new one is closed before
+    # any HTTP is read (a gateway's pool needs far fewer: max_concurrency + max_queue requests
+    # are admitted at a time).
+    max_connections: int = Field(default=1024, ge=1, le=65536)
     # Admission: requests in the engine at once, and how many may wait for a slot (429 past it).
     max_concurrency: int = Field(default=16, ge=1, le=4096)
     max_queue: int = Field(default=16, ge=0, le=4096)

@@ -5,6 +5,7 @@ Events never carry prompts, completions or secret values; callers pass only meta
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import functools
 import json
@@ -12,6 +13,8 @@ import os
 import socket
 import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
@@ -97,3 +100,43 @@ def emit(event_type: str, outcome: Outcome, **fields: Any) -> dict[str, Any]:
     for callback in _subscribers:
         callback(record)
     return record
+
+
+class Throttled:
+    """Events that an outsider can cause at will (refused handshakes, refused connections):
+    at most one a second for each distinct set of fields. Those held back within the second
+    are reported together when it is over, as one event whose `count` is how many it stands
+    for; the first carries `count` 1. Everything is counted, and the log is never flooded."""
+
+    WINDOW_S = 1.0
+
+    def __init__(self, event_type: str, outcome: Outcome) -> None:
+        self.event_type = event_type
+        self.outcome: Outcome = outcome
+        self._last: dict[tuple[tuple[str, Any], ...], float] = {}
+        self._held: Counter[tuple[tuple[str, Any], ...]] = Counter()
+
+    def record(self, **fields: Any) -> None:
+        """One more; `fields` must come from a small set (no client addresses): each
+        distinct set is remembered."""
+        key = tuple(fields.items())
+        wait = self._last.get(key, -self.WINDOW_S) + self.WINDOW_S - time.monotonic()
+        if wait <= 0:
+            self._emit(key, 1)
+            return
+        if not self._held[key]:  # the first held back: report them when the second is over
+            try:
+                asyncio.get_running_loop().call_later(wait, self._flush, key)
+            except RuntimeError:  # no event loop: nothing to wait with
+                self._emit(key, 1)
+                return
+        self._held[key] += 1
+
+    def _flush(self, key: tuple[tuple[str, Any], ...]) -> None:
+        count = self._held.pop(key, 0)
+        if count:
+            self._emit(key, count)
+
+    def _emit(self, key: tuple[tuple[str, Any], ...], count: int) -> None:
+        self._last[key] = time.monotonic()
+        emit(self.event_type, self.outcome, **dict(key), count=count)

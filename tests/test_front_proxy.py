@@ -633,6 +633,47 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
     assert [seen["path"] for seen in front.upstream.seen] == [b"/v1/models"]
 
 
+def test_connections_past_max_connections_are_closed_before_http(
+    make_front: Callable[..., Front],
+) -> None:
+    """An allowed client holding `max_connections` open: each further connection is closed
+    right after its handshake, its request never read, and the events for them are throttled
+    (the first at once, the rest counted). The connections held are not disturbed, and once
+    one closes, a new one is served."""
+    front = make_front(max_connections=2, keepalive_timeout_s=30)
+    host, port = front.url.removeprefix("https://").split(":")
+    request = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection((host, int(port)), timeout=10)
+        return front.ctx().wrap_socket(raw, server_hostname="localhost")
+
+    with connect() as first, connect() as second:
+        for tls in (first, second):  # both past the handshake and counted
+            tls.sendall(request)
+            assert _read_response(tls) == 200
+        for _ in range(6):
+            with connect() as extra, pytest.raises((ssl.SSLError, ConnectionError)):
+                extra.sendall(request)
+                if not extra.recv(1):  # TLS 1.3: the verdict comes after the client's Finished
+                    raise ConnectionError("closed")
+        for tls in (first, second):  # still served
+            tls.sendall(request)
+            assert _read_response(tls) == 200
+    _until(
+        lambda: sum(e.get("count", 0) for e in front.events) >= 6,
+        "the refused connections were not all counted",
+    )
+    refused = _events(front, "request_rejected")
+    assert {e["reason"] for e in refused} == {"too_many_connections"}
+    assert refused[0]["count"] == 1 and sum(e["count"] for e in refused) == 6
+    assert len(refused) <= 3 and refused[0]["limit"] == 2
+    assert len(front.upstream.seen) == 4  # only the held connections' requests
+    _until(lambda: not front.server.server_state.connections, "the held connections stayed")
+    with httpx.Client(verify=front.ctx(), timeout=10) as client:
+        assert client.get(f"{front.url}/v1/models").status_code == 200
+
+
 def _read_response(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -> int:
     """One whole response from a keep-alive connection (httptools frames it); its status.
     Its headers go into `headers` when given."""

@@ -65,7 +65,8 @@ class FrontMetrics:
         self.in_flight.set_function(in_flight)
         self.connections_refused = Counter(
             "harness_connections_refused",
-            "Connections closed before HTTP (failed handshake, identity, header timeout)",
+            "Connections closed before HTTP (failed handshake, identity, connection cap, "
+            "header timeout)",
             ["reason"],
             registry=self.registry,
         )

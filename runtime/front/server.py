@@ -79,8 +79,15 @@ def bind(front: FrontSection) -> socket.socket:
 
 
 def _identity_protocol(
-    allowed: tuple[str, ...], header_timeout: float, tls_material: RotatingContext
+    allowed: tuple[str, ...],
+    header_timeout: float,
+    tls_material: RotatingContext,
+    max_connections: int,
 ) -> type[HttpToolsProtocol]:
+    # An allowed client could otherwise open connections without end, each holding a socket
+    # and TLS buffers until the keep-alive timeout; the events for it are throttled.
+    refused_connections = telemetry.Throttled("request_rejected", "blocked")
+
     class IdentityCheckingProtocol(HttpToolsProtocol):
         rejected = False  # refused: whatever else arrives is dropped, the app never runs
         header_timer: asyncio.TimerHandle | None = None
@@ -91,7 +98,11 @@ def _identity_protocol(
         running_scope: dict[str, Any] | None = None  # the request the app is running
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            super().connection_made(transport)  # now one of server_state.connections
+            if len(self.server_state.connections) > max_connections:
+                self._refuse_connection()
+                refused_connections.record(reason="too_many_connections", limit=max_connections)
+                return
             ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
             peercert = ssl_object.getpeercert() if ssl_object else None
             sans = peer_identities(peercert)
@@ -100,11 +111,6 @@ def _identity_protocol(
                 self.not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
             identity = match_identity(sans, allowed)
             if identity is None:
-                # The client's first request may arrive in the same read as its handshake,
-                # and asyncio delivers it even after close(): drop it in data_received, and
-                # never let the app run for this connection.
-                self.rejected = True
-                self.app = _refuse
                 telemetry.emit(
                     "tls_handshake_rejected",
                     "blocked",
@@ -112,7 +118,7 @@ def _identity_protocol(
                     client=_peer(transport),
                     presented=[f"{kind}:{value}"[:256] for kind, value in sans][:8],
                 )
-                transport.abort()
+                self._refuse_connection()
                 return
             inner = self.app
 
@@ -132,6 +138,14 @@ def _identity_protocol(
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
             )
+
+        def _refuse_connection(self) -> None:
+            # The client's first request may arrive in the same read as its handshake, and
+            # asyncio delivers it even after abort(): drop it in data_received, and never let
+            # the app run for this connection.
+            self.rejected = True
+            self.app = _refuse
+            self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             if self.rejected:
@@ -297,7 +311,10 @@ def build_server(
     config = uvicorn.Config(
         app,
         http=_identity_protocol(
-            tuple(front.allowed_identities), front.header_timeout_s, tls_material
+            tuple(front.allowed_identities),
+            front.header_timeout_s,
+            tls_material,
+            front.max_connections,
         ),
         ssl_context_factory=_fixed(tls_material.base),
         ws="none",  # no WebSocket upgrades: the front serves none, and no library parses them

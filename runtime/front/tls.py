@@ -3,11 +3,9 @@ and the client's identity (a SAN) matched against an exact allowlist."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 import time
-from collections import Counter
 from typing import Any
 
 from runtime import telemetry
@@ -68,11 +66,8 @@ class HandshakeFailures:
     that a scanner cannot flood the log. A TCP connect that sends nothing (the kubelet's
     probes) is not a failed handshake."""
 
-    WINDOW_S = 1.0
-
     def __init__(self) -> None:
-        self._last: dict[tuple[str, str], float] = {}
-        self._held: Counter[tuple[str, str]] = Counter()
+        self.events = telemetry.Throttled("tls_handshake_rejected", "blocked")
 
     def observe(self, ctx: ssl.SSLContext) -> None:
         """Report the failed handshakes of the connections that `ctx` wraps."""
@@ -93,30 +88,7 @@ class HandshakeFailures:
     def failed(self, exc: ssl.SSLError) -> None:
         reason = _REASONS.get(exc.reason or "", "handshake_failed")
         detail = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
-        key = (reason, str(detail))
-        wait = self._last.get(key, -self.WINDOW_S) + self.WINDOW_S - time.monotonic()
-        if wait <= 0:
-            self._emit(key, 1)
-            return
-        if not self._held[key]:  # the first held back: report them when the second is over
-            try:
-                asyncio.get_running_loop().call_later(wait, self._flush, key)
-            except RuntimeError:  # no event loop: nothing to wait with
-                self._emit(key, 1)
-                return
-        self._held[key] += 1
-
-    def _flush(self, key: tuple[str, str]) -> None:
-        count = self._held.pop(key, 0)
-        if count:
-            self._emit(key, count)
-
-    def _emit(self, key: tuple[str, str], count: int) -> None:
-        self._last[key] = time.monotonic()
-        reason, detail = key
-        telemetry.emit(
-            "tls_handshake_rejected", "blocked", reason=reason, detail=detail, count=count
-        )
+        self.events.record(reason=reason, detail=str(detail))
 
 
 class RotatingContext:
