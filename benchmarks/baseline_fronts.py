@@ -2,11 +2,14 @@
 front on this machine costs, measured in the same run as harness's, so that the front's
 added latency can be split into the floor, the HTTP server and harness's own controls.
 
-    python benchmarks/baseline_fronts.py relay|uvicorn PORT ENGINE_SOCKET CERT KEY CLIENT_CA
+    python benchmarks/baseline_fronts.py KIND PORT ENGINE_SOCKET CERT KEY CLIENT_CA
 
 `relay`: a bare mTLS byte relay on uvloop (TLS 1.3, client certificate required, as the
 front's context is) with one engine connection per client connection; no HTTP parsing, no
 checks: the least a Python front in front of the engine's socket can do.
+`httptools`: HTTP/1.1 parsed by httptools (llhttp, the parser under uvicorn) in a plain
+asyncio protocol, forwarding through harness's engine client: an HTTP-aware front without
+uvicorn's ASGI layer, to show what that layer costs.
 `uvicorn`: uvicorn (httptools, uvloop) with the same TLS, forwarding each request to the
 engine through harness's own engine client (runtime/front/upstream.py); no identity check,
 no limits, no admission, no audit events.
@@ -21,6 +24,7 @@ import ssl
 import sys
 from typing import Any
 
+import httptools
 import uvicorn
 import uvloop
 
@@ -119,6 +123,64 @@ def uvicorn_app(engine_socket: str) -> Any:
     return app
 
 
+class _HttpFront(asyncio.Protocol):
+    """HTTP/1.1 on httptools' parser with no ASGI in between: one task per request that
+    forwards it through the engine client and writes the response itself (chunked when the
+    engine's is). One request at a time per connection, as the load generator sends them."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self.engine = client
+        self.parser = httptools.HttpRequestParser(self)
+        self.body: list[bytes] = []
+        self.content_type = b"application/json"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_begin(self) -> None:
+        self.body = []
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        asyncio.get_running_loop().create_task(self._forward(method, b"".join(self.body)))
+
+    async def _forward(self, method: str, body: bytes) -> None:
+        headers = [(b"content-type", self.content_type)]
+        upstream = await self.engine.request(method, "/v1/completions", headers, body)
+        try:
+            chunked = not any(k == b"content-length" for k, _ in upstream.headers)
+            head = [b"HTTP/1.1 %d OK\r\n" % upstream.status_code]
+            head += [b"%s: %s\r\n" % (k, v) for k, v in upstream.headers if k in _KEPT]
+            head.append(b"transfer-encoding: chunked\r\n\r\n" if chunked else b"\r\n")
+            self.transport.write(b"".join(head))
+            async for chunk, more in upstream.chunks():
+                if not chunked:
+                    self.transport.write(chunk)
+                    continue
+                framed = b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunk else b""
+                self.transport.write(framed if more else framed + b"0\r\n\r\n")
+        finally:
+            upstream.close()
+
+
+_KEPT = frozenset({b"content-type", b"content-length"})
+
+
+async def serve_httptools(port: int, engine_socket: str, ctx: ssl.SSLContext) -> None:
+    client = EngineClient(engine_socket)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _HttpFront(client), "127.0.0.1", port, ssl=ctx)
+    for sock in server.sockets:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await server.serve_forever()
+
+
 async def serve_uvicorn(port: int, engine_socket: str, ctx: ssl.SSLContext) -> None:
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -140,7 +202,7 @@ async def serve_uvicorn(port: int, engine_socket: str, ctx: ssl.SSLContext) -> N
 def main() -> None:
     kind, port, engine_socket, cert, key, client_ca = sys.argv[1:7]
     ctx = tls_context(cert, key, client_ca)
-    serve = relay if kind == "relay" else serve_uvicorn
+    serve = {"relay": relay, "httptools": serve_httptools, "uvicorn": serve_uvicorn}[kind]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(serve(int(port), engine_socket, ctx))
 

@@ -5,7 +5,7 @@ Unix socket, against the same real vLLM CPU engine, in one run.
                                                [--kinds plain stream] [--max-tokens 16|8-24]
                                                [--pin] [--keep-awake] [--engine vllm|stand-in]
                                                [--stand-in-delay-ms MS]
-                                               [--baselines relay uvicorn]
+                                               [--baselines relay httptools uvicorn]
 
 Non-streamed and streamed completions (16 tokens each, ignore_eos; `--max-tokens 8-24` varies
 the length per request, the same sequence in both paths) at several concurrencies;
@@ -21,10 +21,11 @@ and the load generator spent per request. Goals: ratio >= 0.97, added p50 <= 1 m
 non-streamed requests.
 `--engine stand-in` replaces vLLM with an engine that answers at once
 (benchmarks/stand_in_engine.py), so that what remains is the front's own cost.
-`--baselines` adds fronts that do less (benchmarks/baseline_fronts.py) to the same rounds: a
-bare mTLS byte relay (`relay`) and uvicorn forwarding through harness's engine client with
-no controls (`uvicorn`); each gets its own added p50 and ratio against the direct path, so
-the front's cost splits into the floor, the HTTP server and harness's controls.
+`--baselines` adds fronts that do less (benchmarks/baseline_fronts.py) to the same rounds:
+a bare mTLS byte relay (`relay`), HTTP on httptools without ASGI (`httptools`) and uvicorn
+forwarding through harness's engine client with no controls (`uvicorn`). Each gets its own
+added p50 and ratio against the direct path, so the front's cost splits into the floor, the
+HTTP server and harness's controls.
 """
 
 from __future__ import annotations
@@ -286,10 +287,11 @@ def main() -> None:
     parser.add_argument(
         "--baselines",
         nargs="*",
-        choices=("relay", "uvicorn"),
+        choices=("relay", "httptools", "uvicorn"),
         default=[],
         help="also measure fronts that do less, in the same rounds (benchmarks/baseline_fronts"
-        ".py): a bare mTLS byte relay, and uvicorn with harness's engine client and no controls",
+        ".py): a bare mTLS byte relay, HTTP on httptools without ASGI, and uvicorn with "
+        "harness's engine client and no controls",
     )
     parser.add_argument(
         "--stand-in-delay-ms",

@@ -1,6 +1,6 @@
 """The front benchmark still runs and measures what it says: `front_bench.py --engine stand-in`
 starts the real `harness serve` (stage 2, sandbox, mTLS front) with the stand-in engine, and
-a few short rounds of each load shape go through both paths and the two baseline fronts. The
+a few short rounds of each load shape go through both paths and the three baseline fronts. The
 README's numbers come from this script with the real vLLM engine; this keeps it from rotting
 between runs."""
 
@@ -43,6 +43,7 @@ def test_front_bench_with_the_stand_in_engine() -> None:
             "2",
             "--baselines",
             "relay",
+            "httptools",
             "uvicorn",
         ],
         capture_output=True,
@@ -64,7 +65,7 @@ def test_front_bench_with_the_stand_in_engine() -> None:
     # over the shapes: the kernel counts CPU time in 10 ms ticks).
     assert sum(row["front_cpu_ms_per_request"] for row in shapes) > 0, shapes
     # The baselines ran in the same rounds, each through its own process.
-    for name in ("relay", "uvicorn"):
+    for name in ("relay", "httptools", "uvicorn"):
         for row in shapes:
             low, high = (float(x) for x in row[name]["throughput_ratio_ci95"].split(" to "))
             assert low <= row[name]["throughput_ratio"] <= high, row
