@@ -1,4 +1,4 @@
-"""Two fronts that do less than harness's, for `front_bench.py --baselines`: what any mTLS
+"""Three fronts that do less than harness's, for `front_bench.py --baselines`: what any mTLS
 front on this machine costs, measured in the same run as harness's, so that the front's
 added latency can be split into the floor, the HTTP server and harness's own controls.
 
@@ -13,7 +13,7 @@ uvicorn's ASGI layer, to show what that layer costs.
 `uvicorn`: uvicorn (httptools, uvloop) with the same TLS, forwarding each request to the
 engine through harness's own engine client (runtime/front/upstream.py); no identity check,
 no limits, no admission, no audit events.
-Neither is a front to deploy: they check nothing.
+None is a front to deploy: they check nothing.
 """
 
 from __future__ import annotations
