@@ -23,6 +23,7 @@ from runtime.front import metrics, tls
 from runtime.front import server as front_server
 from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
+from runtime.front.server import ServerState
 from runtime.integrity import model_dir, signature
 from runtime.sandbox import front as front_sandbox
 from runtime.sandbox import seccomp
@@ -68,9 +69,13 @@ def serve(
     tls_material = tls.RotatingContext(cfg.front.tls)
     listener = front_server.bind(cfg.front)
     admission = Admission.from_config(cfg.front)
-    export.watch_in_flight(lambda: admission.in_flight)
+    connections = ServerState()  # uvicorn's record of the front's open connections
+    gauges = metrics.Gauges(
+        in_flight=lambda: admission.in_flight, connections=lambda: len(connections.connections)
+    )
+    export.watch_gauges(gauges)
     if cfg.front.metrics_listen:
-        metrics.serve(cfg.front.metrics_listen, lambda: admission.in_flight)
+        metrics.serve(cfg.front.metrics_listen, gauges)
 
     # 5. Engine: stage 2 enters a private network namespace, sets no_new_privs, applies
     #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
@@ -92,7 +97,9 @@ def serve(
         #    allowlist, route allowlist; supervise until stopped.
         if cfg.sandbox.seccomp != "off":
             telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
-        front = _serve_front(cfg, engine, listener, tls_material, admission, placement, on_ready)
+        front = _serve_front(
+            cfg, engine, listener, tls_material, admission, connections, placement, on_ready
+        )
         code = front_server.run(front)
         engine_code = engine.stop()
     telemetry.emit(
@@ -213,6 +220,7 @@ async def _serve_front(
     listener: socket.socket,
     tls_material: tls.RotatingContext,
     admission: Admission,
+    connections: ServerState,
     placement: resources.CpuPlacement | None,
     on_ready: Callable[[Config], None] | None,
 ) -> int:
@@ -225,7 +233,7 @@ async def _serve_front(
         served_name=cfg.model.served_name,
         admission=admission,
     )
-    server = front_server.build_server(cfg.front, app, state, tls_material)
+    server = front_server.build_server(cfg.front, app, state, tls_material, connections)
     died: list[int] = []
 
     # The engine's death wakes us at once (pidfd), not at the next poll.

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 from runtime import __version__, telemetry
 from runtime.config import Config, TelemetrySection
 from runtime.errors import HarnessError, SecretsError
-from runtime.front.metrics import LATENCY_BUCKETS, measurement
+from runtime.front.metrics import LATENCY_BUCKETS, Gauges, measurement
 from runtime.secrets import Secret
 
 if TYPE_CHECKING:
@@ -48,8 +48,8 @@ class NoExport:
     def start(self, loaded: dict[str, Secret]) -> None:
         """Step 3 has the secrets: start exporting."""
 
-    def watch_in_flight(self, in_flight: Callable[[], float]) -> None:
-        """Report the number of requests in the engine as a gauge."""
+    def watch_gauges(self, gauges: Gauges) -> None:
+        """Report the requests in the engine and the front's open connections as gauges."""
 
 
 def install(cfg: Config) -> NoExport:
@@ -119,7 +119,7 @@ class OtlpExport(NoExport):
         self._lock = threading.Lock()
         self._held: list[dict[str, Any]] = []
         self._sdk: _Sdk | None = None
-        self._in_flight: Callable[[], float] | None = None
+        self._gauges: Gauges | None = None
         telemetry.subscribe(self._observe)
 
     def start(self, loaded: dict[str, Secret]) -> None:
@@ -131,11 +131,11 @@ class OtlpExport(NoExport):
         for record in held:
             self._record(sdk, record)
 
-    def watch_in_flight(self, in_flight: Callable[[], float]) -> None:
-        self._in_flight = in_flight
+    def watch_gauges(self, gauges: Gauges) -> None:
+        self._gauges = gauges
 
-    def _gauge(self) -> float | None:
-        return self._in_flight() if self._in_flight is not None else None
+    def _gauge(self, name: str) -> float | None:
+        return getattr(self._gauges, name)() if self._gauges is not None else None
 
     def _options(self, loaded: dict[str, Secret]) -> dict[str, Any]:
         section = self._cfg.telemetry
@@ -225,7 +225,7 @@ class _Sdk:
         cfg: Config,
         options: dict[str, Any],
         since_ns: int,
-        in_flight: Callable[[], float | None],
+        gauge: Callable[[str], float | None],
     ) -> None:
         from opentelemetry import trace
         from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
@@ -280,9 +280,12 @@ class _Sdk:
         self._logger = self._logger_provider.get_logger("harness", __version__)
         meter = self._meter_provider.get_meter("harness", __version__)
 
-        def observe_in_flight(_options: CallbackOptions) -> list[Observation]:
-            value = in_flight()
-            return [] if value is None else [Observation(value)]
+        def observe(name: str) -> Callable[[CallbackOptions], list[Observation]]:
+            def callback(_options: CallbackOptions) -> list[Observation]:
+                value = gauge(name)
+                return [] if value is None else [Observation(value)]
+
+            return callback
 
         self._counters = {
             "requests": meter.create_counter(
@@ -291,7 +294,8 @@ class _Sdk:
             "connections_refused": meter.create_counter(
                 "harness.connections.refused",
                 "{connection}",
-                "Connections closed before HTTP (failed handshake, identity, header timeout)",
+                "Connections closed before HTTP (failed handshake, identity, connection cap, "
+                "header timeout)",
             ),
             "tls_reloads": meter.create_counter("harness.tls.reloads", "{reload}"),
             "events": meter.create_counter(
@@ -306,9 +310,15 @@ class _Sdk:
         )
         meter.create_observable_gauge(
             "harness.requests.in_flight",
-            [observe_in_flight],
+            [observe("in_flight")],
             "{request}",
             "Requests in the engine",
+        )
+        meter.create_observable_gauge(
+            "harness.connections.open",
+            [observe("connections")],
+            "{connection}",
+            "The front's connections past their TLS handshake (front.max_connections caps them)",
         )
         self._trace = trace
         self._status = (Status, StatusCode)

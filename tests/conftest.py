@@ -10,7 +10,7 @@ import pytest
 
 from runtime.demo import assets
 from tests import otlp_receiver
-from tests.support import Harness
+from tests.support import Harness, free_port
 
 
 def _open_dir() -> Path:
@@ -85,7 +85,12 @@ class Servers:
         if self._shared is None or not self._shared.alive():
             # As a deployment should run: the engine's compute threads on CPUs of their own
             # (engine.cpus), the front on the last one, where there are two or more.
-            self._shared = self.start(['engine.cpus="auto"'])
+            # Its metrics endpoint too, so that the launcher's wiring of the gauges is seen.
+            metrics_port = free_port()
+            self._shared = self.start(
+                ['engine.cpus="auto"', f'front.metrics_listen="127.0.0.1:{metrics_port}"']
+            )
+            self._shared.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             self._shared.wait_ready()
         return self._shared
 

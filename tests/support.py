@@ -103,6 +103,7 @@ class Harness:
     def __init__(self, config: Path, workdir: Path, overrides: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
+        self.metrics_url: str | None = None  # set when started with front.metrics_listen
         self.workdir = workdir
         self.stdout_path = workdir / f"harness-{self.port}.events"
         self.stderr_path = workdir / f"harness-{self.port}.log"

@@ -949,7 +949,7 @@ def test_handshakes_openssl_refuses_are_reported_and_counted(front: Front) -> No
     from runtime.front import metrics
 
     port = free_port()
-    collected = metrics.serve(f"127.0.0.1:{port}", lambda: 0.0)
+    collected = metrics.serve(f"127.0.0.1:{port}", metrics.Gauges(lambda: 0.0, lambda: 0.0))
     host, front_port = front.url.removeprefix("https://").split(":")
     try:
         for _ in range(3):  # the kubelet's probes: a TCP connect that sends nothing
@@ -1149,7 +1149,11 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
     from runtime.front import metrics
 
     port = free_port()
-    collected = metrics.serve(f"127.0.0.1:{port}", lambda: 0.0)
+    open_now = front.server.server_state.connections
+    collected = metrics.serve(
+        f"127.0.0.1:{port}", metrics.Gauges(lambda: 0.0, lambda: len(open_now))
+    )
+    host, front_port = front.url.removeprefix("https://").split(":")
     try:
         with httpx.Client(verify=front.ctx()) as client:
             assert client.get(f"{front.url}/v1/models").status_code == 200
@@ -1161,7 +1165,14 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
             client.get(f"{front.url}/v1/models")
         _events(front, "request_rejected", 2)
         _events(front, "tls_handshake_rejected")
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        with (  # one connection held open while the endpoint is scraped
+            socket.create_connection((host, int(front_port)), timeout=10) as raw,
+            front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+        ):
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert _read_response(tls) == 200
+            _until(lambda: len(open_now) == 1, "connections closed earlier are still counted")
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         telemetry.unsubscribe(collected.observe)
     assert (
@@ -1175,3 +1186,4 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
     assert 'harness_connections_refused_total{reason="identity_not_allowed"} 1.0' in text
     assert 'harness_request_duration_seconds_count{route="/v1/models"} 1.0' in text
     assert "harness_requests_in_flight 0.0" in text
+    assert "harness_connections_open 1.0" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -254,6 +255,31 @@ def test_readyz_and_healthz(harness: Harness, demo_dir: Path) -> None:
     ctx = _client_ctx(demo_dir)
     assert _get(f"{harness.url}/healthz", ctx).status_code == 200
     assert _get(f"{harness.url}/readyz", ctx).json() == {"status": "ready"}
+
+
+def test_metrics_endpoint_counts_requests_and_open_connections(
+    harness: Harness, demo_dir: Path
+) -> None:
+    """The launcher wires the gauges to the running front: a connection held open during
+    the scrape is counted, and so is the request made on it."""
+    assert harness.metrics_url is not None
+    host, port = harness.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        _client_ctx(demo_dir).wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200 ")
+        deadline = time.monotonic() + 10
+        while True:  # the request's event may land a moment after its response
+            text = httpx.get(harness.metrics_url, timeout=10).text
+            if 'route="/v1/models"' in text or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    open_now = re.search(r"^harness_connections_open (\S+)$", text, re.MULTILINE)
+    assert open_now is not None and float(open_now[1]) >= 1, text
+    assert 'harness_requests_total{outcome="allowed",reason="",route="/v1/models"' in text
+    assert re.search(r"^harness_requests_in_flight 0\.0$", text, re.MULTILINE), text
 
 
 def _status(pid: int) -> dict[str, str]:

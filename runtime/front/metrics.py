@@ -4,6 +4,7 @@ loopback-only port (never the mTLS listener, never the engine)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -13,6 +14,14 @@ from runtime.config import split_listen
 from runtime.errors import ConfigError
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What the front's gauges read at each scrape or export (Prometheus and OTel alike)."""
+
+    in_flight: Callable[[], float]  # requests in the engine
+    connections: Callable[[], float]  # connections past their TLS handshake
 
 
 def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None, int] | None:
@@ -44,7 +53,7 @@ def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | Non
 
 
 class FrontMetrics:
-    def __init__(self, in_flight: Callable[[], float]) -> None:
+    def __init__(self, gauges: Gauges) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "harness_requests",
@@ -62,7 +71,13 @@ class FrontMetrics:
         self.in_flight = Gauge(
             "harness_requests_in_flight", "Requests in the engine", registry=self.registry
         )
-        self.in_flight.set_function(in_flight)
+        self.in_flight.set_function(gauges.in_flight)
+        self.connections = Gauge(
+            "harness_connections_open",
+            "The front's connections past their TLS handshake (front.max_connections caps them)",
+            registry=self.registry,
+        )
+        self.connections.set_function(gauges.connections)
         self.connections_refused = Counter(
             "harness_connections_refused",
             "Connections closed before HTTP (failed handshake, identity, connection cap, "
@@ -89,9 +104,9 @@ class FrontMetrics:
             self.tls_reloads.labels(**labels).inc()
 
 
-def serve(listen: str, in_flight: Callable[[], float]) -> FrontMetrics:
+def serve(listen: str, gauges: Gauges) -> FrontMetrics:
     """Start the scrape endpoint on `listen` (loopback, validated by the config)."""
-    metrics = FrontMetrics(in_flight)
+    metrics = FrontMetrics(gauges)
     telemetry.subscribe(metrics.observe)
     host, port = split_listen(listen)
     try:

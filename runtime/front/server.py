@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
 from runtime import telemetry
 from runtime.config import FrontSection, split_listen
@@ -275,9 +276,16 @@ class FrontServer(uvicorn.Server):
     engine and exit 0."""
 
     def __init__(
-        self, config: uvicorn.Config, state: FrontState, *, handshake_timeout: float
+        self,
+        config: uvicorn.Config,
+        state: FrontState,
+        *,
+        handshake_timeout: float,
+        server_state: ServerState | None = None,
     ) -> None:
         super().__init__(config)
+        if server_state is not None:  # made before the server, for the metrics to read
+            self.server_state = server_state
         self.state = state
         self.stop_signal: int | None = None
         self.handshake_timeout = handshake_timeout
@@ -307,7 +315,10 @@ def build_server(
     app: FrontApp,
     state: FrontState,
     tls_material: RotatingContext,
+    server_state: ServerState | None = None,
 ) -> FrontServer:
+    """`server_state`: uvicorn's record of the open connections (the ones counted against
+    front.max_connections), when something made earlier reads it."""
     config = uvicorn.Config(
         app,
         http=_identity_protocol(
@@ -326,7 +337,9 @@ def build_server(
         timeout_keep_alive=max(1, round(front.keepalive_timeout_s)),
         timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
     )
-    return FrontServer(config, state, handshake_timeout=front.handshake_timeout_s)
+    return FrontServer(
+        config, state, handshake_timeout=front.handshake_timeout_s, server_state=server_state
+    )
 
 
 def _fixed(
