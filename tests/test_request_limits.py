@@ -102,6 +102,15 @@ def _check(route: bytes, body: Any, limits: LimitsSection = LIMITS, ctype: bytes
         (CHAT, _chat(guided_regex="a*"), 400, "unsupported_parameter", "guided_regex"),
         (CHAT, _chat(prompt="hi"), 400, "unsupported_parameter", "prompt"),
         (COMPLETIONS, _completion(stream="yes"), 400, "invalid_type", "stream"),
+        (COMPLETIONS, _completion(user=["x"]), 400, "invalid_type", "user"),
+        (COMPLETIONS, _completion(temperature="0.5"), 400, "invalid_type", "temperature"),
+        (COMPLETIONS, _completion(temperature=True), 400, "invalid_type", "temperature"),
+        (COMPLETIONS, _completion(seed=1.5), 400, "invalid_type", "seed"),
+        (COMPLETIONS, _completion(ignore_eos=1), 400, "invalid_type", "ignore_eos"),
+        (CHAT, _chat(response_format="json"), 400, "invalid_type", "response_format"),
+        (COMPLETIONS, _completion(stop_token_ids=["2"]), 400, "invalid_type", "stop_token_ids"),
+        (COMPLETIONS, _completion(logit_bias={"1": "x"}), 400, "invalid_type", "logit_bias"),
+        (CHAT, _chat(messages=["hi"]), 400, "invalid_type", "messages"),
         (
             COMPLETIONS,
             b'{"model": "demo", "prompt": "a", "prompt": "b"}',
@@ -237,10 +246,10 @@ def test_depth_counts_every_level_of_nesting(value: dict[str, Any] | list[Any]) 
 @pytest.mark.parametrize("depth", [7, 8, 9])
 def test_the_depth_cap_is_exact(depth: int) -> None:
     """max_json_depth=8 here: a body nested 8 deep passes, 9 deep is refused."""
-    user: Any = "x"
+    nested: Any = "x"
     for _ in range(depth - 2):  # the body itself, and the string at the bottom, are two levels
-        user = [user]
-    body = json.dumps({"model": "demo", "prompt": "hi", "user": user}).encode()
+        nested = {"a": nested}
+    body = json.dumps({"model": "demo", "prompt": "hi", "stream_options": nested}).encode()
     if depth <= 8:
         assert check(COMPLETIONS, b"application/json", body, LIMITS, "demo").body
     else:
@@ -254,3 +263,31 @@ def test_json_in_any_encoding_that_json_loads_reads_is_read(encoding: str) -> No
     body = json.dumps({"model": "demo", "prompt": "h\u00e9"}, ensure_ascii=False)
     checked = check(COMPLETIONS, b"application/json", body.encode(encoding), LIMITS, "demo")
     assert json.loads(checked.body)["prompt"] == "h\u00e9"
+
+
+def test_every_typed_parameter_passes_with_its_type_or_null() -> None:
+    """The type checks refuse only wrong types: integers are numbers, null is unset."""
+    body = _completion(
+        user="u",
+        suffix="s",
+        seed=1,
+        top_k=-1,
+        stream_options={"include_usage": True},
+        temperature=1,
+        top_p=0.9,
+        frequency_penalty=0.0,
+        presence_penalty=None,
+        min_p=0.1,
+        repetition_penalty=1.1,
+        ignore_eos=False,
+        echo=None,
+        skip_special_tokens=True,
+        spaces_between_special_tokens=True,
+        include_stop_str_in_output=False,
+        stop_token_ids=[2],
+        logit_bias={"1": -100},
+    )
+    sent = json.loads(_check(COMPLETIONS, body).body)
+    assert {k: v for k, v in sent.items() if k != "max_tokens"} == body
+    chat = _chat(response_format={"type": "json_object"}, seed=None)
+    assert json.loads(_check(CHAT, chat).body)["response_format"] == {"type": "json_object"}

@@ -29,6 +29,33 @@ ALLOWED_PARAMS: dict[bytes, frozenset[str]] = {
     b"/v1/chat/completions": _COMMON
     | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format"},
 }
+# The JSON type of each parameter whose value the caps below do not look at; null is always
+# allowed (some clients send it for "unset"). The engine then parses only shapes it expects.
+_STRING = ((str,), "a string")
+_INTEGER = ((int,), "an integer")
+_NUMBER = ((int, float), "a number")
+_BOOLEAN = ((bool,), "a boolean")
+_OBJECT = ((dict,), "an object")
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": _STRING,
+    "user": _STRING,
+    "suffix": _STRING,
+    "seed": _INTEGER,
+    "top_k": _INTEGER,
+    "stream_options": _OBJECT,
+    "response_format": _OBJECT,
+    "temperature": _NUMBER,
+    "top_p": _NUMBER,
+    "frequency_penalty": _NUMBER,
+    "presence_penalty": _NUMBER,
+    "min_p": _NUMBER,
+    "repetition_penalty": _NUMBER,
+    "ignore_eos": _BOOLEAN,
+    "echo": _BOOLEAN,
+    "skip_special_tokens": _BOOLEAN,
+    "spaces_between_special_tokens": _BOOLEAN,
+    "include_stop_str_in_output": _BOOLEAN,
+}
 MAX_STOP_BYTES = 256
 MAX_LOGIT_BIAS = 300
 _COMPACT = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps builds one per call
@@ -130,6 +157,7 @@ def check(
     unknown = sorted(body.keys() - ALLOWED_PARAMS[route])
     if unknown:
         raise _bad(f"Unsupported parameter '{unknown[0]}'", "unsupported_parameter", unknown[0])
+    _check_types(body)
     if body.get("model") != served:
         raise Rejected(
             404, f"The model '{body.get('model')}' does not exist", "model_not_found", "model"
@@ -140,6 +168,17 @@ def check(
     asked, allowed = _tokens(route, body, limits)
     _check_caps(route, body, limits, allowed)
     return Checked(_COMPACT.encode(body).encode(), stream, asked, allowed)
+
+
+def _check_types(body: dict[str, Any]) -> None:
+    for name, value in body.items():
+        expected = _TYPES.get(name)
+        if expected is None or value is None:
+            continue
+        kinds, described = expected
+        # true is an int to Python, but never a number to JSON
+        if not isinstance(value, kinds) or (isinstance(value, bool) and expected is not _BOOLEAN):
+            raise _bad(f"'{name}' must be {described}", "invalid_type", name)
 
 
 def _tokens(route: bytes, body: dict[str, Any], limits: LimitsSection) -> tuple[int | None, int]:
@@ -186,8 +225,12 @@ def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allow
             raise _bad("'logprobs' must be a boolean", "invalid_type", "logprobs")
         _int(body, "top_logprobs", 0, limits.max_logprobs)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad("'messages' must be a non-empty list", "invalid_type", "messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) for m in messages)
+        ):
+            raise _bad("'messages' must be a non-empty list of objects", "invalid_type", "messages")
         size = len(json.dumps(messages).encode())
     if size > limits.max_prompt_bytes:
         param = "prompt" if route == b"/v1/completions" else "messages"
@@ -204,6 +247,10 @@ def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allow
             "limit_exceeded",
             "logit_bias",
         )
+    if bias and not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in bias.values()
+    ):
+        raise _bad("'logit_bias' values must be numbers", "invalid_type", "logit_bias")
 
 
 def _prompt_count(prompt: Any) -> int:
@@ -235,3 +282,5 @@ def _check_stop(body: dict[str, Any], limits: LimitsSection) -> None:
     ids = body.get("stop_token_ids")
     if ids is not None and (not isinstance(ids, list) or len(ids) > limits.max_stop):
         raise _bad(f"at most {limits.max_stop} stop_token_ids", "limit_exceeded", "stop_token_ids")
+    if ids and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise _bad("'stop_token_ids' must be integers", "invalid_type", "stop_token_ids")
