@@ -265,6 +265,15 @@ def test_json_in_any_encoding_that_json_loads_reads_is_read(encoding: str) -> No
     assert json.loads(checked.body)["prompt"] == "h\u00e9"
 
 
+def test_type_and_model_errors_say_what_to_send() -> None:
+    with pytest.raises(Rejected) as info:
+        _check(COMPLETIONS, _completion(temperature="0.5"))
+    assert info.value.message == "'temperature' must be a number or null"
+    with pytest.raises(Rejected) as info:
+        _check(COMPLETIONS, _completion(model="gpt-4"))
+    assert "'gpt-4'" in info.value.message and "serves 'demo'" in info.value.message
+
+
 def test_every_typed_parameter_passes_with_its_type_or_null() -> None:
     """The type checks refuse only wrong types: integers are numbers, null is unset."""
     body = _completion(
@@ -289,5 +298,7 @@ def test_every_typed_parameter_passes_with_its_type_or_null() -> None:
     )
     sent = json.loads(_check(COMPLETIONS, body).body)
     assert {k: v for k, v in sent.items() if k != "max_tokens"} == body
-    chat = _chat(response_format={"type": "json_object"}, seed=None)
-    assert json.loads(_check(CHAT, chat).body)["response_format"] == {"type": "json_object"}
+    chat = _chat(response_format={"type": "json_object"}, seed=None, stream=None)
+    checked = _check(CHAT, chat)
+    assert json.loads(checked.body)["response_format"] == {"type": "json_object"}
+    assert checked.stream is False  # null: not streamed, as vLLM reads it

@@ -50,6 +50,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "presence_penalty": _NUMBER,
     "min_p": _NUMBER,
     "repetition_penalty": _NUMBER,
+    "stream": _BOOLEAN,
     "ignore_eos": _BOOLEAN,
     "echo": _BOOLEAN,
     "skip_special_tokens": _BOOLEAN,
@@ -160,11 +161,12 @@ def check(
     _check_types(body)
     if body.get("model") != served:
         raise Rejected(
-            404, f"The model '{body.get('model')}' does not exist", "model_not_found", "model"
+            404,
+            f"The model '{body.get('model')}' does not exist; this server serves '{served}'",
+            "model_not_found",
+            "model",
         )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be a boolean", "invalid_type", "stream")
+    stream = body.get("stream") is True  # its type is checked above; null is not streamed
     asked, allowed = _tokens(route, body, limits)
     _check_caps(route, body, limits, allowed)
     return Checked(_COMPACT.encode(body).encode(), stream, asked, allowed)
@@ -178,7 +180,7 @@ def _check_types(body: dict[str, Any]) -> None:
         kinds, described = expected
         # true is an int to Python, but never a number to JSON
         if not isinstance(value, kinds) or (isinstance(value, bool) and expected is not _BOOLEAN):
-            raise _bad(f"'{name}' must be {described}", "invalid_type", name)
+            raise _bad(f"'{name}' must be {described} or null", "invalid_type", name)
 
 
 def _tokens(route: bytes, body: dict[str, Any], limits: LimitsSection) -> tuple[int | None, int]:
