@@ -11,6 +11,7 @@ from runtime import __version__, launcher, otel
 from runtime import config as config_mod
 from runtime.engine import resources
 from runtime.engine.command import RuntimePaths, build_plan
+from runtime.front import server as front_server
 from runtime.front import tls
 from runtime.front.proxy import FORWARDED, LOCAL
 from runtime.sandbox import landlock, privileges, seccomp
@@ -20,6 +21,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
     cfg = config_mod.load(config_path, overrides)
     seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
+    files = front_server.open_files(cfg.front, apply=False)  # room for the connections, or 2
     weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
     loaded = launcher.load_secrets(cfg)  # step 3, or exit 4
     caps = resources.compute(cfg.engine)  # step 4
@@ -45,6 +47,12 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "match": "exact raw request target; query string dropped",
             },
             "request_body_limit": {"status": "enforced", "max_bytes": cfg.front.max_body_bytes},
+            "connections": {
+                "status": "enforced",
+                "max_connections": cfg.front.max_connections,
+                "handshake_timeout_s": cfg.front.handshake_timeout_s,
+                **files,
+            },
             "token_cap": {
                 "status": "enforced",
                 "max_tokens": cfg.limits.max_tokens,

@@ -64,14 +64,17 @@ def serve(
     #    engine.cpus: the engine's compute threads get those CPUs, the front the others.
     placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
 
-    # The front's TLS material and port are checked before the engine spends a minute
-    # loading: a wrong path or a busy port fails now (exit 2).
+    # The front's TLS material, port and open-files limit are checked before the engine
+    # spends a minute loading: a wrong path, a busy port or too few files fail now (exit 2).
     tls_material = tls.RotatingContext(cfg.front.tls)
+    files = front_server.open_files(cfg.front, apply=True)
     listener = front_server.bind(cfg.front)
     admission = Admission.from_config(cfg.front)
     connections = ServerState()  # uvicorn's record of the front's open connections
     gauges = metrics.Gauges(
-        in_flight=lambda: admission.in_flight, connections=lambda: len(connections.connections)
+        in_flight=lambda: admission.in_flight,
+        connections=lambda: len(connections.connections),
+        handshakes=lambda: tls_material.handshakes.in_progress,
     )
     export.watch_gauges(gauges)
     if cfg.front.metrics_listen:
@@ -98,7 +101,7 @@ def serve(
         if cfg.sandbox.seccomp != "off":
             telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
         front = _serve_front(
-            cfg, engine, listener, tls_material, admission, connections, placement, on_ready
+            cfg, engine, listener, tls_material, admission, connections, placement, files, on_ready
         )
         code = front_server.run(front)
         engine_code = engine.stop()
@@ -222,6 +225,7 @@ async def _serve_front(
     admission: Admission,
     connections: ServerState,
     placement: resources.CpuPlacement | None,
+    files: dict[str, int],
     on_ready: Callable[[Config], None] | None,
 ) -> int:
     state = FrontState(engine_ready=True)
@@ -255,7 +259,7 @@ async def _serve_front(
         server.request_stop()
 
     loop.add_reader(pidfd, on_engine_exit)
-    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, placement, on_ready))
+    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, placement, files, on_ready))
     try:
         await server.serve(sockets=[listener])
     finally:
@@ -274,6 +278,7 @@ async def _announce_ready(
     server: front_server.FrontServer,
     cfg: Config,
     placement: resources.CpuPlacement | None,
+    files: dict[str, int],
     on_ready: Callable[[Config], None] | None,
 ) -> None:
     while not server.started:
@@ -285,6 +290,8 @@ async def _announce_ready(
         tls="1.3",
         client_cert="required",
         allowed_identities=list(cfg.front.allowed_identities),
+        max_connections=cfg.front.max_connections,
+        **files,
         **(placement.describe() if placement else {}),
     )
     if on_ready is not None:

@@ -49,7 +49,8 @@ class NoExport:
         """Step 3 has the secrets: start exporting."""
 
     def watch_gauges(self, gauges: Gauges) -> None:
-        """Report the requests in the engine and the front's open connections as gauges."""
+        """Report the requests in the engine, the front's open connections and its handshakes
+        in progress as gauges."""
 
 
 def install(cfg: Config) -> NoExport:
@@ -294,8 +295,8 @@ class _Sdk:
             "connections_refused": meter.create_counter(
                 "harness.connections.refused",
                 "{connection}",
-                "Connections closed before HTTP (failed handshake, identity, connection cap, "
-                "header timeout)",
+                "Connections closed before HTTP (failed or timed-out handshake, identity, "
+                "connection cap, header timeout)",
             ),
             "tls_reloads": meter.create_counter("harness.tls.reloads", "{reload}"),
             "events": meter.create_counter(
@@ -319,6 +320,13 @@ class _Sdk:
             [observe("connections")],
             "{connection}",
             "The front's connections past their TLS handshake (front.max_connections caps them)",
+        )
+        meter.create_observable_gauge(
+            "harness.handshakes.in_progress",
+            [observe("handshakes")],
+            "{connection}",
+            "Connections accepted whose TLS handshake is not done (front.handshake_timeout_s "
+            "bounds each)",
         )
         self._trace = trace
         self._status = (Status, StatusCode)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -111,6 +112,60 @@ def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:
     (assets.secrets_dir(tmp_path) / "server-key.pem").write_text("not a key")
     result = _harness("check", "--config", str(tmp_path / assets.CONFIG_NAME))
     assert result.returncode == 2 and "front.tls.key" in result.stderr
+
+
+def _python(*args: str, open_files: tuple[int, int]) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` started with RLIMIT_NOFILE (soft, hard)."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=clean_environ(),
+        text=True,
+        capture_output=True,
+        timeout=120,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, open_files),
+    )
+
+
+def test_an_open_files_limit_below_max_connections_exits_2(tmp_path: Path) -> None:
+    """Past RLIMIT_NOFILE, connections would be dropped at accept, below front.max_connections
+    and without an event: a hard limit that cannot hold the cap is refused before the engine
+    starts, naming the setting and the largest cap that fits."""
+    assets.ensure(tmp_path)
+    config = str(tmp_path / assets.CONFIG_NAME)
+    listen = f'front.listen="127.0.0.1:{free_port()}"'
+    for command in (["check", "--config", config], ["serve", "--config", config, "--set", listen]):
+        result = _python("-m", "runtime", *command, open_files=(512, 512))
+        assert result.returncode == 2, result.stderr
+        assert "front.max_connections 1024: the front needs 1296 open files" in result.stderr
+        assert "lower front.max_connections to at most 240" in result.stderr
+        assert "engine_start" not in {e["event_type"] for e in _events(result.stdout)}
+
+
+def test_the_soft_open_files_limit_is_raised_to_what_the_front_needs(tmp_path: Path) -> None:
+    """A soft limit below the need (1024 is common) is raised within the hard limit; `check`
+    reports the need and the limit in force without changing it."""
+    assets.ensure(tmp_path)
+    config = str(tmp_path / assets.CONFIG_NAME)
+    code = f"""
+import resource
+from runtime import config
+from runtime.front import server
+front = config.load({config!r}).front
+print(server.open_files(front, apply=False))
+print(server.open_files(front, apply=True), resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+    for args in (["-c", code], ["-m", "runtime", "check", "--config", config, "--json"]):
+        result = _python(*args, open_files=(300, 5000))
+        assert result.returncode == 0, result.stderr
+        if args[0] == "-c":
+            before, after = result.stdout.splitlines()
+            assert before == "{'open_files_needed': 1296, 'open_files_limit': 300}"
+            assert after == "{'open_files_needed': 1296, 'open_files_limit': 1296} (1296, 5000)"
+        else:
+            connections = json.loads(result.stdout)["controls"]["connections"]
+            assert connections["open_files_limit"] == 300  # check changes nothing
+            assert connections["open_files_needed"] == 1296
 
 
 def test_hostile_model_exits_3_before_the_engine_starts(tmp_path: Path) -> None:

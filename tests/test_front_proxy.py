@@ -114,6 +114,7 @@ class Front:
     events: list[dict[str, Any]]
     upstream_server: uvicorn.Server | None = None
     app: FrontApp | None = None
+    tls_material: RotatingContext | None = None
 
     def ctx(self, name: str = "client") -> ssl.SSLContext:
         return client_context(
@@ -167,7 +168,8 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
         state = FrontState(engine_ready=True)
         app = FrontApp(sock_path, state, front=cfg.front, limits=cfg.limits, served_name="demo")
         listener = front_server.bind(cfg.front)
-        server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls))
+        tls_material = RotatingContext(cfg.front.tls)
+        server = front_server.build_server(cfg.front, app, state, tls_material)
         thread = _run_in_thread(server, sockets=[listener])
 
         def stop() -> None:
@@ -189,6 +191,7 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
             events,
             upstream_server=up_server,
             app=app,
+            tls_material=tls_material,
         )
 
     yield start
@@ -612,14 +615,30 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
     """Before the handshake nobody is authenticated: a client that connects and sends nothing,
     or the start of a ClientHello and no more, is cut after handshake_timeout_s (uvloop's
     default, which uvicorn keeps, is 60 s). The header and keep-alive timeouts, longer here,
-    start only once the handshake is done, so they are not what closes it."""
+    start only once the handshake is done, so they are not what closes it. While it stalls
+    it is counted as a handshake in progress; once cut, it is reported (uvloop is silent)."""
     front = make_front(handshake_timeout_s=1, header_timeout_s=30, keepalive_timeout_s=30)
+    assert front.tls_material is not None
+    handshakes = front.tls_material.handshakes
     host, port = front.url.removeprefix("https://").split(":")
     # A TLS 1.x handshake record header announcing 512 bytes, and then 5 of them.
     partial_hello = b"\x16\x03\x01\x02\x00" + b"\x01\x00\x01\xfc\x03"
     for send in (b"", partial_hello):
         with socket.create_connection((host, int(port)), timeout=10) as raw:
+            _until(lambda: handshakes.in_progress == 1, "the stalled handshake is not counted")
             assert 0.5 < _closed_after(raw, send, limit_s=8) < 4
+            _until(lambda: handshakes.in_progress == 0, "the cut handshake is still counted")
+    _until(
+        lambda: sum(e.get("count", 0) for e in front.events) >= 2,
+        "the cut handshakes were not reported",
+    )
+    cut = _events(front, "tls_handshake_rejected")
+    assert {e["reason"] for e in cut} == {"handshake_timeout"}
+    assert sum(e["count"] for e in cut) == 2
+    assert "front.handshake_timeout_s (1 s)" in cut[0]["detail"]
+    # A client that connects and closes at once (the kubelet's TCP probe) is no timeout.
+    socket.create_connection((host, int(port))).close()
+    _until(lambda: handshakes.in_progress == 0, "a closed connection is still counted")
     # A client that completes its handshake is not affected, however long it then waits
     # before its request (within the keep-alive timeout).
     with (
@@ -629,8 +648,10 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
         time.sleep(1.8)
         tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert _read_response(tls) == 200
-    # Only that request reached the engine.
+    # Only that request reached the engine, and nothing else was reported.
     assert [seen["path"] for seen in front.upstream.seen] == [b"/v1/models"]
+    assert sum(e["count"] for e in _events(front, "tls_handshake_rejected")) == 2
+    assert handshakes.in_progress == 0
 
 
 def test_connections_past_max_connections_are_closed_before_http(
@@ -949,7 +970,9 @@ def test_handshakes_openssl_refuses_are_reported_and_counted(front: Front) -> No
     from runtime.front import metrics
 
     port = free_port()
-    collected = metrics.serve(f"127.0.0.1:{port}", metrics.Gauges(lambda: 0.0, lambda: 0.0))
+    collected = metrics.serve(
+        f"127.0.0.1:{port}", metrics.Gauges(lambda: 0.0, lambda: 0.0, lambda: 0.0)
+    )
     host, front_port = front.url.removeprefix("https://").split(":")
     try:
         for _ in range(3):  # the kubelet's probes: a TCP connect that sends nothing
@@ -1150,8 +1173,11 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
 
     port = free_port()
     open_now = front.server.server_state.connections
+    assert front.tls_material is not None
+    handshakes = front.tls_material.handshakes
     collected = metrics.serve(
-        f"127.0.0.1:{port}", metrics.Gauges(lambda: 0.0, lambda: len(open_now))
+        f"127.0.0.1:{port}",
+        metrics.Gauges(lambda: 0.0, lambda: len(open_now), lambda: handshakes.in_progress),
     )
     host, front_port = front.url.removeprefix("https://").split(":")
     try:
@@ -1165,13 +1191,15 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
             client.get(f"{front.url}/v1/models")
         _events(front, "request_rejected", 2)
         _events(front, "tls_handshake_rejected")
-        with (  # one connection held open while the endpoint is scraped
+        with (  # one connection held open, one stalled in its handshake, while scraped
             socket.create_connection((host, int(front_port)), timeout=10) as raw,
             front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+            socket.create_connection((host, int(front_port)), timeout=10),
         ):
             tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
             assert _read_response(tls) == 200
             _until(lambda: len(open_now) == 1, "connections closed earlier are still counted")
+            _until(lambda: handshakes.in_progress == 1, "the stalled handshake is not counted")
             text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         telemetry.unsubscribe(collected.observe)
@@ -1187,3 +1215,4 @@ def test_prometheus_metrics_from_the_audit_events(front: Front) -> None:
     assert 'harness_request_duration_seconds_count{route="/v1/models"} 1.0' in text
     assert "harness_requests_in_flight 0.0" in text
     assert "harness_connections_open 1.0" in text
+    assert "harness_handshakes_in_progress 1.0" in text

@@ -169,6 +169,7 @@ def test_serve_exports_spans_logs_and_metrics(
     assert max(refused) == 3  # cumulative: the last export holds the total
     assert "harness.requests.in_flight" in metrics
     assert "harness.connections.open" in metrics
+    assert "harness.handshakes.in_progress" in metrics
 
     # Resource attributes on every export; credentials only in the headers; no prompt.
     for resource in receiver.resources():
@@ -225,7 +226,7 @@ from runtime.front import metrics
 cfg = config.load({str(demo_dir / assets.CONFIG_NAME)!r})
 export = otel.install(cfg)
 export.start({{}})
-export.watch_gauges(metrics.Gauges(lambda: 0, lambda: 0))
+export.watch_gauges(metrics.Gauges(lambda: 0, lambda: 0, lambda: 0))
 assert type(export) is otel.NoExport
 assert not telemetry._subscribers
 assert threading.active_count() == 1, threading.enumerate()

@@ -261,25 +261,45 @@ def test_metrics_endpoint_counts_requests_and_open_connections(
     harness: Harness, demo_dir: Path
 ) -> None:
     """The launcher wires the gauges to the running front: a connection held open during
-    the scrape is counted, and so is the request made on it."""
+    the scrape is counted, so is the request made on it, and so is a connection that has
+    not begun its handshake."""
     assert harness.metrics_url is not None
     host, port = harness.url.removeprefix("https://").split(":")
+
+    def gauge(text: str, name: str) -> float:
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert found is not None, text
+        return float(found[1])
+
     with (
         socket.create_connection((host, int(port)), timeout=10) as raw,
         _client_ctx(demo_dir).wrap_socket(raw, server_hostname="localhost") as tls,
+        socket.create_connection((host, int(port)), timeout=10),  # no ClientHello yet
     ):
         tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert tls.recv(65536).startswith(b"HTTP/1.1 200 ")
         deadline = time.monotonic() + 10
         while True:  # the request's event may land a moment after its response
             text = httpx.get(harness.metrics_url, timeout=10).text
-            if 'route="/v1/models"' in text or time.monotonic() > deadline:
+            counted = gauge(text, "harness_handshakes_in_progress") >= 1
+            if (counted and 'route="/v1/models"' in text) or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-    open_now = re.search(r"^harness_connections_open (\S+)$", text, re.MULTILINE)
-    assert open_now is not None and float(open_now[1]) >= 1, text
+    assert gauge(text, "harness_connections_open") >= 1
+    assert gauge(text, "harness_handshakes_in_progress") >= 1
     assert 'harness_requests_total{outcome="allowed",reason="",route="/v1/models"' in text
     assert re.search(r"^harness_requests_in_flight 0\.0$", text, re.MULTILINE), text
+
+
+def test_the_front_has_open_files_for_its_connection_cap(harness: Harness) -> None:
+    """front_listen says what the connection cap needs, and harness runs with at least that
+    soft RLIMIT_NOFILE (raised at start when it was lower)."""
+    listen = harness.events("front_listen")[0]
+    assert listen["max_connections"] == 1024
+    assert listen["open_files_needed"] == 1024 + 16 + 256
+    limits = Path(f"/proc/{harness.proc.pid}/limits").read_text()
+    [soft] = [line.split()[3] for line in limits.splitlines() if line.startswith("Max open files")]
+    assert int(soft) == listen["open_files_limit"] >= listen["open_files_needed"]
 
 
 def _status(pid: int) -> dict[str, str]:

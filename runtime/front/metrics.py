@@ -22,6 +22,7 @@ class Gauges:
 
     in_flight: Callable[[], float]  # requests in the engine
     connections: Callable[[], float]  # connections past their TLS handshake
+    handshakes: Callable[[], float]  # connections accepted, their TLS handshake not yet done
 
 
 def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None, int] | None:
@@ -78,10 +79,17 @@ class FrontMetrics:
             registry=self.registry,
         )
         self.connections.set_function(gauges.connections)
+        self.handshakes = Gauge(
+            "harness_handshakes_in_progress",
+            "Connections accepted whose TLS handshake is not done (front.handshake_timeout_s "
+            "bounds each)",
+            registry=self.registry,
+        )
+        self.handshakes.set_function(gauges.handshakes)
         self.connections_refused = Counter(
             "harness_connections_refused",
-            "Connections closed before HTTP (failed handshake, identity, connection cap, "
-            "header timeout)",
+            "Connections closed before HTTP (failed or timed-out handshake, identity, "
+            "connection cap, header timeout)",
             ["reason"],
             registry=self.registry,
         )

@@ -8,6 +8,7 @@ so the identity is taken from the TLS connection itself and attached to each req
 from __future__ import annotations
 
 import asyncio
+import resource
 import signal
 import socket
 import ssl
@@ -47,7 +48,7 @@ class HandshakeBoundLoop(uvloop.Loop):
     to create_server, and the default is 60 s: anyone who can reach the port could hold a
     socket and an SSL object that long without ever showing a certificate. A connection
     whose handshake is not done in time is closed; uvloop says nothing about it (it logs
-    such aborts only in debug mode), so the front counts no event for it."""
+    such aborts only in debug mode), so tls.Handshakes reports it."""
 
     ssl_handshake_timeout: float | None = None  # FrontServer.startup sets it
 
@@ -55,6 +56,35 @@ class HandshakeBoundLoop(uvloop.Loop):
         if kwargs.get("ssl") is not None and self.ssl_handshake_timeout is not None:
             kwargs.setdefault("ssl_handshake_timeout", self.ssl_handshake_timeout)
         return await super().create_server(*args, **kwargs)
+
+
+# Open files harness needs besides its connections: the engine's pipes, logs, the metrics and
+# OTLP sockets, the engine connections kept for reuse, and handshakes in progress.
+OWN_FILES = 256
+
+
+def open_files(front: FrontSection, *, apply: bool) -> dict[str, int]:
+    """Room for front.max_connections: each connection is a file descriptor, and so is each
+    admitted request's connection to the engine. Past RLIMIT_NOFILE a new connection is
+    closed at accept, unanswered and unreported (libuv drops it), so a soft limit below
+    that need would be a lower, silent connection cap. With `apply`, raise the soft limit to
+    the need, within the hard limit; past the hard limit, refuse to start (exit 2)."""
+    needed = front.max_connections + front.max_concurrency + OWN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        room = hard - front.max_concurrency - OWN_FILES
+        raise ConfigError(
+            f"front.max_connections {front.max_connections}: the front needs {needed} open "
+            f"files (a connection each, {front.max_concurrency} to the engine for "
+            f"front.max_concurrency, {OWN_FILES} for itself), and its limit is {hard} "
+            "(RLIMIT_NOFILE)",
+            fix=(f"lower front.max_connections to at most {room}, or " if room > 0 else "")
+            + "raise the open-files limit (docker run --ulimit nofile=N, systemd LimitNOFILE=N)",
+        )
+    if apply and soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        soft = needed
+    return {"open_files_needed": needed, "open_files_limit": soft}
 
 
 def bind(front: FrontSection) -> socket.socket:
@@ -319,6 +349,7 @@ def build_server(
 ) -> FrontServer:
     """`server_state`: uvicorn's record of the open connections (the ones counted against
     front.max_connections), when something made earlier reads it."""
+    tls_material.handshakes.timeout_s = front.handshake_timeout_s  # the bound FrontServer sets
     config = uvicorn.Config(
         app,
         http=_identity_protocol(

@@ -57,31 +57,58 @@ _REASONS = {
 }
 
 
-class HandshakeFailures:
-    """Handshakes that OpenSSL refuses: no client certificate, one that does not verify
-    (unknown CA, expired, not yet valid, not for clientAuth), TLS 1.2, or not TLS at all.
-    They fail before the front sees a connection, so they are caught where the handshake runs,
-    in the SSL object. Each one is counted; the `tls_handshake_rejected` events are limited to
-    one per reason and detail per second, each with `count`, the failures it stands for, so
-    that a scanner cannot flood the log. A TCP connect that sends nothing (the kubelet's
-    probes) is not a failed handshake."""
+class Handshakes:
+    """The TLS handshakes the front runs, watched where they run, in the SSL object: one that
+    fails ends before the front sees a connection.
 
-    def __init__(self) -> None:
+    - `in_progress`: connections accepted whose handshake has not ended (a gauge). Nobody is
+      authenticated yet; front.handshake_timeout_s bounds how long each may take.
+    - Refused by OpenSSL: no client certificate, one that does not verify (unknown CA,
+      expired, not yet valid, not for clientAuth), TLS 1.2, or not TLS at all.
+    - Cut by the timeout: still unfinished when its connection is dropped, `timeout_s` or
+      more after it began (uvloop aborts those without a word).
+
+    Each refused or cut handshake is counted; the `tls_handshake_rejected` events are limited
+    to one per reason and detail per second, each with `count`, the handshakes it stands for,
+    so that a scanner cannot flood the log. A TCP connect that sends nothing and closes (the
+    kubelet's probes) is none of these."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
         self.events = telemetry.Throttled("tls_handshake_rejected", "blocked")
+        self.timeout_s = timeout_s  # the server's handshake bound (server.build_server)
+        self.in_progress = 0
 
     def observe(self, ctx: ssl.SSLContext) -> None:
-        """Report the failed handshakes of the connections that `ctx` wraps."""
-        failures = self
+        """Watch the handshakes of the connections that `ctx` wraps."""
+        handshakes = self
 
         class ObservedSSLObject(ssl.SSLObject):
+            _began = 0.0  # the first do_handshake: the server calls it on accepting
+            _ended = False
+
             def do_handshake(self) -> None:
+                if not self._began:
+                    self._began = time.monotonic()
+                    handshakes.in_progress += 1
                 try:
                     super().do_handshake()
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     raise  # not done yet
                 except ssl.SSLError as exc:
-                    failures.failed(exc)
+                    self._end()
+                    handshakes.failed(exc)
                     raise
+                self._end()
+
+            def _end(self) -> None:
+                if not self._ended:
+                    self._ended = True
+                    handshakes.in_progress -= 1
+
+            def __del__(self) -> None:
+                if self._began and not self._ended:  # dropped mid-handshake
+                    self._end()
+                    handshakes.abandoned(time.monotonic() - self._began)
 
         ctx.sslobject_class = ObservedSSLObject
 
@@ -89,6 +116,15 @@ class HandshakeFailures:
         reason = _REASONS.get(exc.reason or "", "handshake_failed")
         detail = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
         self.events.record(reason=reason, detail=str(detail))
+
+    def abandoned(self, seconds: float) -> None:
+        """A connection closed mid-handshake: by the timeout, or by its client (not reported).
+        The server's timer fires on its loop's millisecond clock: allow it that much early."""
+        if self.timeout_s is not None and seconds >= self.timeout_s - 0.01:
+            self.events.record(
+                reason="handshake_timeout",
+                detail=f"no handshake within front.handshake_timeout_s ({self.timeout_s:g} s)",
+            )
 
 
 class RotatingContext:
@@ -109,8 +145,8 @@ class RotatingContext:
         self._stamp = self._files_stamp()
         self._next_check = time.monotonic() + self.CHECK_EVERY_S
         self.base.sni_callback = self._on_client_hello
-        self.handshake_failures = HandshakeFailures()
-        self.handshake_failures.observe(self.base)
+        self.handshakes = Handshakes()
+        self.handshakes.observe(self.base)
 
     def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
         try:
