@@ -50,6 +50,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
             "connections": {
                 "status": "enforced",
                 "max_connections": cfg.front.max_connections,
+                "max_handshakes": cfg.front.max_handshakes,
                 "handshake_timeout_s": cfg.front.handshake_timeout_s,
                 **files,
             },

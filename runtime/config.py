@@ -120,6 +120,9 @@ class FrontSection(_Section):
     # any HTTP is read (a gateway's pool needs far fewer: max_concurrency + max_queue requests
     # are admitted at a time).
     max_connections: int = Field(default=1024, ge=1, le=65536)
+    # TLS handshakes in progress at once (~55 KiB each, before anyone is authenticated); past
+    # it a new connection is closed as it is accepted.
+    max_handshakes: int = Field(default=256, ge=1, le=65536)
     # Admission: requests in the engine at once, and how many may wait for a slot (429 past it).
     max_concurrency: int = Field(default=16, ge=1, le=4096)
     max_queue: int = Field(default=16, ge=0, le=4096)

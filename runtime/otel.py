@@ -295,8 +295,8 @@ class _Sdk:
             "connections_refused": meter.create_counter(
                 "harness.connections.refused",
                 "{connection}",
-                "Connections closed before HTTP (failed or timed-out handshake, identity, "
-                "connection cap, header timeout)",
+                "Connections closed before HTTP (failed or timed-out handshake, handshake cap, "
+                "identity, connection cap, header timeout)",
             ),
             "tls_reloads": meter.create_counter("harness.tls.reloads", "{reload}"),
             "events": meter.create_counter(

@@ -135,10 +135,10 @@ def test_an_open_files_limit_below_max_connections_exits_2(tmp_path: Path) -> No
     config = str(tmp_path / assets.CONFIG_NAME)
     listen = f'front.listen="127.0.0.1:{free_port()}"'
     for command in (["check", "--config", config], ["serve", "--config", config, "--set", listen]):
-        result = _python("-m", "runtime", *command, open_files=(512, 512))
+        result = _python("-m", "runtime", *command, open_files=(1024, 1024))
         assert result.returncode == 2, result.stderr
-        assert "front.max_connections 1024: the front needs 1296 open files" in result.stderr
-        assert "lower front.max_connections to at most 240" in result.stderr
+        assert "front.max_connections 1024: the front needs 1552 open files" in result.stderr
+        assert "lower front.max_connections to at most 496" in result.stderr
         assert "engine_start" not in {e["event_type"] for e in _events(result.stdout)}
 
 
@@ -160,12 +160,12 @@ print(server.open_files(front, apply=True), resource.getrlimit(resource.RLIMIT_N
         assert result.returncode == 0, result.stderr
         if args[0] == "-c":
             before, after = result.stdout.splitlines()
-            assert before == "{'open_files_needed': 1296, 'open_files_limit': 300}"
-            assert after == "{'open_files_needed': 1296, 'open_files_limit': 1296} (1296, 5000)"
+            assert before == "{'open_files_needed': 1552, 'open_files_limit': 300}"
+            assert after == "{'open_files_needed': 1552, 'open_files_limit': 1552} (1552, 5000)"
         else:
             connections = json.loads(result.stdout)["controls"]["connections"]
             assert connections["open_files_limit"] == 300  # check changes nothing
-            assert connections["open_files_needed"] == 1296
+            assert connections["open_files_needed"] == 1552
 
 
 def test_hostile_model_exits_3_before_the_engine_starts(tmp_path: Path) -> None:

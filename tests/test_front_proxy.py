@@ -654,6 +654,43 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
     assert handshakes.in_progress == 0
 
 
+def test_handshakes_past_max_handshakes_are_closed_at_accept(
+    make_front: Callable[..., Front],
+) -> None:
+    """Connections that stall in their handshake hold memory before anyone is authenticated.
+    At a cap of 2 in progress, a third connection is closed as it is accepted, and reported;
+    the two stalled ones are still held, and once one goes, a client is served."""
+    front = make_front(max_handshakes=2, handshake_timeout_s=30, keepalive_timeout_s=30)
+    assert front.tls_material is not None
+    handshakes = front.tls_material.handshakes
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as first,
+        socket.create_connection((host, int(port)), timeout=10) as second,
+    ):
+        _until(lambda: handshakes.in_progress == 2, "the stalled handshakes are not counted")
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                assert _closed_after(extra, b"", limit_s=5) < 2
+        assert handshakes.in_progress == 2
+        first.close()
+        _until(lambda: handshakes.in_progress == 1, "a closed connection is still counted")
+        with httpx.Client(verify=front.ctx(), timeout=10) as client:
+            assert client.get(f"{front.url}/v1/models").status_code == 200
+        second.settimeout(0.2)  # still held: the front has not closed it
+        with pytest.raises(TimeoutError):
+            second.recv(1)
+    _until(
+        lambda: sum(e.get("count", 0) for e in _events(front, "tls_handshake_rejected")) >= 3,
+        "the refused connections were not all counted",
+    )
+    refused = _events(front, "tls_handshake_rejected")
+    assert {e["reason"] for e in refused} == {"too_many_handshakes"}
+    assert sum(e["count"] for e in refused) == 3 and refused[0]["count"] == 1
+    assert refused[0]["detail"] == "2 handshakes in progress (front.max_handshakes)"
+    assert [seen["path"] for seen in front.upstream.seen] == [b"/v1/models"]
+
+
 def test_connections_past_max_connections_are_closed_before_http(
     make_front: Callable[..., Front],
 ) -> None:

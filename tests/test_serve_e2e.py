@@ -296,7 +296,7 @@ def test_the_front_has_open_files_for_its_connection_cap(harness: Harness) -> No
     soft RLIMIT_NOFILE (raised at start when it was lower)."""
     listen = harness.events("front_listen")[0]
     assert listen["max_connections"] == 1024
-    assert listen["open_files_needed"] == 1024 + 16 + 256
+    assert listen["open_files_needed"] == 1024 + 256 + 16 + 256
     limits = Path(f"/proc/{harness.proc.pid}/limits").read_text()
     [soft] = [line.split()[3] for line in limits.splitlines() if line.startswith("Max open files")]
     assert int(soft) == listen["open_files_limit"] >= listen["open_files_needed"]

@@ -88,8 +88,8 @@ class FrontMetrics:
         self.handshakes.set_function(gauges.handshakes)
         self.connections_refused = Counter(
             "harness_connections_refused",
-            "Connections closed before HTTP (failed or timed-out handshake, identity, "
-            "connection cap, header timeout)",
+            "Connections closed before HTTP (failed or timed-out handshake, handshake cap, "
+            "identity, connection cap, header timeout)",
             ["reason"],
             registry=self.registry,
         )

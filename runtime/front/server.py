@@ -59,25 +59,27 @@ class HandshakeBoundLoop(uvloop.Loop):
 
 
 # Open files harness needs besides its connections: the engine's pipes, logs, the metrics and
-# OTLP sockets, the engine connections kept for reuse, and handshakes in progress.
+# OTLP sockets, the engine connections kept for reuse.
 OWN_FILES = 256
 
 
 def open_files(front: FrontSection, *, apply: bool) -> dict[str, int]:
-    """Room for front.max_connections: each connection is a file descriptor, and so is each
-    admitted request's connection to the engine. Past RLIMIT_NOFILE a new connection is
-    closed at accept, unanswered and unreported (libuv drops it), so a soft limit below
-    that need would be a lower, silent connection cap. With `apply`, raise the soft limit to
-    the need, within the hard limit; past the hard limit, refuse to start (exit 2)."""
-    needed = front.max_connections + front.max_concurrency + OWN_FILES
+    """Room for front.max_connections: each connection is a file descriptor, and so are each
+    handshake in progress and each admitted request's connection to the engine. Past
+    RLIMIT_NOFILE a new connection is closed at accept, unanswered and unreported (libuv
+    drops it), so a soft limit below that need would be a lower, silent connection cap. With
+    `apply`, raise the soft limit to the need, within the hard limit; past the hard limit,
+    refuse to start (exit 2)."""
+    others = front.max_handshakes + front.max_concurrency + OWN_FILES
+    needed = front.max_connections + others
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < needed:
-        room = hard - front.max_concurrency - OWN_FILES
+        room = hard - others
         raise ConfigError(
             f"front.max_connections {front.max_connections}: the front needs {needed} open "
-            f"files (a connection each, {front.max_concurrency} to the engine for "
-            f"front.max_concurrency, {OWN_FILES} for itself), and its limit is {hard} "
-            "(RLIMIT_NOFILE)",
+            f"files (a connection each, {front.max_handshakes} for front.max_handshakes, "
+            f"{front.max_concurrency} to the engine for front.max_concurrency, {OWN_FILES} for "
+            f"itself), and its limit is {hard} (RLIMIT_NOFILE)",
             fix=(f"lower front.max_connections to at most {room}, or " if room > 0 else "")
             + "raise the open-files limit (docker run --ulimit nofile=N, systemd LimitNOFILE=N)",
         )
@@ -350,6 +352,7 @@ def build_server(
     """`server_state`: uvicorn's record of the open connections (the ones counted against
     front.max_connections), when something made earlier reads it."""
     tls_material.handshakes.timeout_s = front.handshake_timeout_s  # the bound FrontServer sets
+    tls_material.handshakes.limit = front.max_handshakes
     config = uvicorn.Config(
         app,
         http=_identity_protocol(

@@ -62,20 +62,26 @@ class Handshakes:
     fails ends before the front sees a connection.
 
     - `in_progress`: connections accepted whose handshake has not ended (a gauge). Nobody is
-      authenticated yet; front.handshake_timeout_s bounds how long each may take.
+      authenticated yet; front.handshake_timeout_s bounds how long each may take, and
+      `limit` (front.max_handshakes) how many there are: past it a new connection is closed
+      as it is accepted. Each holds ~55 KiB; unbounded, only RLIMIT_NOFILE would stop a
+      client that opens connections and stalls them.
     - Refused by OpenSSL: no client certificate, one that does not verify (unknown CA,
       expired, not yet valid, not for clientAuth), TLS 1.2, or not TLS at all.
     - Cut by the timeout: still unfinished when its connection is dropped, `timeout_s` or
       more after it began (uvloop aborts those without a word).
+    - Refused past `limit`.
 
     Each refused or cut handshake is counted; the `tls_handshake_rejected` events are limited
     to one per reason and detail per second, each with `count`, the handshakes it stands for,
     so that a scanner cannot flood the log. A TCP connect that sends nothing and closes (the
     kubelet's probes) is none of these."""
 
-    def __init__(self, timeout_s: float | None = None) -> None:
+    def __init__(self, timeout_s: float | None = None, limit: int | None = None) -> None:
         self.events = telemetry.Throttled("tls_handshake_rejected", "blocked")
-        self.timeout_s = timeout_s  # the server's handshake bound (server.build_server)
+        # Both from the front's config (server.build_server).
+        self.timeout_s = timeout_s
+        self.limit = limit
         self.in_progress = 0
 
     def observe(self, ctx: ssl.SSLContext) -> None:
@@ -88,6 +94,9 @@ class Handshakes:
 
             def do_handshake(self) -> None:
                 if not self._began:
+                    if handshakes.limit is not None and handshakes.in_progress >= handshakes.limit:
+                        handshakes.refused()
+                        raise ssl.SSLError("too many TLS handshakes in progress")  # closes it
                     self._began = time.monotonic()
                     handshakes.in_progress += 1
                 try:
@@ -116,6 +125,12 @@ class Handshakes:
         reason = _REASONS.get(exc.reason or "", "handshake_failed")
         detail = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
         self.events.record(reason=reason, detail=str(detail))
+
+    def refused(self) -> None:
+        self.events.record(
+            reason="too_many_handshakes",
+            detail=f"{self.limit} handshakes in progress (front.max_handshakes)",
+        )
 
     def abandoned(self, seconds: float) -> None:
         """A connection closed mid-handshake: by the timeout, or by its client (not reported).
