@@ -102,6 +102,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
             },
             "privilege_drop": _privileges(cfg),
             "landlock": _landlock(cfg, plan.tcp_ports),
+            "front_landlock": _front_landlock(cfg),
             "seccomp": _seccomp(cfg),
             "memory_caps": {
                 **caps.describe(),
@@ -151,6 +152,23 @@ def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
         "write_existing_files": rules.write_files,
         "tcp": "connect only to the rendezvous ports" if abi >= 4 else "not restricted",
         "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
+    }
+
+
+def _front_landlock(cfg: config_mod.Config) -> dict[str, Any]:
+    abi = landlock.abi_version()
+    mode = cfg.sandbox.landlock
+    rules = landlock.build_front(cfg, cfg.engine.runtime_dir / "harness-XXXXXX")
+    return {
+        "status": "off (unsafe)" if mode == "off" else "enforced" if abi else "unavailable",
+        "mode": mode,
+        "abi": abi,
+        "scope": "harness itself, from start-up (the engine's domain is nested in it)",
+        "read_execute": rules.read,
+        "write": rules.write,
+        "devices": rules.devices,
+        "write_existing_files": rules.write_files,
+        "remove_empty_dirs": rules.remove_dirs,
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -207,8 +208,15 @@ def _demo_serve(args: argparse.Namespace) -> int:
     from runtime import launcher
     from runtime.demo import assets
 
-    for line in assets.ensure(Path(args.dir)):
-        print(line, file=sys.stderr)
+    # Made in a child: building the model and tokenizer leaves threads behind, and harness
+    # confines itself with Landlock only while it has a single thread (sandbox.front).
+    made = subprocess.run(
+        [sys.executable, "-m", "runtime", "demo", "init", "--dir", str(args.dir)],
+        stdout=subprocess.DEVNULL,
+        check=False,
+    )
+    if made.returncode != 0:
+        return made.returncode
     return launcher.serve(
         Path(args.dir) / assets.CONFIG_NAME,
         args.set,

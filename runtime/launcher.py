@@ -16,6 +16,7 @@ from types import FrameType
 from runtime import config as config_mod
 from runtime import otel, secrets, telemetry
 from runtime.config import Config, SignatureSection
+from runtime.engine import process as engine_process
 from runtime.engine import resources, watchdog
 from runtime.engine.process import Engine
 from runtime.errors import EngineError, IntegrityError, SecretsError
@@ -49,62 +50,82 @@ def serve(
     export = otel.install(cfg)  # OTLP, when configured: events are held until step 3
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
 
-    # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
-    #    policy, strict safetensors headers; each file fingerprinted (exit 3).
-    weights, _evidence = verify_weights(cfg)
+    # Harness itself, before its first thread (every thread, and the engine, inherit it):
+    # Landlock lets it read only the system, its code, the model and signature, its secrets
+    # and TLS files, and write only the engine's private runtime dir and /dev/shm (exit 5 if
+    # sandbox.landlock = required cannot be met). The dir is removed on the way out.
+    with engine_process.runtime_dir(cfg) as paths:
+        confined = front_sandbox.confine(cfg, paths.root)
+        telemetry.emit("landlock", "ok" if confined["enforced"] else "failed", **confined)
 
-    # 3. Secrets: none in the environment; the secrets dir in memory, its files private; held
-    #    by the front only (exit 4). The collector's credentials are among them.
-    export.start(load_secrets(cfg))
+        # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
+        #    policy, strict safetensors headers; each file fingerprinted (exit 3).
+        weights, _evidence = verify_weights(cfg)
 
-    # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py), the
-    #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
-    #    memory watchdog stops the engine over engine.max_rss_bytes or the GPU cap (exit 6).
-    caps = resources.compute(cfg.engine)
-    #    engine.cpus: the engine's compute threads get those CPUs, the front the others.
-    placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
+        # 3. Secrets: none in the environment; the secrets dir in memory, its files private; held
+        #    by the front only (exit 4). The collector's credentials are among them.
+        export.start(load_secrets(cfg))
 
-    # The front's TLS material, port and open-files limit are checked before the engine
-    # spends a minute loading: a wrong path, a busy port or too few files fail now (exit 2).
-    tls_material = tls.RotatingContext(cfg.front.tls)
-    files = front_server.open_files(cfg.front, apply=True)
-    listener = front_server.bind(cfg.front)
-    admission = Admission.from_config(cfg.front)
-    connections = ServerState()  # uvicorn's record of the front's open connections
-    gauges = metrics.Gauges(
-        in_flight=lambda: admission.in_flight,
-        connections=lambda: len(connections.connections),
-        handshakes=lambda: tls_material.handshakes.in_progress,
-    )
-    export.watch_gauges(gauges)
-    if cfg.front.metrics_listen:
-        metrics.serve(cfg.front.metrics_listen, gauges)
+        # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py), the
+        #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
+        #    memory watchdog stops the engine over engine.max_rss_bytes or the GPU cap (exit 6).
+        caps = resources.compute(cfg.engine)
+        #    engine.cpus: the engine's compute threads get those CPUs, the front the others.
+        placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
 
-    # 5. Engine: stage 2 enters a private network namespace, sets no_new_privs, applies
-    #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
-    #    TCP out), drops privileges (non-root uid, no capabilities), loads the profiled seccomp
-    #    filter (violations answered and reported by a supervisor here) and execs vLLM,
-    #    listening on a Unix socket only, with an allowlisted environment (exit 5 if the
-    #    sandbox cannot be applied).
-    with listener, Engine.create(cfg, caps) as engine, watchdog.for_engine(engine, caps):
-        engine.start()
-        if placement is not None:  # after the start: the engine keeps every CPU to bind its own
-            resources.place_front(placement)
-        engine.wait_ready()
-
-        # 6. The weights the engine loaded are the ones verified in step 2.
-        recheck_weights(weights)
-
-        # 7. Front: harness itself may no longer start programs, mount, trace, load BPF or
-        #    open raw sockets (a deny-list filter on every thread); then mTLS, identity
-        #    allowlist, route allowlist; supervise until stopped.
-        if cfg.sandbox.seccomp != "off":
-            telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
-        front = _serve_front(
-            cfg, engine, listener, tls_material, admission, connections, placement, files, on_ready
+        # The front's TLS material, port and open-files limit are checked before the engine
+        # spends a minute loading: a wrong path, a busy port or too few files fail now (exit 2).
+        tls_material = tls.RotatingContext(cfg.front.tls)
+        files = front_server.open_files(cfg.front, apply=True)
+        listener = front_server.bind(cfg.front)
+        admission = Admission.from_config(cfg.front)
+        connections = ServerState()  # uvicorn's record of the front's open connections
+        gauges = metrics.Gauges(
+            in_flight=lambda: admission.in_flight,
+            connections=lambda: len(connections.connections),
+            handshakes=lambda: tls_material.handshakes.in_progress,
         )
-        code = front_server.run(front)
-        engine_code = engine.stop()
+        export.watch_gauges(gauges)
+        if cfg.front.metrics_listen:
+            metrics.serve(cfg.front.metrics_listen, gauges)
+
+        # 5. Engine: stage 2 enters a private network namespace, sets no_new_privs, applies
+        #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
+        #    TCP out), drops privileges (non-root uid, no capabilities), loads the profiled seccomp
+        #    filter (violations answered and reported by a supervisor here) and execs vLLM,
+        #    listening on a Unix socket only, with an allowlisted environment (exit 5 if the
+        #    sandbox cannot be applied).
+        with (
+            listener,
+            Engine.create(cfg, caps, paths=paths) as engine,
+            watchdog.for_engine(engine, caps),
+        ):
+            engine.start()
+            if placement is not None:  # after the start: the engine keeps every CPU to bind its own
+                resources.place_front(placement)
+            engine.wait_ready()
+
+            # 6. The weights the engine loaded are the ones verified in step 2.
+            recheck_weights(weights)
+
+            # 7. Front: harness itself may no longer start programs, mount, trace, load BPF or
+            #    open raw sockets (a deny-list filter on every thread); then mTLS, identity
+            #    allowlist, route allowlist; supervise until stopped.
+            if cfg.sandbox.seccomp != "off":
+                telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
+            front = _serve_front(
+                cfg,
+                engine,
+                listener,
+                tls_material,
+                admission,
+                connections,
+                placement,
+                files,
+                on_ready,
+            )
+            code = front_server.run(front)
+            engine_code = engine.stop()
     telemetry.emit(
         "shutdown",
         "ok" if code == 0 else "failed",

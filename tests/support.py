@@ -100,7 +100,14 @@ def openai_client(base_url: str, ctx: ssl.SSLContext) -> openai.OpenAI:
 class Harness:
     """One `harness serve` child process; events on stdout, logs on stderr, both to files."""
 
-    def __init__(self, config: Path, workdir: Path, overrides: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path,
+        overrides: list[str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """`command`: what follows `harness` instead of `serve --config CONFIG`."""
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.metrics_url: str | None = None  # set when started with front.metrics_listen
@@ -111,9 +118,7 @@ class Harness:
             sys.executable,
             "-m",
             "runtime",
-            "serve",
-            "--config",
-            str(config),
+            *(command or ["serve", "--config", str(config)]),
             "--set",
             f'front.listen="127.0.0.1:{self.port}"',
         ]
@@ -202,10 +207,12 @@ class Harness:
 
 def json_values(max_leaves: int) -> st.SearchStrategy[Any]:
     """Any JSON value, nested lists and objects included (hypothesis)."""
+
+    def containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+
     return st.recursive(
         st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-        lambda inner: (
-            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
-        ),
+        containers,
         max_leaves=max_leaves,
     )

@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from runtime.demo import assets
-from tests.support import REPO, clean_environ, free_port
+from tests import fake_engine
+from tests.support import REPO, Harness, clean_environ, client_context, free_port
 
 
 def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -177,10 +179,11 @@ def test_hostile_model_exits_3_before_the_engine_starts(tmp_path: Path) -> None:
     events = _events(result.stdout)
     assert [e["event_type"] for e in events] == [
         "config_loaded",
+        "landlock",  # harness confines itself before it reads the weights
         "weight_integrity_check",
         "shutdown",
     ]
-    assert events[1]["outcome"] == "blocked" and events[2]["exit_code"] == 3
+    assert events[2]["outcome"] == "blocked" and events[3]["exit_code"] == 3
 
 
 def test_writable_model_dir_is_refused_unless_explicitly_allowed(tmp_path: Path) -> None:
@@ -216,3 +219,29 @@ def test_model_the_engine_uid_cannot_reach_exits_5(tmp_path: Path) -> None:
     assert result.returncode == 5
     assert "the engine runs as uid 65534" in result.stderr
     assert "is not traversable by uid 65534" in result.stderr and "fix:" in result.stderr
+
+
+def test_demo_serve_from_nothing_serves_with_harness_confined(open_tmp: Path) -> None:
+    """`make demo`'s command on an empty folder: the assets are made (in a child, whose
+    threads stay there), then harness confines itself with Landlock before its first thread
+    and serves. The stand-in engine (tests/fake_engine.py) keeps it fast; the engine tier
+    serves the same config with vLLM."""
+    engine = fake_engine.install(open_tmp)
+    harness = Harness(
+        open_tmp / assets.CONFIG_NAME,
+        open_tmp,
+        [f'engine.python="{engine}"'],
+        command=["demo", "serve", "--dir", str(open_tmp)],
+    )
+    try:
+        harness.wait_ready()
+        [confined] = [e for e in harness.events("landlock") if e.get("scope") == "front"]
+        assert confined["outcome"] == "ok" and confined["enforced"] is True
+        pki = open_tmp / "pki"
+        ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+        with httpx.Client(verify=ctx, base_url=harness.url, timeout=30) as client:
+            assert client.get("/v1/models").json()["data"][0]["id"] == "demo"
+        assert "curl" in harness.log()  # the ready-to-paste command
+        assert harness.terminate() == 0
+    finally:
+        harness.kill()

@@ -396,3 +396,88 @@ def test_cuda_engines_may_write_existing_files_under_proc(open_tmp: Path) -> Non
         results[bool(write_files)] = run.results
     assert results[True]["write:/proc/thread-self/comm"] == 0
     assert results[False]["write:/proc/thread-self/comm"] == -errno.EACCES
+
+
+_CONFINE_CHILD = r"""
+import json, shutil, subprocess, sys, threading
+from pathlib import Path
+from runtime import config
+from runtime.engine.process import make_runtime_dir
+from runtime.errors import SandboxError
+from runtime.sandbox import front
+
+CONFIG, OUTSIDE, MODE, THREAD = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
+cfg = config.load(CONFIG, [f'sandbox.landlock="{MODE}"'])
+paths = make_runtime_dir(cfg)
+if THREAD:  # already running when harness confines itself
+    threading.Thread(target=threading.Event().wait, daemon=True).start()
+try:
+    report = front.confine(cfg, paths.root)
+except SandboxError as exc:
+    shutil.rmtree(paths.root)
+    print(json.dumps({"error": exc.message}))
+    sys.exit(0)
+
+def attempt(action):
+    try:
+        action()
+        return 0
+    except OSError as exc:
+        return -exc.errno
+
+seen = {
+    "read_model": attempt(lambda: (cfg.model.dir / "config.json").read_bytes()),
+    "read_signature": attempt(lambda: cfg.model.signature.path.read_bytes()),
+    "read_tls_key": attempt(lambda: Path(cfg.front.tls.key).read_bytes()),
+    "read_secrets": attempt(lambda: list(cfg.secrets.dir.iterdir())),
+    "lazy_import": attempt(lambda: __import__("runtime.vault")),
+    "read_outside": attempt(lambda: (OUTSIDE / "other-secret").read_bytes()),
+    "write_outside": attempt(lambda: (OUTSIDE / "planted").write_text("x")),
+    "write_next_to_runtime": attempt(lambda: paths.root.with_suffix(".planted").mkdir()),
+    "write_runtime": attempt(lambda: (paths.root / "file").write_text("x")),
+    "exec": attempt(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)),
+    "remove_runtime": attempt(lambda: shutil.rmtree(paths.root)),
+}
+print(json.dumps({"report": report, "seen": seen}))
+"""
+
+
+def _confined(demo_dir: Path, outside: Path, mode: str, thread: bool = False) -> dict[str, Any]:
+    config = demo_dir / "demo.toml"
+    argv = [sys.executable, "-c", _CONFINE_CHILD, str(config), str(outside), mode, str(+thread)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock on this kernel")
+def test_harness_confines_itself_to_what_serving_needs(demo_dir: Path, tmp_path: Path) -> None:
+    """`harness serve` applies Landlock to itself before its first thread: it still reads
+    its model, signature, TLS key and secrets, imports its own code, writes and removes the
+    engine's runtime dir and starts the engine's stage 2; it reads and writes nothing else
+    (another folder's secret, a file planted next to the runtime dir or elsewhere)."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "other-secret").write_text("not for the front")
+    out = _confined(demo_dir, outside, "required")
+    assert out["report"]["scope"] == "front" and out["report"]["enforced"] is True
+    assert out["report"]["tcp"]["enforced"] is False  # the front binds and exports
+    seen = out["seen"]
+    allowed = ["read_model", "read_signature", "read_tls_key", "read_secrets", "lazy_import"]
+    allowed += ["write_runtime", "exec", "remove_runtime"]
+    assert {name: seen[name] for name in allowed} == dict.fromkeys(allowed, 0)
+    denied = ["read_outside", "write_outside", "write_next_to_runtime"]
+    assert {name: seen[name] for name in denied} == dict.fromkeys(denied, -errno.EACCES)
+    assert not (outside / "planted").exists()
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock on this kernel")
+def test_harness_does_not_confine_itself_with_threads_already_running(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """Landlock would bind only the calling thread: with another already running, harness
+    says so (best_effort) or refuses to start (required, exit 5)."""
+    best = _confined(demo_dir, tmp_path, "best_effort", thread=True)
+    assert best["report"]["enforced"] is False
+    assert "2 threads already run" in best["report"]["reason"]
+    assert "2 threads already run" in _confined(demo_dir, tmp_path, "required", True)["error"]

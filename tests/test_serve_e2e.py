@@ -368,10 +368,17 @@ def test_engine_serves_with_seccomp_enforced_and_landlock_on(
     installed = harness.events("seccomp_install")[0]
     assert installed["outcome"] == "ok" and installed["mode"] == "enforce"
     assert installed["profile"].endswith("seccomp/engine-cpu.json")
-    fenced = harness.events("landlock")[0]
+    harness_fenced, fenced = harness.events("landlock")  # harness first, then the engine
     assert fenced["outcome"] == "ok" and fenced["enforced"] is True
     assert fenced["tcp"]["enforced"] is True
     assert str(demo_dir / "model") in fenced["filesystem"]["read_execute"]
+    # Harness itself, from before its first thread: the engine's paths and its own.
+    assert harness_fenced["scope"] == "front" and harness_fenced["enforced"] is True
+    assert set(fenced["filesystem"]["read_execute"]) < set(
+        harness_fenced["filesystem"]["read_execute"]
+    )
+    assert str(demo_dir / "pki") in harness_fenced["filesystem"]["read_execute"]
+    assert harness_fenced["filesystem"]["write"] == fenced["filesystem"]["write"]
     client = openai_client(harness.url, _client_ctx(demo_dir))
     done = client.completions.create(model="demo", prompt="sandboxed", max_tokens=4)
     assert done.usage.completion_tokens >= 1

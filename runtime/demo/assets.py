@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from runtime.config import Config
 from runtime.demo import pki
-from runtime.demo.model import write_model
 from runtime.integrity.signature import sign_model
 
 CONFIG_NAME = "demo.toml"
@@ -81,6 +80,10 @@ def ensure(root: Path, *, force: bool = False) -> list[str]:
     made: list[str] = []
     model = root / "model"
     if force or not (model / "model.safetensors").is_file():
+        # Imported here: numpy starts its BLAS threads on import, and `harness demo serve`
+        # must still be single-threaded when it confines itself (sandbox.front).
+        from runtime.demo.model import write_model
+
         write_model(model)
         made.append(f"demo: wrote tiny Llama to {model}")
     key, public, sig = root / "signing-key.pem", root / "signing-key.pub", root / "model.sig"

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -61,6 +61,17 @@ def make_runtime_dir(cfg: Config) -> RuntimePaths:
     return paths
 
 
+@contextlib.contextmanager
+def runtime_dir(cfg: Config) -> Iterator[RuntimePaths]:
+    """The engine's private runtime dir, made before the engine (harness confines itself to
+    it first) and removed on the way out, whatever happens."""
+    paths = make_runtime_dir(cfg)
+    try:
+        yield paths
+    finally:
+        shutil.rmtree(paths.root, ignore_errors=True)
+
+
 class Engine:
     """A running engine. Use as a context manager: leaving it always stops the engine."""
 
@@ -83,9 +94,13 @@ class Engine:
 
     @classmethod
     def create(
-        cls, cfg: Config, caps: MemoryCaps | None = None, seccomp_mode: str | None = None
+        cls,
+        cfg: Config,
+        caps: MemoryCaps | None = None,
+        seccomp_mode: str | None = None,
+        paths: RuntimePaths | None = None,
     ) -> Engine:
-        paths = make_runtime_dir(cfg)
+        paths = paths or make_runtime_dir(cfg)
         plan = build_plan(cfg, paths, caps=caps, rendezvous_port=_free_port())
         return cls(cfg, paths, plan, seccomp_mode)
 
@@ -161,7 +176,11 @@ class Engine:
             installed = filtered.get("installed")
             telemetry.emit("seccomp_install", "ok" if installed else "failed", **filtered)
         for section, setting, risk in (
-            (fenced, "sandbox.landlock = off", "the engine may use any path its uid may"),
+            (
+                fenced,
+                "sandbox.landlock = off",
+                "harness and the engine may use any path their uids may",
+            ),
             (filtered, "sandbox.seccomp = off", "the engine may call any syscall the kernel has"),
         ):
             if section is not None and section["mode"] == "off":

@@ -1,9 +1,13 @@
 """Landlock for the engine: read-only code and model, writes only to its runtime dir and
 /dev/shm, no TCP except allowlisted ports, no signals or abstract sockets out of its domain.
+Applied in stage 2 (single-threaded, after no_new_privs), so every engine process inherits it.
+
+And for harness itself (`build_front`, applied by sandbox.front): the engine's paths, plus
+what only the front reads (its code, the signature material, secrets and TLS files); the
+engine's domain is nested in it.
 
 Best effort by design: the kernel's ABI version (detected at run time) decides what can be
 enforced, and the report says exactly what was. `required` refuses to start without Landlock.
-Applied in stage 2 (single-threaded, after no_new_privs), so every engine process inherits it.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.config import Config
+from runtime.sandbox import seccomp
 
 _SYS = {
     "x86_64": (444, 445, 446),
@@ -115,6 +121,10 @@ class LandlockPlan:
     devices: list[str] = field(default_factory=list)
     tcp_ports: list[int] = field(default_factory=list)
     write_files: list[str] = field(default_factory=list)
+    # Folders beneath which only empty folders may be removed (the runtime dir's parent).
+    remove_dirs: list[str] = field(default_factory=list)
+    restrict_tcp: bool = True  # bind/connect only tcp_ports (ABI >= 4)
+    scoped: bool = True  # no signals or abstract Unix sockets out of the domain (ABI >= 6)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,9 +167,43 @@ def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan
     )
 
 
+def build_front(cfg: Config, runtime_root: Path) -> LandlockPlan:
+    """Harness's own rules: everything the engine may do (its domain is nested in this one,
+    so it can never have more), and what only the front reads. TLS files are allowed by
+    their folder: a rotation replaces them, often by swapping a symlink there. TCP and
+    signals stay open: the front binds its ports, exports OTLP and stops the engine."""
+    engine = build(cfg, runtime_root, [])
+    front_only = [
+        sys.prefix,  # the front's own interpreter, where engine.python is another one
+        sys.base_prefix,
+        str(Path(__file__).resolve().parent.parent),  # harness's code (lazy imports)
+        *(str(Path(p).parent) for p in (cfg.front.tls.cert, cfg.front.tls.key)),
+        str(Path(cfg.front.tls.client_ca).parent),
+        *(str(p) for p in (cfg.secrets.dir, cfg.telemetry.otlp_ca) if p is not None),
+        *(str(p) for p in (cfg.telemetry.otlp_client_cert,) if p is not None),
+    ]
+    sig = cfg.model.signature
+    if sig is not None:
+        front_only += [str(sig.path), *(str(p) for p in sig.certificate_chain)]
+        front_only += [str(p) for p in (sig.public_key, sig.trust_config) if p is not None]
+    if cfg.sandbox.seccomp != "off":
+        front_only.append(str(seccomp.profile_path(cfg)))
+    return LandlockPlan(
+        mode=cfg.sandbox.landlock,
+        read=list(dict.fromkeys([*engine.read, *front_only])),
+        write=engine.write,
+        devices=engine.devices,
+        write_files=engine.write_files,
+        remove_dirs=[str(runtime_root.parent)],
+        restrict_tcp=False,
+        scoped=False,
+    )
+
+
 def apply(plan: dict[str, Any]) -> dict[str, Any]:
-    """Stage 2 only: restrict this process and everything it execs. Returns the report;
-    raises OSError when `required` cannot be met."""
+    """Restrict this thread and everything it starts from now on (stage 2: the engine;
+    sandbox.front: harness itself). Returns the report; raises OSError when `required`
+    cannot be met."""
     mode = plan["mode"]
     if mode == "off":
         return {"mode": mode, "enforced": False, "reason": "disabled by config"}
@@ -171,10 +215,12 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     fs_mask = _FS_BY_ABI[max(a for a in _FS_BY_ABI if a <= abi)]
     attr = _RulesetAttr(handled_access_fs=fs_mask)
     size = ctypes.sizeof(ctypes.c_uint64)
-    if abi >= 4:
+    tcp = abi >= 4 and plan.get("restrict_tcp", True)
+    scoped = abi >= 6 and plan.get("scoped", True)
+    if tcp:
         attr.handled_access_net = NET_BIND_TCP | NET_CONNECT_TCP
         size = 2 * ctypes.sizeof(ctypes.c_uint64)
-    if abi >= 6:
+    if scoped:
         attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
         size = ctypes.sizeof(_RulesetAttr)
     ruleset = _syscall(0, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
@@ -185,11 +231,12 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
             (plan["write"], WRITE),
             (plan["devices"], DEVICE),
             (plan.get("write_files", []), WRITE_FILE),
+            (plan.get("remove_dirs", []), FS_REMOVE_DIR),
         ):
             for path in paths:
                 if not _add_path(ruleset, path, access & fs_mask):
                     skipped.append(path)
-        if abi >= 4:
+        if tcp:
             # Port 0 is bind(2)'s "any free port": gloo probes its address that way and
             # listens on such ports. Connecting stays limited to the listed ports.
             for port, access in [
@@ -210,14 +257,15 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
             "write": plan["write"],
             "devices": plan["devices"],
             "write_files": plan.get("write_files", []),
+            "remove_empty_dirs": plan.get("remove_dirs", []),
             "missing_paths": skipped,
         },
         "tcp": {
-            "enforced": abi >= 4,
-            "connect_ports": plan["tcp_ports"] if abi >= 4 else "any",
-            "bind_ports": [0, *plan["tcp_ports"]] if abi >= 4 else "any",
+            "enforced": tcp,
+            "connect_ports": plan["tcp_ports"] if tcp else "any",
+            "bind_ports": [0, *plan["tcp_ports"]] if tcp else "any",
         },
-        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
+        "scoped": ["abstract_unix_socket", "signal"] if scoped else [],
     }
 
 
