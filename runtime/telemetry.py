@@ -106,37 +106,45 @@ class Throttled:
     """Events that an outsider can cause at will (refused handshakes, refused connections):
     at most one a second for each distinct set of fields. Those held back within the second
     are reported together when it is over, as one event whose `count` is how many it stands
-    for; the first carries `count` 1. Everything is counted, and the log is never flooded."""
+    for; the first carries `count` 1. Everything is counted, and the log is never flooded.
+    The clients' addresses are not fields (there is no end to them): an event names the
+    first MAX_CLIENTS distinct ones it stands for, in `clients`."""
 
     WINDOW_S = 1.0
+    MAX_CLIENTS = 5
 
     def __init__(self, event_type: str, outcome: Outcome) -> None:
         self.event_type = event_type
         self.outcome: Outcome = outcome
         self._last: dict[tuple[tuple[str, Any], ...], float] = {}
         self._held: Counter[tuple[tuple[str, Any], ...]] = Counter()
+        self._clients: dict[tuple[tuple[str, Any], ...], list[str]] = {}
 
-    def record(self, **fields: Any) -> None:
-        """One more; `fields` must come from a small set (no client addresses): each
+    def record(self, client: str | None = None, **fields: Any) -> None:
+        """One more, from `client` when known; `fields` must come from a small set: each
         distinct set is remembered."""
         key = tuple(fields.items())
         wait = self._last.get(key, -self.WINDOW_S) + self.WINDOW_S - time.monotonic()
         if wait <= 0:
-            self._emit(key, 1)
+            self._emit(key, 1, [client] if client else [])
             return
         if not self._held[key]:  # the first held back: report them when the second is over
             try:
                 asyncio.get_running_loop().call_later(wait, self._flush, key)
             except RuntimeError:  # no event loop: nothing to wait with
-                self._emit(key, 1)
+                self._emit(key, 1, [client] if client else [])
                 return
         self._held[key] += 1
+        clients = self._clients.setdefault(key, [])
+        if client and client not in clients and len(clients) < self.MAX_CLIENTS:
+            clients.append(client)
 
     def _flush(self, key: tuple[tuple[str, Any], ...]) -> None:
         count = self._held.pop(key, 0)
         if count:
-            self._emit(key, count)
+            self._emit(key, count, self._clients.pop(key, []))
 
-    def _emit(self, key: tuple[tuple[str, Any], ...], count: int) -> None:
+    def _emit(self, key: tuple[tuple[str, Any], ...], count: int, clients: list[str]) -> None:
         self._last[key] = time.monotonic()
-        emit(self.event_type, self.outcome, **dict(key), count=count)
+        extra = {"clients": clients} if clients else {}
+        emit(self.event_type, self.outcome, **dict(key), count=count, **extra)

@@ -636,6 +636,7 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_timeout(
     assert {e["reason"] for e in cut} == {"handshake_timeout"}
     assert sum(e["count"] for e in cut) == 2
     assert "front.handshake_timeout_s (1 s)" in cut[0]["detail"]
+    assert cut[0]["clients"] == ["127.0.0.1"]
     # A client that connects and closes at once (the kubelet's TCP probe) is no timeout.
     socket.create_connection((host, int(port))).close()
     _until(lambda: handshakes.in_progress == 0, "a closed connection is still counted")
@@ -688,6 +689,7 @@ def test_handshakes_past_max_handshakes_are_closed_at_accept(
     assert {e["reason"] for e in refused} == {"too_many_handshakes"}
     assert sum(e["count"] for e in refused) == 3 and refused[0]["count"] == 1
     assert refused[0]["detail"] == "2 handshakes in progress (front.max_handshakes)"
+    assert all(e["clients"] == ["127.0.0.1"] for e in refused)
     assert [seen["path"] for seen in front.upstream.seen] == [b"/v1/models"]
 
 
@@ -726,6 +728,7 @@ def test_connections_past_max_connections_are_closed_before_http(
     assert {e["reason"] for e in refused} == {"too_many_connections"}
     assert refused[0]["count"] == 1 and sum(e["count"] for e in refused) == 6
     assert len(refused) <= 3 and refused[0]["limit"] == 2
+    assert all(e["clients"] == ["127.0.0.1"] for e in refused)
     assert len(front.upstream.seen) == 4  # only the held connections' requests
     _until(lambda: not front.server.server_state.connections, "the held connections stayed")
     with httpx.Client(verify=front.ctx(), timeout=10) as client:
@@ -1036,6 +1039,7 @@ def test_handshakes_openssl_refuses_are_reported_and_counted(front: Front) -> No
     assert no_certs[0]["count"] == 1 and sum(e["count"] for e in no_certs) == 10
     assert len(no_certs) <= 3
     assert no_certs[0]["detail"] == "PEER_DID_NOT_RETURN_A_CERTIFICATE"
+    assert all(e["clients"] == ["127.0.0.1"] for e in events)  # who tried, not in the key
     others = {(e["reason"], e["detail"], e["count"]) for e in events if e not in no_certs}
     assert others == {
         ("handshake_failed", "UNSUPPORTED_PROTOCOL", 1),  # TLS 1.2

@@ -50,3 +50,22 @@ def test_without_an_event_loop_every_one_is_an_event(emitted: Any) -> None:
     for _ in range(3):
         throttled.record(reason="no_client_certificate", detail="x")
     assert [e["count"] for e in emitted()] == [1, 1, 1]
+
+
+def test_held_events_name_their_first_distinct_clients(emitted: Any) -> None:
+    """Addresses are not fields (an attacker has no end of them): each event names up to
+    MAX_CLIENTS distinct ones among those it stands for."""
+
+    async def burst() -> None:
+        throttled = telemetry.Throttled("tls_handshake_rejected", "blocked")
+        throttled.WINDOW_S = 0.2
+        throttled.MAX_CLIENTS = 3
+        for client in ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.4", None]:
+            throttled.record(client, reason="handshake_timeout", detail="x")
+        await asyncio.sleep(0.5)
+
+    asyncio.run(burst())
+    first, held = emitted()
+    assert (first["count"], first["clients"]) == (1, ["10.0.0.1"])
+    assert (held["count"], held["clients"]) == (5, ["10.0.0.2", "10.0.0.3", "10.0.0.4"])
+    assert "client" not in first and held["reason"] == "handshake_timeout"

@@ -8,6 +8,7 @@ so the identity is taken from the TLS connection itself and attached to each req
 from __future__ import annotations
 
 import asyncio
+import functools
 import resource
 import signal
 import socket
@@ -21,12 +22,13 @@ import uvicorn
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
+from uvloop.loop import SSLProtocol as UvloopSSLProtocol  # what its TLS servers use
 
 from runtime import telemetry
 from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
 from runtime.front.proxy import IDENTITY_KEY, WATCH_KEY, FrontApp, FrontState, error_body
-from runtime.front.tls import RotatingContext, peer_identities
+from runtime.front.tls import Handshakes, RotatingContext, peer_identities
 from runtime.identity import match_identity
 
 T = TypeVar("T")
@@ -44,18 +46,80 @@ def run(main: Coroutine[Any, Any, T]) -> T:
 
 
 class HandshakeBoundLoop(uvloop.Loop):
-    """uvloop, with a bound on the TLS handshakes of the servers it starts. uvicorn passes none
-    to create_server, and the default is 60 s: anyone who can reach the port could hold a
-    socket and an SSL object that long without ever showing a certificate. A connection
-    whose handshake is not done in time is closed; uvloop says nothing about it (it logs
-    such aborts only in debug mode), so tls.Handshakes reports it."""
+    """uvloop, running the TLS handshakes of the servers it starts itself (TlsHandshake).
+    uvicorn hands create_server an SSL context and no handshake timeout, and then uvloop
+    would bound each handshake by its default of 60 s and nothing else: anyone who can reach
+    the port could hold sockets and SSL objects without ever showing a certificate, and a
+    failed or stalled handshake would say nothing about who tried."""
 
-    ssl_handshake_timeout: float | None = None  # FrontServer.startup sets it
+    handshakes: Handshakes | None = None  # FrontServer.startup sets it
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
-        if kwargs.get("ssl") is not None and self.ssl_handshake_timeout is not None:
-            kwargs.setdefault("ssl_handshake_timeout", self.ssl_handshake_timeout)
-        return await super().create_server(*args, **kwargs)
+    async def create_server(  # type: ignore[override]
+        self, protocol_factory: Callable[[], asyncio.Protocol], *args: Any, **kwargs: Any
+    ) -> asyncio.Server:
+        ctx, handshakes = kwargs.get("ssl"), self.handshakes
+        if ctx is not None and handshakes is not None:
+            kwargs["ssl"] = None
+            kwargs.pop("ssl_handshake_timeout", None)
+            app_factory = protocol_factory
+
+            def protocol_factory() -> asyncio.Protocol:
+                return TlsHandshake(self, app_factory, ctx, handshakes)
+
+        return await super().create_server(protocol_factory, *args, **kwargs)
+
+
+class TlsHandshake(asyncio.Protocol):
+    """An accepted connection, until its TLS handshake ends. It is what uvloop's own TLS
+    server does on accept (its SSLProtocol, in C, made the transport's protocol before the
+    first byte is read; the HTTP protocol sees the connection once the handshake is done), and
+    in addition: past front.max_handshakes the connection is closed at once, a handshake is
+    cut after front.handshake_timeout_s, and those and the handshakes OpenSSL refuses are
+    reported with the client's address."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        app_factory: Callable[[], asyncio.Protocol],
+        ctx: ssl.SSLContext,
+        handshakes: Handshakes,
+    ) -> None:
+        self.loop, self.app_factory, self.ctx, self.handshakes = loop, app_factory, ctx, handshakes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if peer else None
+        if not self.handshakes.begin(client):
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        done = self.loop.create_future()
+        tls = UvloopSSLProtocol(
+            self.loop,
+            self.app_factory(),
+            self.ctx,
+            done,
+            server_side=True,
+            ssl_handshake_timeout=self.handshakes.timeout_s,
+        )
+        # Now, not later: uvloop starts reading when this returns, and the ClientHello must
+        # reach the SSL protocol.
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        done.add_done_callback(functools.partial(self._ended, transport, client))
+
+    def _ended(
+        self, transport: asyncio.BaseTransport, client: str | None, done: asyncio.Future[None]
+    ) -> None:
+        self.handshakes.end()
+        exc = None if done.cancelled() else done.exception()
+        if exc is None:
+            return  # the HTTP protocol has the connection (or it closed as the handshake ended)
+        transport.abort()  # type: ignore[attr-defined]
+        if isinstance(exc, ssl.SSLError):
+            self.handshakes.failed(exc, client)
+        elif isinstance(exc, ConnectionAbortedError):  # uvloop's own abort: the timeout
+            self.handshakes.timed_out(client)
+        # Otherwise the client left mid-handshake (the kubelet's TCP probes do): no event.
 
 
 # Open files harness needs besides its connections: the engine's pipes, logs, the metrics and
@@ -134,7 +198,11 @@ def _identity_protocol(
             super().connection_made(transport)  # now one of server_state.connections
             if len(self.server_state.connections) > max_connections:
                 self._refuse_connection()
-                refused_connections.record(reason="too_many_connections", limit=max_connections)
+                refused_connections.record(
+                    self.client[0] if self.client else None,  # uvicorn's (host, port)
+                    reason="too_many_connections",
+                    limit=max_connections,
+                )
                 return
             ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
             peercert = ssl_object.getpeercert() if ssl_object else None
@@ -312,7 +380,7 @@ class FrontServer(uvicorn.Server):
         config: uvicorn.Config,
         state: FrontState,
         *,
-        handshake_timeout: float,
+        handshakes: Handshakes,
         server_state: ServerState | None = None,
     ) -> None:
         super().__init__(config)
@@ -320,13 +388,13 @@ class FrontServer(uvicorn.Server):
             self.server_state = server_state
         self.state = state
         self.stop_signal: int | None = None
-        self.handshake_timeout = handshake_timeout
+        self.handshakes = handshakes
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         if not isinstance(loop, HandshakeBoundLoop):  # not through run(): no handshake bound
             raise RuntimeError("the front must run on front.server.run()'s event loop")
-        loop.ssl_handshake_timeout = self.handshake_timeout
+        loop.handshakes = self.handshakes
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -351,7 +419,7 @@ def build_server(
 ) -> FrontServer:
     """`server_state`: uvicorn's record of the open connections (the ones counted against
     front.max_connections), when something made earlier reads it."""
-    tls_material.handshakes.timeout_s = front.handshake_timeout_s  # the bound FrontServer sets
+    tls_material.handshakes.timeout_s = front.handshake_timeout_s
     tls_material.handshakes.limit = front.max_handshakes
     config = uvicorn.Config(
         app,
@@ -371,9 +439,7 @@ def build_server(
         timeout_keep_alive=max(1, round(front.keepalive_timeout_s)),
         timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
     )
-    return FrontServer(
-        config, state, handshake_timeout=front.handshake_timeout_s, server_state=server_state
-    )
+    return FrontServer(config, state, handshakes=tls_material.handshakes, server_state=server_state)
 
 
 def _fixed(

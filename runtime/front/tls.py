@@ -58,24 +58,22 @@ _REASONS = {
 
 
 class Handshakes:
-    """The TLS handshakes the front runs, watched where they run, in the SSL object: one that
-    fails ends before the front sees a connection.
+    """The TLS handshakes the front runs (server.TlsHandshake runs each one, so the client's
+    address is known; an SSL object never knows it).
 
     - `in_progress`: connections accepted whose handshake has not ended (a gauge). Nobody is
-      authenticated yet; front.handshake_timeout_s bounds how long each may take, and
-      `limit` (front.max_handshakes) how many there are: past it a new connection is closed
-      as it is accepted. Each holds ~55 KiB; unbounded, only RLIMIT_NOFILE would stop a
-      client that opens connections and stalls them.
+      authenticated yet; `timeout_s` (front.handshake_timeout_s) bounds how long each may
+      take, and `limit` (front.max_handshakes) how many there are: past it a new connection
+      is closed as it is accepted. Each holds ~55 KiB; unbounded, only RLIMIT_NOFILE would
+      stop a client that opens connections and stalls them.
     - Refused by OpenSSL: no client certificate, one that does not verify (unknown CA,
       expired, not yet valid, not for clientAuth), TLS 1.2, or not TLS at all.
-    - Cut by the timeout: still unfinished when its connection is dropped, `timeout_s` or
-      more after it began (uvloop aborts those without a word).
-    - Refused past `limit`.
+    - Cut by the timeout, or refused past the limit.
 
     Each refused or cut handshake is counted; the `tls_handshake_rejected` events are limited
     to one per reason and detail per second, each with `count`, the handshakes it stands for,
-    so that a scanner cannot flood the log. A TCP connect that sends nothing and closes (the
-    kubelet's probes) is none of these."""
+    and `clients`, the first addresses among them, so that a scanner cannot flood the log. A
+    TCP connect that closes before its handshake ends (the kubelet's probes) is none of these."""
 
     def __init__(self, timeout_s: float | None = None, limit: int | None = None) -> None:
         self.events = telemetry.Throttled("tls_handshake_rejected", "blocked")
@@ -84,62 +82,32 @@ class Handshakes:
         self.limit = limit
         self.in_progress = 0
 
-    def observe(self, ctx: ssl.SSLContext) -> None:
-        """Watch the handshakes of the connections that `ctx` wraps."""
-        handshakes = self
+    def begin(self, client: str | None) -> bool:
+        """A connection was accepted: may its handshake start?"""
+        if self.limit is not None and self.in_progress >= self.limit:
+            self.events.record(
+                client,
+                reason="too_many_handshakes",
+                detail=f"{self.limit} handshakes in progress (front.max_handshakes)",
+            )
+            return False
+        self.in_progress += 1
+        return True
 
-        class ObservedSSLObject(ssl.SSLObject):
-            _began = 0.0  # the first do_handshake: the server calls it on accepting
-            _ended = False
+    def end(self) -> None:
+        self.in_progress -= 1
 
-            def do_handshake(self) -> None:
-                if not self._began:
-                    if handshakes.limit is not None and handshakes.in_progress >= handshakes.limit:
-                        handshakes.refused()
-                        raise ssl.SSLError("too many TLS handshakes in progress")  # closes it
-                    self._began = time.monotonic()
-                    handshakes.in_progress += 1
-                try:
-                    super().do_handshake()
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    raise  # not done yet
-                except ssl.SSLError as exc:
-                    self._end()
-                    handshakes.failed(exc)
-                    raise
-                self._end()
-
-            def _end(self) -> None:
-                if not self._ended:
-                    self._ended = True
-                    handshakes.in_progress -= 1
-
-            def __del__(self) -> None:
-                if self._began and not self._ended:  # dropped mid-handshake
-                    self._end()
-                    handshakes.abandoned(time.monotonic() - self._began)
-
-        ctx.sslobject_class = ObservedSSLObject
-
-    def failed(self, exc: ssl.SSLError) -> None:
+    def failed(self, exc: ssl.SSLError, client: str | None) -> None:
         reason = _REASONS.get(exc.reason or "", "handshake_failed")
         detail = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
-        self.events.record(reason=reason, detail=str(detail))
+        self.events.record(client, reason=reason, detail=str(detail))
 
-    def refused(self) -> None:
+    def timed_out(self, client: str | None) -> None:
         self.events.record(
-            reason="too_many_handshakes",
-            detail=f"{self.limit} handshakes in progress (front.max_handshakes)",
+            client,
+            reason="handshake_timeout",
+            detail=f"no handshake within front.handshake_timeout_s ({self.timeout_s:g} s)",
         )
-
-    def abandoned(self, seconds: float) -> None:
-        """A connection closed mid-handshake: by the timeout, or by its client (not reported).
-        The server's timer fires on its loop's millisecond clock: allow it that much early."""
-        if self.timeout_s is not None and seconds >= self.timeout_s - 0.01:
-            self.events.record(
-                reason="handshake_timeout",
-                detail=f"no handshake within front.handshake_timeout_s ({self.timeout_s:g} s)",
-            )
 
 
 class RotatingContext:
@@ -161,7 +129,6 @@ class RotatingContext:
         self._next_check = time.monotonic() + self.CHECK_EVERY_S
         self.base.sni_callback = self._on_client_hello
         self.handshakes = Handshakes()
-        self.handshakes.observe(self.base)
 
     def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
         try:
