@@ -75,9 +75,9 @@ class Handshakes:
     and `clients`, the first addresses among them, so that a scanner cannot flood the log. A
     TCP connect that closes before its handshake ends (the kubelet's probes) is none of these."""
 
-    def __init__(self, timeout_s: float | None = None, limit: int | None = None) -> None:
+    def __init__(self, timeout_s: float = 60.0, limit: int | None = None) -> None:
         self.events = telemetry.Throttled("tls_handshake_rejected", "blocked")
-        # Both from the front's config (server.build_server).
+        # Both from the front's config (server.build_server); 60 s is uvloop's default.
         self.timeout_s = timeout_s
         self.limit = limit
         self.in_progress = 0

@@ -173,14 +173,13 @@ def build_front(cfg: Config, runtime_root: Path) -> LandlockPlan:
     their folder: a rotation replaces them, often by swapping a symlink there. TCP and
     signals stay open: the front binds its ports, exports OTLP and stops the engine."""
     engine = build(cfg, runtime_root, [])
+    tls, otlp = cfg.front.tls, cfg.telemetry
     front_only = [
         sys.prefix,  # the front's own interpreter, where engine.python is another one
         sys.base_prefix,
         str(Path(__file__).resolve().parent.parent),  # harness's code (lazy imports)
-        *(str(Path(p).parent) for p in (cfg.front.tls.cert, cfg.front.tls.key)),
-        str(Path(cfg.front.tls.client_ca).parent),
-        *(str(p) for p in (cfg.secrets.dir, cfg.telemetry.otlp_ca) if p is not None),
-        *(str(p) for p in (cfg.telemetry.otlp_client_cert,) if p is not None),
+        *(str(Path(p).parent) for p in (tls.cert, tls.key, tls.client_ca)),
+        *(str(p) for p in (cfg.secrets.dir, otlp.otlp_ca, otlp.otlp_client_cert) if p),
     ]
     sig = cfg.model.signature
     if sig is not None:
