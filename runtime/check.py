@@ -169,6 +169,8 @@ def _front_landlock(cfg: config_mod.Config) -> dict[str, Any]:
         "devices": rules.devices,
         "write_existing_files": rules.write_files,
         "remove_empty_dirs": rules.remove_dirs,
+        "tcp": "not restricted (the front binds and exports)",
+        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
     }
 
 

@@ -399,7 +399,7 @@ def test_cuda_engines_may_write_existing_files_under_proc(open_tmp: Path) -> Non
 
 
 _CONFINE_CHILD = r"""
-import json, shutil, subprocess, sys, threading
+import json, os, shutil, signal, subprocess, sys, threading
 from pathlib import Path
 from runtime import config
 from runtime.engine.process import make_runtime_dir
@@ -437,7 +437,11 @@ seen = {
     "write_runtime": attempt(lambda: (paths.root / "file").write_text("x")),
     "exec": attempt(lambda: subprocess.run([sys.executable, "-c", "pass"], check=True)),
     "remove_runtime": attempt(lambda: shutil.rmtree(paths.root)),
+    "signal_outside": attempt(lambda: os.kill(os.getppid(), 0)),  # the test, not its child
 }
+started = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+seen["signal_inside"] = attempt(lambda: os.kill(started.pid, signal.SIGTERM))  # like the engine
+started.wait()
 print(json.dumps({"report": report, "seen": seen}))
 """
 
@@ -455,7 +459,8 @@ def test_harness_confines_itself_to_what_serving_needs(demo_dir: Path, tmp_path:
     """`harness serve` applies Landlock to itself before its first thread: it still reads
     its model, signature, TLS key and secrets, imports its own code, writes and removes the
     engine's runtime dir and starts the engine's stage 2; it reads and writes nothing else
-    (another folder's secret, a file planted next to the runtime dir or elsewhere)."""
+    (another folder's secret, a file planted next to the runtime dir or elsewhere), and
+    it signals only processes it started, such as the engine."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (outside / "other-secret").write_text("not for the front")
@@ -464,10 +469,12 @@ def test_harness_confines_itself_to_what_serving_needs(demo_dir: Path, tmp_path:
     assert out["report"]["tcp"]["enforced"] is False  # the front binds and exports
     seen = out["seen"]
     allowed = ["read_model", "read_signature", "read_tls_key", "read_secrets", "lazy_import"]
-    allowed += ["write_runtime", "exec", "remove_runtime"]
+    allowed += ["write_runtime", "exec", "remove_runtime", "signal_inside"]
     assert {name: seen[name] for name in allowed} == dict.fromkeys(allowed, 0)
     denied = ["read_outside", "write_outside", "write_next_to_runtime"]
     assert {name: seen[name] for name in denied} == dict.fromkeys(denied, -errno.EACCES)
+    if landlock.abi_version() >= 6:  # signals reach only what harness started
+        assert seen["signal_outside"] == -errno.EPERM
     assert not (outside / "planted").exists()
 
 

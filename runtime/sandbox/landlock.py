@@ -170,8 +170,10 @@ def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan
 def build_front(cfg: Config, runtime_root: Path) -> LandlockPlan:
     """Harness's own rules: everything the engine may do (its domain is nested in this one,
     so it can never have more), and what only the front reads. TLS files are allowed by
-    their folder: a rotation replaces them, often by swapping a symlink there. TCP and
-    signals stay open: the front binds its ports, exports OTLP and stops the engine."""
+    their folder: a rotation replaces them, often by swapping a symlink there. TCP stays
+    open (the front binds its ports and exports OTLP); signals and abstract Unix sockets
+    reach only the domain, which holds the engine (ABI >= 6): even as root, harness cannot
+    signal processes it did not start."""
     engine = build(cfg, runtime_root, [])
     tls, otlp = cfg.front.tls, cfg.telemetry
     front_only = [
@@ -195,7 +197,6 @@ def build_front(cfg: Config, runtime_root: Path) -> LandlockPlan:
         write_files=engine.write_files,
         remove_dirs=[str(runtime_root.parent)],
         restrict_tcp=False,
-        scoped=False,
     )
 
 
