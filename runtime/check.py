@@ -139,38 +139,35 @@ def _privileges(cfg: config_mod.Config) -> dict[str, Any]:
 
 
 def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
-    abi = landlock.abi_version()
-    mode = cfg.sandbox.landlock
     rules = landlock.build(cfg, cfg.engine.runtime_dir / "harness-XXXXXX", list(ports))
+    abi = landlock.abi_version()
     return {
-        "status": "off (unsafe)" if mode == "off" else "enforced" if abi else "unavailable",
-        "mode": mode,
-        "abi": abi,
-        "read_execute": rules.read,
-        "write": rules.write,
-        "devices": rules.devices,
-        "write_existing_files": rules.write_files,
+        **_landlock_rules(rules, abi),
         "tcp": "connect only to the rendezvous ports" if abi >= 4 else "not restricted",
-        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
     }
 
 
 def _front_landlock(cfg: config_mod.Config) -> dict[str, Any]:
-    abi = landlock.abi_version()
-    mode = cfg.sandbox.landlock
     rules = landlock.build_front(cfg, cfg.engine.runtime_dir / "harness-XXXXXX")
+    return {
+        **_landlock_rules(rules, landlock.abi_version()),
+        "scope": "harness itself, from start-up (the engine's domain is nested in it)",
+        "remove_empty_dirs": rules.remove_dirs,
+        "tcp": "not restricted (the front binds and exports)",
+    }
+
+
+def _landlock_rules(rules: landlock.LandlockPlan, abi: int) -> dict[str, Any]:
+    mode = rules.mode
     return {
         "status": "off (unsafe)" if mode == "off" else "enforced" if abi else "unavailable",
         "mode": mode,
         "abi": abi,
-        "scope": "harness itself, from start-up (the engine's domain is nested in it)",
         "read_execute": rules.read,
         "write": rules.write,
         "devices": rules.devices,
         "write_existing_files": rules.write_files,
-        "remove_empty_dirs": rules.remove_dirs,
-        "tcp": "not restricted (the front binds and exports)",
-        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 else [],
+        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 and rules.scoped else [],
     }
 
 

@@ -27,7 +27,7 @@ from urllib.parse import unquote
 from runtime import __version__, telemetry
 from runtime.config import Config, TelemetrySection
 from runtime.errors import HarnessError, SecretsError
-from runtime.front.metrics import LATENCY_BUCKETS, Gauges, measurement
+from runtime.front.metrics import GAUGES, LATENCY_BUCKETS, Gauges, measurement
 from runtime.secrets import Secret
 
 if TYPE_CHECKING:
@@ -309,25 +309,8 @@ class _Sdk:
             "Request latency at the front",
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
         )
-        meter.create_observable_gauge(
-            "harness.requests.in_flight",
-            [observe("in_flight")],
-            "{request}",
-            "Requests in the engine",
-        )
-        meter.create_observable_gauge(
-            "harness.connections.open",
-            [observe("connections")],
-            "{connection}",
-            "The front's connections past their TLS handshake (front.max_connections caps them)",
-        )
-        meter.create_observable_gauge(
-            "harness.handshakes.in_progress",
-            [observe("handshakes")],
-            "{connection}",
-            "Connections accepted whose TLS handshake is not done (front.handshake_timeout_s "
-            "bounds each)",
-        )
+        for field, _prometheus, name, unit, text in GAUGES:
+            meter.create_observable_gauge(name, [observe(field)], unit, text)
         self._trace = trace
         self._status = (Status, StatusCode)
         self._root: Span | None = self._tracer.start_span("harness.startup", start_time=since_ns)

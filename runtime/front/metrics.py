@@ -25,6 +25,33 @@ class Gauges:
     handshakes: Callable[[], float]  # connections accepted, their TLS handshake not yet done
 
 
+# Each gauge once, for both exporters: (Gauges field, Prometheus name, OTel name, unit, help).
+GAUGES = (
+    (
+        "in_flight",
+        "harness_requests_in_flight",
+        "harness.requests.in_flight",
+        "{request}",
+        "Requests in the engine",
+    ),
+    (
+        "connections",
+        "harness_connections_open",
+        "harness.connections.open",
+        "{connection}",
+        "The front's connections past their TLS handshake (front.max_connections caps them)",
+    ),
+    (
+        "handshakes",
+        "harness_handshakes_in_progress",
+        "harness.handshakes.in_progress",
+        "{connection}",
+        "Connections accepted whose TLS handshake is not done (front.max_handshakes caps "
+        "them, front.handshake_timeout_s bounds each)",
+    ),
+)
+
+
 def measurement(event: dict[str, Any]) -> tuple[str, dict[str, str], float | None, int] | None:
     """What one event counts, as (metric, labels, latency in seconds, how many); shared by
     these Prometheus metrics and the OTel export. Refused request targets are counted as route
@@ -69,23 +96,8 @@ class FrontMetrics:
             registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
-        self.in_flight = Gauge(
-            "harness_requests_in_flight", "Requests in the engine", registry=self.registry
-        )
-        self.in_flight.set_function(gauges.in_flight)
-        self.connections = Gauge(
-            "harness_connections_open",
-            "The front's connections past their TLS handshake (front.max_connections caps them)",
-            registry=self.registry,
-        )
-        self.connections.set_function(gauges.connections)
-        self.handshakes = Gauge(
-            "harness_handshakes_in_progress",
-            "Connections accepted whose TLS handshake is not done (front.handshake_timeout_s "
-            "bounds each)",
-            registry=self.registry,
-        )
-        self.handshakes.set_function(gauges.handshakes)
+        for field, name, _otel, _unit, text in GAUGES:
+            Gauge(name, text, registry=self.registry).set_function(getattr(gauges, field))
         self.connections_refused = Counter(
             "harness_connections_refused",
             "Connections closed before HTTP (failed or timed-out handshake, handshake cap, "
