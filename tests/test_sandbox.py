@@ -488,3 +488,38 @@ def test_harness_does_not_confine_itself_with_threads_already_running(
     assert best["report"]["enforced"] is False
     assert "2 threads already run" in best["report"]["reason"]
     assert "2 threads already run" in _confined(demo_dir, tmp_path, "required", True)["error"]
+
+
+_GPU_RULES_CHILD = r"""
+import json, sys
+from runtime import config
+from runtime.engine.process import make_runtime_dir
+from runtime.sandbox import front, landlock
+landlock.NVIDIA_DEVICES = sys.argv[2] + "/nvidia*"  # stand-ins for /dev/nvidia*
+settings = ['engine.device="cuda"', 'sandbox.landlock="required"', 'sandbox.seccomp="off"']
+cfg = config.load(sys.argv[1], settings)
+paths = make_runtime_dir(cfg)
+report = front.confine(cfg, paths.root)
+engine = landlock.build(cfg, paths.root, [])  # as the engine's start builds them, later
+print(json.dumps({"front": report["filesystem"]["devices"], "engine": engine.devices}))
+"""
+
+
+@pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock on this kernel")
+def test_a_cuda_engine_gets_the_gpu_rules_after_harness_confined_itself(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """harness builds the engine's rules after it has confined itself, when it can no longer
+    list /dev: the GPU device files must still be in them (found on a GPU: without them
+    CUDA failed in the engine with EACCES on every device)."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    for name in ("nvidia0", "nvidiactl", "nvidia-uvm"):
+        (devices / name).touch()
+    argv = [sys.executable, "-c", _GPU_RULES_CHILD, str(demo_dir / "demo.toml"), str(devices)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.splitlines()[-1])
+    expected = sorted(str(p) for p in devices.iterdir())
+    assert [d for d in seen["front"] if d.startswith(str(devices))] == expected
+    assert [d for d in seen["engine"] if d.startswith(str(devices))] == expected

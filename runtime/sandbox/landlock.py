@@ -13,6 +13,7 @@ enforced, and the report says exactly what was. `required` refuses to start with
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -134,6 +135,17 @@ class LandlockPlan:
 # calls getpwuid), CPU topology in /proc and /sys.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+# The GPUs' device files, for engine.device = "cuda".
+NVIDIA_DEVICES = "/dev/nvidia*"
+
+
+@functools.cache
+def gpu_devices() -> tuple[str, ...]:
+    """The NVIDIA device files, listed once per process. harness lists them while it builds
+    its own rules, before it confines itself: from then on it cannot list /dev, and the
+    engine's rules, built later, must name the same files (a listing then finds none, and
+    CUDA fails in the engine with EACCES on every device)."""
+    return tuple(sorted(glob.glob(NVIDIA_DEVICES)))
 
 
 def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan:
@@ -151,7 +163,7 @@ def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan
     devices = list(DEVICES)
     write_files: list[str] = []
     if cfg.engine.device == "cuda":
-        devices += sorted(glob.glob("/dev/nvidia*"))
+        devices += gpu_devices()
         # cuInit names the driver's threads through /proc/<pid>/task/<tid>/comm and fails
         # with CUDA_ERROR_OPERATING_SYSTEM when it cannot. Landlock rules bind inodes, and
         # vLLM's workers are processes started later: only /proc itself covers their pids.
