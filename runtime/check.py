@@ -114,6 +114,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
             "argv": list(plan.argv),
             "device": cfg.engine.device,
             "cpus": _cpus(cfg, placement),
+            **({"gpus": resources.describe_gpus()} if cfg.engine.device == "cuda" else {}),
         },
     }
 

@@ -19,7 +19,7 @@ import pytest
 from runtime import telemetry
 from runtime.config import Config, EngineSection
 from runtime.demo import assets
-from runtime.engine import watchdog
+from runtime.engine import resources, watchdog
 from runtime.engine.command import RuntimePaths, build_argv
 from runtime.engine.resources import MemoryCaps, gpu_caps
 from runtime.errors import ConfigError
@@ -135,6 +135,8 @@ def test_exceeded(usage: watchdog.Usage, caps: MemoryCaps, expected: str | None)
         (1.0, 80 * GIB, 80 * GIB, 1.0),
         (40 * GIB, 80 * GIB, 40 * GIB, 0.5),
         (10**10, 3 * 10**10, 10**10, 0.3333),  # rounded down, never over the cap
+        (0.9, 150754820096, 135679338086, 0.9),  # an H200, as NVML reports it
+        (0.29, 80 * GIB, int(0.29 * 80 * GIB), 0.29),  # 0.29 * 10000 is 2899.99...
     ],
 )
 def test_gpu_limit_becomes_utilization(
@@ -147,6 +149,27 @@ def test_gpu_limit_becomes_utilization(
 def test_gpu_limit_refused(limit: int, error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         gpu_caps(limit, 80 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("reported", "initial", "expected"),
+    [
+        # A host or VM: only the engine's processes count, never a neighbour's.
+        ([(0, 10, GIB), (0, 99, 5 * GIB)], True, ({0: GIB}, True)),
+        ([(0, 99, 5 * GIB)], True, ({}, True)),  # the engine has not allocated yet
+        ([(0, 10, GIB), (1, 11, 2 * GIB), (1, 12, GIB)], True, ({0: GIB, 1: 3 * GIB}, True)),
+        # A container's PID namespace: NVML's pids may be the host's; while none matches,
+        # the pod's whole device counts.
+        ([(0, 4242, GIB), (1, 4243, 2 * GIB)], False, ({0: GIB, 1: 2 * GIB}, False)),
+        ([(0, 10, GIB), (0, 4242, 5 * GIB)], False, ({0: GIB}, True)),
+        ([], False, ({}, True)),
+    ],
+)
+def test_gpu_memory_is_attributed_to_the_engine(
+    reported: list[tuple[int, int, int]], initial: bool, expected: tuple[dict[int, int], bool]
+) -> None:
+    engine = {10, 11, 12}
+    assert resources.attribute(reported, engine, initial_namespace=initial) == expected
 
 
 def test_gpu_utilization_reaches_vllm_argv() -> None:

@@ -2,7 +2,7 @@
 and where the engine's compute threads and the front run (`engine.cpus`).
 
 The conversion is pure and unit-tested; NVML (nvidia-ml-py) is imported only when a GPU cap
-is configured, so CPU machines never load it.
+is configured (and by `harness check` for a cuda engine), so CPU machines never load it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,13 @@ def gpu_caps(limit: int | float, device_total_bytes: int) -> tuple[int, float]:
             f"{device_total_bytes} bytes",
             fix="give at most the device's memory, or a fraction such as 0.9",
         )
-    utilization = math.floor(cap / device_total_bytes * _UTILIZATION_STEP) / _UTILIZATION_STEP
+    # A fraction is passed on as given (to the step): 0.9 of an H200 is 0.9, not the 0.8999
+    # that the byte cap, rounded down to whole bytes, would give back.
+    if isinstance(limit, float):  # round(): 0.29 * 10_000 is 2899.99...
+        steps = math.floor(round(limit * _UTILIZATION_STEP, 6))
+    else:  # bytes: rounded down, never over the cap
+        steps = math.floor(cap / device_total_bytes * _UTILIZATION_STEP)
+    utilization = steps / _UTILIZATION_STEP
     if utilization <= 0:
         raise ConfigError(
             f"engine.gpu_memory_limit: {cap} bytes is under 0.01 % of the GPU's "
@@ -162,20 +168,70 @@ def device_totals() -> list[int]:
     ]
 
 
+def describe_gpus() -> dict[str, Any]:
+    """For `harness check`: the GPUs NVML sees (name, total memory) and the driver; or why
+    none are visible. Never raises: a report, not a gate (serve fails on a cap it cannot
+    compute, in `compute`)."""
+    try:
+        nvml = _nvml()
+        devices = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+            devices.append(
+                {
+                    "index": index,
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "memory_total_bytes": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+                }
+            )
+        driver = nvml.nvmlSystemGetDriverVersion()
+    except ConfigError as exc:  # no nvidia-ml-py, or no driver: say which
+        return {"status": "unavailable", "reason": f"NVML: {exc.__cause__ or exc.message}"}
+    except Exception as exc:  # NVMLError: a driver that answers nvmlInit but not a query
+        return {"status": "unavailable", "reason": f"NVML: {exc}"}
+    return {
+        "status": "visible" if devices else "none",
+        "driver": driver.decode() if isinstance(driver, bytes) else str(driver),
+        "devices": devices,
+    }
+
+
+# /proc/self/ns/pid's inode in the initial PID namespace (PROC_PID_INIT_INO, a kernel constant).
+_INITIAL_PID_NAMESPACE = 0xEFFFFFFC
+
+
 def gpu_usage(pids: set[int]) -> tuple[dict[int, int], bool]:
-    """Per device, the GPU memory of the compute processes in `pids`; and whether the pids
-    matched. In a container NVML may report pids of another PID namespace: then nothing
-    matches and every compute process on the device counts (the pod owns its GPUs)."""
+    """Per device, the GPU memory of the compute processes in `pids`, and whether it was
+    counted per process (True) or for the whole device (False): see `attribute`."""
     nvml = _nvml()
-    per_device: dict[int, int] = {}
-    everyone: dict[int, int] = {}
+    reported = []
     for index in range(nvml.nvmlDeviceGetCount()):
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            used = int(proc.usedGpuMemory or 0)  # None where the driver hides it
-            everyone[index] = everyone.get(index, 0) + used
-            if proc.pid in pids:
-                per_device[index] = per_device.get(index, 0) + used
-    if per_device or not everyone:
+            # usedGpuMemory is None where the driver hides it.
+            reported.append((index, int(proc.pid), int(proc.usedGpuMemory or 0)))
+    initial = os.stat("/proc/self/ns/pid").st_ino == _INITIAL_PID_NAMESPACE
+    return attribute(reported, pids, initial_namespace=initial)
+
+
+def attribute(
+    reported: list[tuple[int, int, int]], pids: set[int], *, initial_namespace: bool
+) -> tuple[dict[int, int], bool]:
+    """Which of NVML's (device, pid, bytes) are the engine's. Pure.
+
+    NVML reports pids as the initial PID namespace sees them. There (a host, a VM) they are
+    harness's own pids: only the engine's processes count, never another program's on the
+    same GPU (measured on a GPU: counting them stopped an engine that had not yet allocated
+    for a neighbour's memory). In a container's own PID namespace none of them may match the
+    engine's: then, and only while none match, every compute process on the device counts,
+    since the pod owns its GPUs."""
+    per_device: dict[int, int] = {}
+    everyone: dict[int, int] = {}
+    for device, pid, used in reported:
+        everyone[device] = everyone.get(device, 0) + used
+        if pid in pids:
+            per_device[device] = per_device.get(device, 0) + used
+    if per_device or not everyone or initial_namespace:
         return per_device, True
     return everyone, False
