@@ -77,13 +77,12 @@ Server(uds, Handler).serve_forever()
 """
 
 
-def install(folder: Path, name: str = "fake-engine", prelude: str = "") -> Path:
-    """Write the executable script into `folder` (which the engine's uid must traverse);
-    `prelude` is Python run before it serves."""
+def install(folder: Path, name: str = "fake-engine") -> Path:
+    """Write the executable script into `folder` (which the engine's uid must traverse)."""
     path = folder / name
     # The base interpreter, not the venv's: the script needs only the standard library, and
     # Landlock lets the engine read what the system and `engine.python` (this script) need.
     python = os.path.realpath(sys.executable)
-    path.write_text(f"#!{python} -I\n{prelude}{SCRIPT}", encoding="utf-8")
+    path.write_text(f"#!{python} -I\n{SCRIPT}", encoding="utf-8")
     path.chmod(0o755)
     return path

@@ -37,7 +37,7 @@ cuda = ctypes.CDLL("libcuda.so.1")
 ctx, ptr = ctypes.c_void_p(), ctypes.c_uint64()
 assert cuda.cuInit(0) == 0
 assert cuda.cuCtxCreate_v2(ctypes.byref(ctx), 0, 0) == 0
-assert cuda.cuMemAlloc_v2(ctypes.byref(ptr), int(sys.argv[1]) << 20) == 0
+assert cuda.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(int(sys.argv[1]) << 20)) == 0
 print("held", flush=True)
 time.sleep(120)
 """
