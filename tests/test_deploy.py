@@ -430,7 +430,7 @@ def test_shipped_config_validates_and_matches_the_deployment(
     assert str(cfg.front.tls.key).startswith(secrets_dir + "/")
     # The engine's seccomp profile is one the image ships (the Containerfiles copy seccomp/
     # to /usr/share/harness/seccomp), and it compiles in the configured mode.
-    assert cfg.sandbox.seccomp in ("enforce", "complain")
+    assert cfg.sandbox.seccomp == "enforce"  # every overlay, the GPU one too
     shipped = seccomp.shipped_profiles()[-1]
     path = seccomp.profile_path(cfg)
     if cfg.sandbox.seccomp_profile is not None:
@@ -461,3 +461,19 @@ def test_containerfile_hardening(path: Path) -> None:
     assert "COPY seccomp/ /usr/share/harness/seccomp/" in instructions
     assert "COPY apparmor/ /usr/share/harness/apparmor/" in instructions
     assert "dpkg --purge --force-remove-essential --force-depends apt" in text
+
+
+def test_the_cuda_profile_is_the_cpu_profile_and_what_cuda_added() -> None:
+    """seccomp/engine-cuda.json (recorded on a GPU, tests/gpu/device_run.sh) keeps everything
+    the CPU vLLM engine's profile allows, takes nothing from the fixed deny list, says what
+    it was recorded from, and compiles in `enforce` mode."""
+    from runtime.sandbox import recorder
+
+    cpu = recorder.from_profile(REPO / "seccomp" / "engine-cpu.json")
+    cuda = recorder.from_profile(REPO / "seccomp" / "engine-cuda.json")
+    assert cpu.names <= cuda.names and cpu.sockets <= cuda.sockets
+    assert not cuda.names & set(seccomp.FIXED_DENY)
+    # What the CUDA driver and torch's CUDA start called beyond vLLM's CPU engine.
+    assert {"sched_get_priority_max", "sched_get_priority_min"} <= cuda.names - cpu.names
+    assert (1, 5) in cuda.sockets - cpu.sockets  # AF_UNIX, SOCK_SEQPACKET
+    seccomp.compile_profile(seccomp.load_profile(REPO / "seccomp" / "engine-cuda.json"), "enforce")
