@@ -492,6 +492,26 @@ def test_drain_finishes_open_streams_and_refuses_new_connections(front: Front) -
     assert not front.thread.is_alive()
 
 
+def test_an_idle_client_that_does_not_read_does_not_hold_the_drain(
+    make_front: Callable[..., Front], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kept-alive client between requests (a pooled HTTP client) reads nothing, so it never
+    answers the front's TLS close_notify. Found with the openai client: the drain waited for
+    that answer (uvloop's 30 s) until front.drain_timeout_s cut it, on every SIGTERM."""
+    front = make_front(drain_timeout_s=5)
+    host, port = front.url.removeprefix("https://").split(":")
+    with (
+        socket.create_connection((host, int(port)), timeout=30) as raw,
+        front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert tls.recv(65536).startswith(b"HTTP/1.1 200")  # kept alive, and now idle
+        front.server.handle_exit(signal.SIGTERM, None)
+        front.thread.join(15)
+        assert not front.thread.is_alive()
+    assert "timeout graceful shutdown exceeded" not in caplog.text
+
+
 def test_tls_context_is_tls13_only_and_requires_client_certs(front: Front) -> None:
     host, port = front.url.removeprefix("https://").split(":")
     ctx = client_context(

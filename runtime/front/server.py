@@ -69,6 +69,13 @@ class HandshakeBoundLoop(uvloop.Loop):
         return await super().create_server(protocol_factory, *args, **kwargs)
 
 
+# How long a connection the front closes waits for the client's TLS close_notify (uvloop's
+# default: 30 s). A kept-alive client between requests reads nothing and never answers: at 30 s
+# it held every drain until front.drain_timeout_s, and any close holds the socket and its TLS
+# buffers until then.
+TLS_CLOSE_TIMEOUT_S = 2.0
+
+
 class TlsHandshake(asyncio.Protocol):
     """An accepted connection, until its TLS handshake ends. It is what uvloop's own TLS
     server does on accept (its SSLProtocol, in C, made the transport's protocol before the
@@ -100,6 +107,7 @@ class TlsHandshake(asyncio.Protocol):
             done,
             server_side=True,
             ssl_handshake_timeout=self.handshakes.timeout_s,
+            ssl_shutdown_timeout=TLS_CLOSE_TIMEOUT_S,
         )
         # Now, not later: uvloop starts reading when this returns, and the ClientHello must
         # reach the SSL protocol.

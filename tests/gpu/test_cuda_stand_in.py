@@ -48,7 +48,7 @@ def test_harness_serves_it_in_the_sandbox_without_a_gpu(demo_dir: Path, open_tmp
         pki = demo_dir / "pki"
         ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
         client = openai_client(harness.url, ctx)
-        with client:  # closed before the drain below, which would wait for it
+        with client:  # closed before harness stops
             done = client.completions.create(model=assets.SERVED_NAME, prompt="hi", max_tokens=5)
         assert done.usage is not None and 0 < done.usage.completion_tokens <= 5
         assert harness.events("seccomp_install")[0]["mode"] == "enforce"

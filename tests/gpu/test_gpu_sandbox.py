@@ -163,7 +163,7 @@ def test_cuda_works_inside_the_engine_sandbox(gpu_engine: Harness) -> None:
 def test_completions_through_the_mtls_front(gpu_engine: Harness, demo_dir: Path) -> None:
     pki = demo_dir / "pki"
     ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
-    # Clients closed after use: an idle keep-alive connection would hold the drain at the end.
+    # Clients closed after use, before the module's harness stops.
     with openai_client(gpu_engine.url, ctx) as client:
         done = client.completions.create(model=assets.SERVED_NAME, prompt="hello", max_tokens=8)
         chunks = client.chat.completions.create(
