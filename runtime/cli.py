@@ -129,6 +129,8 @@ def _profile(args: argparse.Namespace) -> int:
         workload = recorder.load_workload(args.workload, cfg.model.served_name)
         recordings.append(recorder.record(cfg, workload, args.concurrency))
     merged = recorder.merge(recordings)
+    if args.container:  # also with --merge-only: a refreshed container profile keeps them
+        merged.names |= recorder.CONTAINER
     profile = recorder.to_profile(
         merged,
         f"harness {'container' if args.container else 'engine'} profile, device "

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from runtime.demo import assets
-from tests import otlp_receiver
+from tests import container, otlp_receiver
+from tests.container import Container
 from tests.support import Harness, free_port
 
 
@@ -124,3 +125,62 @@ def servers(
 @pytest.fixture()
 def harness(servers: Servers) -> Harness:
     return servers.shared()
+
+
+class Containers:
+    """As Servers, for harness inside its image under podman + runc (tests/container.py)."""
+
+    def __init__(self, demo_dir: Path, workdir: Path) -> None:
+        self.demo_dir = demo_dir
+        self.workdir = workdir
+        self._shared: Container | None = None
+        self._all: list[Container] = []
+
+    def shared(self) -> Container:
+        if self._shared is None or not self._shared.alive():
+            self._shared = Container(self.demo_dir, self.workdir)
+            self._all.append(self._shared)
+            self._shared.wait_ready()
+        return self._shared
+
+    def take(self) -> Container:
+        container = self.shared()
+        self._shared = None
+        return container
+
+    def close(self) -> None:
+        for one in self._all:
+            one.kill()
+
+
+@pytest.fixture(scope="session")
+def containers(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containers]:
+    """Skipped with the reason where podman or the image is missing, except under `make test`
+    and `make image-test` (HARNESS_REQUIRE_IMAGE=1), where that is a failure."""
+    reason = container.missing()
+    if reason:
+        if os.environ.get("HARNESS_REQUIRE_IMAGE") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("containers")
+    workdir.chmod(0o755)  # podman's bind mounts are read by the container's uid
+    manager = Containers(demo_dir, workdir)
+    yield manager
+    manager.close()
+
+
+@pytest.fixture(params=["host", pytest.param("image", marks=pytest.mark.image)])
+def target(request: pytest.FixtureRequest) -> Harness | Container:
+    """The shared `harness serve`: a process on this machine (as root), or the image under
+    podman + runc as deploy/ runs it (uid 10001, no capabilities, the shipped profiles)."""
+    if request.param == "host":
+        return request.getfixturevalue("servers").shared()
+    return request.getfixturevalue("containers").shared()
+
+
+@pytest.fixture(params=["host", pytest.param("image", marks=pytest.mark.image)])
+def own_target(request: pytest.FixtureRequest) -> Harness | Container:
+    """As `target`, but the test ends it: the next test starts another."""
+    if request.param == "host":
+        return request.getfixturevalue("servers").take()
+    return request.getfixturevalue("containers").take()

@@ -97,44 +97,15 @@ def openai_client(base_url: str, ctx: ssl.SSLContext) -> openai.OpenAI:
     )
 
 
-class Harness:
-    """One `harness serve` child process; events on stdout, logs on stderr, both to files."""
+class Observed:
+    """A running `harness serve` seen from outside: its events (stdout, JSON lines) and log
+    (stderr) in files, its process. Harness (a process here) and tests.container.Container
+    (the image under podman) are both, so that e2e tests take either as their target."""
 
-    def __init__(
-        self,
-        config: Path,
-        workdir: Path,
-        overrides: list[str] | None = None,
-        command: list[str] | None = None,
-    ) -> None:
-        """`command`: what follows `harness` instead of `serve --config CONFIG`."""
-        self.port = free_port()
-        self.url = f"https://127.0.0.1:{self.port}"
-        self.metrics_url: str | None = None  # set when started with front.metrics_listen
-        self.workdir = workdir
-        self.stdout_path = workdir / f"harness-{self.port}.events"
-        self.stderr_path = workdir / f"harness-{self.port}.log"
-        args = [
-            sys.executable,
-            "-m",
-            "runtime",
-            *(command or ["serve", "--config", str(config)]),
-            "--set",
-            f'front.listen="127.0.0.1:{self.port}"',
-        ]
-        for item in overrides or []:
-            args += ["--set", item]
-        env = dict(clean_environ(), HARNESS_TEST_CANARY="must-not-reach-the-engine")
-        self.proc = subprocess.Popen(
-            args,
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=self.stdout_path.open("wb"),
-            stderr=self.stderr_path.open("wb"),
-        )
+    proc: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
 
-    # -- observation ----------------------------------------------------------------------
     def events(self, event_type: str | None = None) -> list[dict[str, Any]]:
         out = []
         for line in self.stdout_path.read_text().splitlines():
@@ -184,7 +155,69 @@ class Harness:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+
+class Harness(Observed):
+    """One `harness serve` child process; events on stdout, logs on stderr, both to files."""
+
+    def __init__(
+        self,
+        config: Path,
+        workdir: Path,
+        overrides: list[str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        """`command`: what follows `harness` instead of `serve --config CONFIG`."""
+        self.port = free_port()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.metrics_url: str | None = None  # set when started with front.metrics_listen
+        self.workdir = workdir
+        self.stdout_path = workdir / f"harness-{self.port}.events"
+        self.stderr_path = workdir / f"harness-{self.port}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "runtime",
+            *(command or ["serve", "--config", str(config)]),
+            "--set",
+            f'front.listen="127.0.0.1:{self.port}"',
+        ]
+        for item in overrides or []:
+            args += ["--set", item]
+        env = dict(clean_environ(), HARNESS_TEST_CANARY="must-not-reach-the-engine")
+        self.proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.stdout_path.open("wb"),
+            stderr=self.stderr_path.open("wb"),
+        )
+
+    def engine_group(self) -> list[dict[str, Any]]:
+        """The engine's live processes: pid, pgid, state and /proc/PID/status (as
+        tests.container.Container reports them from inside the image)."""
+        out = []
+        for pid in process_group(self.engine_pid):
+            try:
+                lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+            except OSError:
+                continue  # ended meanwhile
+            status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+            out.append({"pid": pid, "pgid": self.engine_pid, "state": "", "status": status})
+        return out
+
+    def signal_engine(self, sig: signal.Signals) -> None:
+        os.kill(self.engine_pid, sig)
+
+    def gone(self) -> bool:
+        """After exit: no engine process is left."""
+        return not process_group(self.engine_pid)
+
     # -- control --------------------------------------------------------------------------
+    def send_stop(self) -> None:
+        """SIGTERM, without waiting (as the kubelet sends it)."""
+        self.proc.send_signal(signal.SIGTERM)
+
     def terminate(self, timeout: float = 120) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

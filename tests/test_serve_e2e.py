@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from tests.container import Container
 from tests.support import Harness, client_context, openai_client, process_group, raw_request
 
 pytestmark = pytest.mark.engine
@@ -24,20 +25,20 @@ def _client_ctx(demo_dir: Path) -> ssl.SSLContext:
     return client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
 
 
-def test_completion_through_the_front(harness: Harness, demo_dir: Path) -> None:
-    api = openai_client(harness.url, _client_ctx(demo_dir))
+def test_completion_through_the_front(target: Harness | Container, demo_dir: Path) -> None:
+    api = openai_client(target.url, _client_ctx(demo_dir))
     result = api.completions.create(model="demo", prompt="hello world", max_tokens=8)
     assert result.model == "demo"
     assert result.usage is not None and 0 < result.usage.completion_tokens <= 8
-    request = harness.wait_for("request", route="/v1/completions")
+    request = target.wait_for("request", route="/v1/completions")
     assert request["status"] == 200
     assert request["identity"] == "spiffe://harness.demo/ns/gateway/sa/ai-gateway"
 
 
 def test_streamed_chat_chunks_arrive_before_the_stream_ends(
-    harness: Harness, demo_dir: Path
+    target: Harness | Container, demo_dir: Path
 ) -> None:
-    api = openai_client(harness.url, _client_ctx(demo_dir))
+    api = openai_client(target.url, _client_ctx(demo_dir))
     arrivals = []
     stream = api.chat.completions.create(
         model="demo",
@@ -56,9 +57,9 @@ def test_streamed_chat_chunks_arrive_before_the_stream_ends(
 
 
 def test_max_tokens_over_the_cap_is_rejected_and_the_default_is_the_cap(
-    harness: Harness, demo_dir: Path
+    target: Harness | Container, demo_dir: Path
 ) -> None:
-    api = openai_client(harness.url, _client_ctx(demo_dir))
+    api = openai_client(target.url, _client_ctx(demo_dir))
     with pytest.raises(openai.BadRequestError) as info:
         api.completions.create(model="demo", prompt="hello", max_tokens=65)
     assert info.value.body["code"] == "max_tokens_exceeded"  # type: ignore[index]
@@ -66,7 +67,7 @@ def test_max_tokens_over_the_cap_is_rejected_and_the_default_is_the_cap(
     # No max_tokens: the front injects the cap, and the engine generates no more.
     result = api.completions.create(model="demo", prompt="hello", extra_body={"ignore_eos": True})
     assert result.usage is not None and result.usage.completion_tokens == 64
-    event = harness.wait_for(
+    event = target.wait_for(
         "request", route="/v1/completions", tokens_allowed=64, tokens_asked=None
     )
     assert event["status"] == 200
@@ -79,14 +80,14 @@ def _get(url: str, ctx: ssl.SSLContext) -> httpx.Response:
         return client.get(url)
 
 
-def test_client_without_certificate_fails(harness: Harness, demo_dir: Path) -> None:
+def test_client_without_certificate_fails(target: Harness | Container, demo_dir: Path) -> None:
     ctx = client_context(demo_dir / "pki" / "ca.pem")
     with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
-        _get(f"{harness.url}/v1/models", ctx)
+        _get(f"{target.url}/v1/models", ctx)
 
 
 def test_client_certificate_from_another_ca_fails(
-    harness: Harness, demo_dir: Path, tmp_path: Path
+    target: Harness | Container, demo_dir: Path, tmp_path: Path
 ) -> None:
     from runtime.demo import pki
 
@@ -96,20 +97,20 @@ def test_client_certificate_from_another_ca_fails(
     )
     ctx = client_context(demo_dir / "pki" / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
     with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
-        _get(f"{harness.url}/v1/models", ctx)
+        _get(f"{target.url}/v1/models", ctx)
 
 
-def test_tls12_only_client_fails(harness: Harness, demo_dir: Path) -> None:
+def test_tls12_only_client_fails(target: Harness | Container, demo_dir: Path) -> None:
     pki = demo_dir / "pki"
     ctx = client_context(
         pki / "ca.pem", pki / "client.pem", pki / "client-key.pem", max_tls=ssl.TLSVersion.TLSv1_2
     )
     with pytest.raises(httpx.ConnectError):
-        _get(f"{harness.url}/v1/models", ctx)
+        _get(f"{target.url}/v1/models", ctx)
 
 
 def test_same_ca_but_identity_not_allowed_is_closed_before_http(
-    harness: Harness, demo_dir: Path, tmp_path: Path
+    target: Harness | Container, demo_dir: Path, tmp_path: Path
 ) -> None:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -125,12 +126,12 @@ def test_same_ca_but_identity_not_allowed_is_closed_before_http(
         tmp_path / "c.pem", tmp_path / "k.pem"
     )
     ctx = client_context(pki_dir / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem")
-    served_before = len(harness.events("request"))
+    served_before = len(target.events("request"))
     for _ in range(10):
         with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError, httpx.ConnectError)):
-            _get(f"{harness.url}/v1/models", ctx)
-    rejected = harness.wait_for("tls_handshake_rejected")
-    assert len(harness.events("request")) == served_before
+            _get(f"{target.url}/v1/models", ctx)
+    rejected = target.wait_for("tls_handshake_rejected")
+    assert len(target.events("request")) == served_before
     assert rejected["presented"] == ["URI:spiffe://harness.demo/ns/other/sa/intruder"]
 
 
@@ -154,20 +155,20 @@ FORBIDDEN = [
 
 
 def test_routes_outside_the_allowlist_never_reach_the_engine(
-    harness: Harness, demo_dir: Path
+    target: Harness | Container, demo_dir: Path
 ) -> None:
     ctx = _client_ctx(demo_dir)
     marker = f"probe{os.getpid()}{time.monotonic_ns()}"
     with httpx.Client(verify=ctx, timeout=10) as client:
         # Positive control: an allowed route does show up in the engine's access log.
-        assert client.get(f"{harness.url}/v1/models?{marker}").status_code == 200
+        assert client.get(f"{target.url}/v1/models?{marker}").status_code == 200
     for path in FORBIDDEN:
         for method in ("GET", "POST"):
-            status, body = raw_request(harness.url, ctx, method, path.encode(), b"{}")
+            status, body = raw_request(target.url, ctx, method, path.encode(), b"{}")
             assert status == 404, (method, path)
             assert json.loads(body)["error"]["code"] == "route_not_allowed"
     time.sleep(0.5)
-    access = [line for line in harness.log().splitlines() if '"GET ' in line or '"POST ' in line]
+    access = [line for line in target.log().splitlines() if '"GET ' in line or '"POST ' in line]
     assert any('"GET /v1/models HTTP' in line for line in access), "positive control failed"
     assert not any(marker in line for line in access), "query string was forwarded"
     for line in access:
@@ -308,6 +309,28 @@ def _status(pid: int) -> dict[str, str]:
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return fields
+
+
+def test_every_engine_process_has_no_capabilities_no_new_privs_and_seccomp(
+    target: Harness | Container,
+) -> None:
+    """On the host as root the engine also changes uid (below); in the image everything runs
+    as uid 10001 with no capabilities at all, tini and harness included."""
+    engine = target.engine_group()
+    assert len(engine) >= 2  # API server + EngineCore at least
+    for process in engine:
+        status = process["status"]
+        assert status["Uid"].split()[0] != "0", (process["pid"], status["Uid"])
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[caps], 16) == 0, (process["pid"], caps, status[caps])
+        assert status["NoNewPrivs"] == "1", process["pid"]
+        assert status["Seccomp"] == "2", (process["pid"], "seccomp filter mode")
+    if isinstance(target, Container):
+        for process in target.processes():  # tini, harness, this probe: the container's
+            status = process["status"]
+            assert status["Uid"].split() == ["10001"] * 4, (process["pid"], status["Uid"])
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+            assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the engine changes uid only when harness is root")

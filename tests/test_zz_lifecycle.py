@@ -16,6 +16,7 @@ import pytest
 
 from runtime.demo import assets
 from tests.conftest import Servers
+from tests.container import Container
 from tests.support import Harness, client_context, openai_client, process_group
 
 pytestmark = pytest.mark.engine
@@ -87,9 +88,10 @@ def test_a_client_that_leaves_makes_the_engine_stop_generating(
 
 
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
-    servers: Servers, demo_dir: Path
+    own_target: Harness | Container, demo_dir: Path
 ) -> None:
-    harness = servers.take()
+    """SIGTERM as the kubelet sends it (in the image: `podman kill --signal TERM`, to tini)."""
+    harness = own_target
     pki = demo_dir / "pki"
     ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
     api = openai_client(harness.url, ctx)
@@ -104,7 +106,7 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     chunks = iter(stream)
     first = next(chunks)
     assert first.choices
-    harness.proc.send_signal(signal.SIGTERM)
+    harness.send_stop()
     rest = list(chunks)  # must not be cut
     finishes = [c.choices[0].finish_reason for c in rest if c.choices]
     assert finishes[-1] == "length"
@@ -113,7 +115,7 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["outcome"] == "ok" and shutdown["exit_code"] == 0
     # After draining, the engine and all of vLLM's children are gone, and the port is closed.
-    assert not process_group(harness.engine_pid)
+    assert harness.gone()
     with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as client:
         client.get(f"{harness.url}/healthz")
 
@@ -137,9 +139,10 @@ def test_weights_changed_while_the_engine_loads_exits_3(
         harness.kill()
 
 
-def test_engine_death_makes_harness_exit_6(servers: Servers) -> None:
-    harness = servers.take()
-    os.kill(harness.engine_pid, signal.SIGKILL)
+def test_engine_death_makes_harness_exit_6(own_target: Harness | Container) -> None:
+    """In the image the engine is killed from a process started in the container (same uid)."""
+    harness = own_target
+    harness.signal_engine(signal.SIGKILL)
     started = time.monotonic()
     assert harness.proc.wait(timeout=120) == 6
     assert time.monotonic() - started < 60
@@ -147,4 +150,4 @@ def test_engine_death_makes_harness_exit_6(servers: Servers) -> None:
     assert exit_event["outcome"] == "failed" and exit_event["exit_code"] == -signal.SIGKILL
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["outcome"] == "failed" and shutdown["exit_code"] == 6
-    assert not process_group(harness.engine_pid)
+    assert harness.gone()

@@ -59,8 +59,10 @@ FIXED_DENY = (
 )
 # glibc needs these whether or not a recording saw them: clone3 must fail with ENOSYS so that
 # glibc falls back to clone (EPERM would break thread creation); denying rseq aborts glibc.
-# clone only without CLONE_NAMESPACES (below).
-ALWAYS_ALLOW = ("clone", "rseq", "exit", "exit_group", "rt_sigreturn")
+# clone only without CLONE_NAMESPACES (below). restart_syscall is how the kernel resumes a
+# timed call (poll, nanosleep) that a signal interrupted: refused, that call comes back EPERM
+# in a correct program, and a recording rarely sees it.
+ALWAYS_ALLOW = ("clone", "rseq", "exit", "exit_group", "rt_sigreturn", "restart_syscall")
 # clone(2) with any of these flags is unshare(2) by another name: a new user namespace opens
 # kernel code that only its own "root" can reach, the usual way into the kernel. The engine's
 # clone is allowed only without them; with them it is on the fixed deny list. (clone3 keeps
