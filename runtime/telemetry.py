@@ -42,6 +42,7 @@ EVENT_TYPES = STARTUP_STEPS | frozenset(
         "tls_handshake_rejected",
         "tls_reload",
         "seccomp_violation",
+        "seccomp_startup_probes",
         "egress_attempt",
         "memory_cap_exceeded",
         "engine_exit",

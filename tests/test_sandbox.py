@@ -47,14 +47,20 @@ class Run:
         self.results = results
         self.events = events
         self.returncode = 0
+        self.probes: dict[str, int] = {}
 
     def named(self, syscall: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["syscall"] == syscall]
 
 
 def sandboxed(
-    workdir: Path, mode: str, probes: list[str], fence: dict[str, Any] | None = None
+    workdir: Path,
+    mode: str,
+    probes: list[str],
+    fence: dict[str, Any] | None = None,
+    phase: str = "serving",
 ) -> Run:
+    """`phase`: the supervisor's (serving: every filtered call is an alert)."""
     plan_path = workdir / "plan.json"
     plan_path.write_text(json.dumps(_plan(mode, fence)))
     plan_path.chmod(0o644)
@@ -74,7 +80,7 @@ def sandboxed(
         while True:
             data, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 1)
             for fd in fds:
-                supervisor = Supervisor(fd, mode, report=events.append)
+                supervisor = Supervisor(fd, mode, report=events.append, phase=phase)
                 supervisor.start()
             if not data:
                 break
@@ -86,6 +92,7 @@ def sandboxed(
     lines = [json.loads(line) for line in out.decode().splitlines()]
     run = Run(json.loads(b"".join(chunks)), {r["probe"]: r["result"] for r in lines}, events)
     run.returncode = proc.returncode
+    run.probes = dict(supervisor.probes) if supervisor is not None else {}
     assert "error" not in run.report, (run.report, err.decode())
     return run
 
@@ -116,6 +123,40 @@ def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(open_tmp: 
     packet = (17, socket.SOCK_RAW) in sockets or any(e.get("repeated") for e in run.named("socket"))
     assert packet
     assert run.report["seccomp"]["mode"] == "enforce" and run.report["seccomp"]["installed"]
+
+
+def test_known_startup_probes_are_refused_without_an_alert_while_the_engine_starts(
+    open_tmp: Path,
+) -> None:
+    """vLLM's io_uring and UDP-socket probes, made while the engine starts, are refused and
+    counted, not alerted; anything else (ptrace, an AF_PACKET socket) still is. The same
+    probes once the engine serves are alerts (the test above)."""
+    run = sandboxed(
+        open_tmp, "enforce", ["io_uring_setup", "udp", "ptrace", "packet"], None, "startup"
+    )
+    assert all(
+        run.results[p] == -errno.EPERM for p in ("io_uring_setup", "udp", "ptrace", "packet")
+    )
+    assert run.probes == {"io_uring_setup": 1, "socket(AF_INET, SOCK_DGRAM)": 1}
+    assert {e["syscall"] for e in run.events} == {"ptrace", "socket"}
+    (packet,) = [e for e in run.events if e["syscall"] == "socket"]
+    assert packet["socket_domain"] == 17 and packet["phase"] == "startup"
+
+
+@pytest.mark.parametrize(
+    ("name", "args", "label"),
+    [
+        ("io_uring_setup", [1, 0], "io_uring_setup"),
+        ("socket", [2, 2 | 0o2000000, 0], "socket(AF_INET, SOCK_DGRAM)"),  # SOCK_CLOEXEC too
+        ("socket", [10, 2, 0], "socket(AF_INET6, SOCK_DGRAM)"),
+        ("socket", [2, 1, 0], None),  # TCP
+        ("socket", [17, 3, 0], None),  # AF_PACKET
+        ("socket", [1, 2, 0], None),  # a Unix datagram socket is no probe
+        ("ptrace", [0, 0], None),
+    ],
+)
+def test_startup_probe_labels(name: str, args: list[int], label: str | None) -> None:
+    assert seccomp.startup_probe(name, args) == label
 
 
 def test_kill_mode_kills_the_process_with_sigsys(open_tmp: Path) -> None:

@@ -411,8 +411,13 @@ def test_engine_serves_with_seccomp_enforced_and_landlock_on(
     status = _status(harness.proc.pid)
     assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1"
     # A filtered syscall the engine made would be an event naming it; while serving, none.
-    serving = [e for e in harness.events("seccomp_violation") if e.get("phase") == "serving"]
-    assert serving == []
+    violations = harness.events("seccomp_violation")
+    assert [e for e in violations if e.get("phase") == "serving"] == []
+    assert all("phase" in e for e in violations)
+    # vLLM's startup probes: one summary, no alerts (and nothing else refused at startup).
+    [probes] = harness.events("seccomp_startup_probes")
+    assert "io_uring_setup" in probes["probes"] and probes["outcome"] == "blocked"
+    assert violations == [], violations
 
 
 def test_clamp_policy_gives_a_completion_of_at_most_the_cap(

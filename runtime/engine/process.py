@@ -231,7 +231,17 @@ class Engine:
                     )
                 time.sleep(0.25)
         if self.supervisor is not None:
-            self.supervisor.phase = "serving"
+            probes = self.supervisor.end_startup()
+            if probes:  # one info event for vLLM's known startup probes, not an alert each
+                mode = self.supervisor.mode
+                telemetry.emit(
+                    "seccomp_startup_probes",
+                    "blocked" if mode == "enforce" else "allowed",
+                    mode=mode,
+                    probes=probes,
+                    meaning="vLLM's known startup probes, answered without an alert while the "
+                    "engine started; from now on the same calls are seccomp_violation events",
+                )
         telemetry.emit(
             "engine_ready",
             "ok",

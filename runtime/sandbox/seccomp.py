@@ -89,6 +89,24 @@ _STUB_END = 512
 # socket(2)'s type argument carries SOCK_NONBLOCK/SOCK_CLOEXEC above the type itself.
 SOCK_TYPE_MASK = 0xF
 
+# vLLM's known startup probes: a stock start makes them and carries on without them. While the
+# engine starts they are refused (in `complain` mode let through) without an alert and summed
+# up in one `seccomp_startup_probes` event once it is ready; after that they are alerts.
+_PROBE_DOMAINS = {2: "AF_INET", 10: "AF_INET6"}
+_SOCK_DGRAM = 2
+
+
+def startup_probe(name: str, args: Any) -> str | None:
+    """The probe's label, if this call is one of vLLM's known startup probes. Pure."""
+    if name == "io_uring_setup":  # is io_uring there? (on the fixed deny list)
+        return name
+    if name == "socket" and int(args[1]) & SOCK_TYPE_MASK == _SOCK_DGRAM:
+        domain = _PROBE_DOMAINS.get(int(args[0]))
+        if domain is not None:  # getting its own address by "connecting" a UDP socket
+            return f"socket({domain}, SOCK_DGRAM)"
+    return None
+
+
 # `harness profile`: no rules of its own, so every syscall goes to the recording supervisor.
 RECORDING_PLAN = {
     "mode": "record",

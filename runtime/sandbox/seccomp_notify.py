@@ -75,6 +75,7 @@ class Supervisor(threading.Thread):
         *,
         errno_ret: int = errno.EPERM,
         report: Reporter | None = None,
+        phase: str = "startup",
     ) -> None:
         super().__init__(name=f"seccomp-supervisor-{mode}", daemon=True)
         if mode not in ("enforce", "complain", "record"):
@@ -90,12 +91,23 @@ class Supervisor(threading.Thread):
         self._names: dict[int, str] = {}
         self._last_event: dict[str, float] = {}
         self._pending: Counter[str] = Counter()
+        self._pending_phase: dict[str, str] = {}
         self._refused: set[str] = set()  # names refused so far, for the held-back counts
         self._socket_nr = seccomp.syscall_number(_SOCKET)
         self._stopping = threading.Event()
         # "startup" until the engine is ready: vLLM probes a few things while it starts
-        # (io_uring, UDP sockets) that the profile refuses; the phase tells them apart.
-        self.phase = "startup"
+        # (io_uring, UDP sockets) that the profile refuses; counted here, not alerted
+        # (seccomp.startup_probe), and alerts again once the phase is "serving".
+        self.phase = phase
+        self.probes: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def end_startup(self) -> dict[str, int]:
+        """The engine is ready: from now on every filtered call is an alert. Returns the
+        startup probes seen, by label."""
+        with self._lock:
+            self.phase = "serving"
+            return dict(self.probes)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -151,10 +163,16 @@ class Supervisor(threading.Thread):
 
     def _violation(self, nr: int, notif: _Notif, *, refused: bool, fixed: bool) -> None:
         name = self._names.get(nr) or self._names.setdefault(nr, seccomp.syscall_name(nr))
+        with self._lock:
+            probe = self.phase == "startup" and seccomp.startup_probe(name, notif.data.args)
+            if probe:
+                self.probes[probe] += 1
+                return
         self.violations[name] += 1
         now = time.monotonic()
         if now - self._last_event.get(name, -10.0) < 1.0:
             self._pending[name] += 1  # reported with the next event for this syscall
+            self._pending_phase[name] = self.phase
             return
         self._last_event[name] = now
         record: dict[str, Any] = {
@@ -190,6 +208,7 @@ class Supervisor(threading.Thread):
                             "syscall": name,
                             "mode": self.mode,
                             "action": "refused_eperm" if name in self._refused else "allowed",
+                            "phase": self._pending_phase.pop(name, self.phase),
                             "repeated": count,
                         }
                     )
