@@ -136,6 +136,7 @@ def _profile(args: argparse.Namespace) -> int:
         f"harness {'container' if args.container else 'engine'} profile, device "
         f"{cfg.engine.device}, recorded by `harness profile`"
         + (f", merged with {len(args.merge)} other profile(s)" if args.merge else ""),
+        container=args.container,
     )
     out = Path(args.out)
     out.write_text(json.dumps(profile, indent=2) + "\n")

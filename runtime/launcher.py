@@ -249,6 +249,7 @@ async def _serve_front(
     files: dict[str, int],
     on_ready: Callable[[Config], None] | None,
 ) -> int:
+    front_sandbox.serving()  # the loop runs: uvloop's io_uring probe is behind us
     state = FrontState(engine_ready=True)
     app = FrontApp(
         engine.socket,

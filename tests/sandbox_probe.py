@@ -14,8 +14,8 @@ import socket
 import sys
 import threading
 
+from runtime.sandbox import _linux, seccomp
 from runtime.sandbox import exec as stage2
-from runtime.sandbox import seccomp
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -74,6 +74,21 @@ def _connect(port: str) -> int:
     return 0
 
 
+def _flood(numbers: list[int]) -> int:
+    """Each number once, with zero arguments; the first result that is not EPERM, else EPERM."""
+    for nr in numbers:
+        result = _libc.syscall(nr, 0, 0, 0, 0, 0, 0)
+        err = 0 if result >= 0 else ctypes.get_errno()
+        if err != errno.EPERM:
+            return -err
+    return -errno.EPERM
+
+
+def _socket_flood(domains: range) -> int:
+    results = {_sock(domain, socket.SOCK_STREAM) for domain in domains}
+    return results.pop() if len(results) == 1 else -errno.EIO
+
+
 PROBES = {
     "ptrace": lambda: _raw("ptrace", 0, 0, None, None),  # PTRACE_TRACEME
     "unshare": lambda: _raw("unshare", 0x10000000),  # CLONE_NEWUSER
@@ -99,6 +114,10 @@ def main() -> int:
     with open(plan_path) as handle:
         plan = json.load(handle)
     channel = socket.socket(fileno=int(channel_fd))
+    if "outer_profile" in plan:  # the container's profile, loaded first as runc loads it
+        outer = seccomp.parse_profile(plan["outer_profile"], "outer")
+        _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
+        seccomp.compile_profile(outer, "as_written").filter.load()
     report, compiled = stage2.apply(plan)
     listener = seccomp.load(compiled) if compiled is not None else None
     message = json.dumps(report).encode()
@@ -116,6 +135,13 @@ def main() -> int:
             result = _open(arg, "w")
         elif name == "connect":
             result = _connect(arg)
+        elif name == "flood":  # flood:1000-3999 or flood:12,34,56
+            first, dash, last = arg.partition("-")
+            numbers = range(int(first), int(last) + 1) if dash else map(int, arg.split(","))
+            result = _flood(list(numbers))
+        elif name == "socket_flood":  # socket_flood:100-2099 (domains)
+            first, _, last = arg.partition("-")
+            result = _socket_flood(range(int(first), int(last) + 1))
         else:
             result = PROBES[name]()
         print(json.dumps({"probe": probe, "result": result}), flush=True)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from runtime.sandbox import landlock, recorder, seccomp
-from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
@@ -48,6 +48,9 @@ class Run:
         self.events = events
         self.returncode = 0
         self.probes: dict[str, int] = {}
+        self.violations: dict[str, int] = {}
+        self.unknown = 0
+        self.sockets: set[tuple[int, int]] = set()
 
     def named(self, syscall: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["syscall"] == syscall]
@@ -59,10 +62,15 @@ def sandboxed(
     probes: list[str],
     fence: dict[str, Any] | None = None,
     phase: str = "serving",
+    outer: dict[str, Any] | None = None,
 ) -> Run:
-    """`phase`: the supervisor's (serving: every filtered call is an alert)."""
+    """`phase`: the supervisor's (serving: every filtered call is an alert). `outer`: a
+    container profile the child loads first, as runc does."""
+    plan = _plan(mode, fence)
+    if outer is not None:
+        plan["outer_profile"] = outer
     plan_path = workdir / "plan.json"
-    plan_path.write_text(json.dumps(_plan(mode, fence)))
+    plan_path.write_text(json.dumps(plan))
     plan_path.chmod(0o644)
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
@@ -92,7 +100,10 @@ def sandboxed(
     lines = [json.loads(line) for line in out.decode().splitlines()]
     run = Run(json.loads(b"".join(chunks)), {r["probe"]: r["result"] for r in lines}, events)
     run.returncode = proc.returncode
-    run.probes = dict(supervisor.probes) if supervisor is not None else {}
+    if supervisor is not None:
+        run.probes = dict(supervisor.probes)
+        run.violations = dict(supervisor.violations)
+        run.unknown, run.sockets = supervisor.unknown, set(supervisor.sockets)
     assert "error" not in run.report, (run.report, err.decode())
     return run
 
@@ -141,6 +152,77 @@ def test_known_startup_probes_are_refused_without_an_alert_while_the_engine_star
     assert {e["syscall"] for e in run.events} == {"ptrace", "socket"}
     (packet,) = [e for e in run.events if e["syscall"] == "socket"]
     assert packet["socket_domain"] == 17 and packet["phase"] == "startup"
+
+
+CONTAINER_PROFILE = REPO / "seccomp" / "harness-cpu.json"
+
+
+def test_a_flooding_engine_gets_bounded_events_and_bounded_supervisor_memory(
+    open_tmp: Path,
+) -> None:
+    """An engine that sends 3,000 numbers no kernel knows, 2,000 socket families that do not
+    exist and one call each of every syscall its profile refuses: all refused, all counted,
+    but the log gets at most EVENTS_PER_SECOND events a second in all plus summaries, the
+    unknown numbers are one name, and nothing of the engine's choosing is kept."""
+    compiled = seccomp.compile_profile(seccomp.load_profile(PROFILE), "enforce")
+    stub_from = compiled.stub_from
+    assert stub_from is not None
+    permitted = {*compiled.allowed, *compiled.conditional, *seccomp.ENOSYS_ALWAYS}
+    refused = [
+        nr
+        for nr in range(stub_from)
+        if seccomp.syscall_name(nr) not in permitted
+        and not seccomp.syscall_name(nr).startswith("syscall_")
+    ]
+    assert len(refused) > 3 * EVENTS_PER_SECOND
+    probes = [
+        "flood:1000-3999",
+        "socket_flood:100-2099",
+        "flood:" + ",".join(map(str, refused)),
+        "unix",
+    ]
+    run = sandboxed(open_tmp, "enforce", probes)
+    assert run.results["flood:1000-3999"] == -errno.EPERM
+    assert run.results["socket_flood:100-2099"] == -errno.EPERM
+    assert run.results["flood:" + ",".join(map(str, refused))] == -errno.EPERM
+    assert run.results["unix"] == 0  # the engine still works
+    assert run.unknown == 3000 and run.violations["unknown"] == 3000
+    assert run.violations["socket"] == 2000
+    assert run.sockets == set()  # only a recording keeps socket families, and only real ones
+    named = [e for e in run.events if "repeated" not in e]
+    assert len(named) <= 2 * EVENTS_PER_SECOND, len(named)  # the flood lasts well under 2 s
+    [first_unknown] = [e for e in named if e["syscall"] == "unknown"]
+    assert first_unknown["nr"] == 1000
+    over = [e for e in run.events if e.get("over_event_budget")]
+    assert over and sum(e["repeated"] for e in over) > 0
+    counted = sum(e.get("repeated", 1) for e in run.events if e["syscall"] != "*")
+    assert counted + sum(e["repeated"] for e in over) == 3000 + 2000 + len(refused)
+
+
+@pytest.mark.parametrize("outer_default", ["shipped", "SCMP_ACT_ERRNO"])
+def test_under_the_container_profile_the_engines_refusals_still_reach_harness(
+    open_tmp: Path, outer_default: str
+) -> None:
+    """The shipped container profile (loaded first, as runc loads it) refuses what it does not
+    list with TRACE, below the engine filter's notification: every call both refuse is still
+    answered by harness's supervisor and reported. The control: with an ERRNO default, as
+    container profiles usually have, the kernel takes the container's ERRNO and harness hears
+    of none of them."""
+    outer = json.loads(CONTAINER_PROFILE.read_text())
+    assert outer["defaultAction"] == "SCMP_ACT_TRACE"
+    if outer_default != "shipped":
+        outer["defaultAction"] = outer_default
+    probes = ["ptrace", "bpf", "mount", "io_uring_setup", "packet"]
+    allowed = seccomp.compile_profile(seccomp.parse_profile(outer, "outer")).allowed
+    assert not {"ptrace", "bpf", "mount", "io_uring_setup"} & set(allowed)  # both refuse them
+    run = sandboxed(open_tmp, "enforce", [*probes, "unix", "thread"], outer=outer)
+    assert all(run.results[p] == -errno.EPERM for p in probes), run.results
+    assert run.results["unix"] == 0 and run.results["thread"] == 0
+    reported = {e["syscall"] for e in run.events}
+    if outer_default == "shipped":
+        assert reported == {"ptrace", "bpf", "mount", "io_uring_setup", "socket"}
+    else:
+        assert reported == set()
 
 
 @pytest.mark.parametrize(
@@ -338,10 +420,26 @@ def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> N
     )
     assert result.returncode == 0, result.stderr
     assert {"read", "mremap"} <= recorder.from_profile(out).names
+    assert json.loads(out.read_text())["defaultAction"] == "SCMP_ACT_ERRNO"
+
+
+def test_a_refreshed_container_profile_keeps_the_shipped_ones_calls_and_its_trace_default(
+    tmp_path: Path, demo_dir: Path
+) -> None:
+    """`harness profile --container --merge-only` over the shipped profile: the same calls, the
+    same TRACE default (an ERRNO one would silence the engine's filter, test above)."""
+    out = tmp_path / "harness.json"
+    shipped = CONTAINER_PROFILE
+    args = ["profile", "--container", "--config", str(demo_dir / "demo.toml"), "--out", str(out)]
+    result = _harness(*args, "--merge", str(shipped), "--merge-only")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert written["defaultAction"] == "SCMP_ACT_TRACE" and "defaultErrnoRet" not in written
+    assert written["syscalls"] == json.loads(shipped.read_text())["syscalls"]
 
 
 _FRONT_CHILD = r"""
-import errno, json, socket, subprocess, threading
+import errno, json, os, socket, subprocess, threading
 from runtime.sandbox import front, seccomp
 from tests.sandbox_probe import PROBES
 import ctypes
@@ -365,7 +463,8 @@ def early():  # started before the filter: TSYNC must cover it too
     done.set()
 threading.Thread(target=early).start()
 seen["clone_newuser_before"] = PROBES["clone_newuser"]()
-report = front.apply()
+events, gone = [], threading.Event()
+report = front.apply(events.append, gone.set)
 seen["clone_newuser"] = PROBES["clone_newuser"]()
 go.set(); done.wait()
 try:
@@ -377,7 +476,15 @@ seen["udp"] = sock(socket.AF_INET, socket.SOCK_DGRAM)
 seen["tcp"] = sock(socket.AF_INET, socket.SOCK_STREAM)
 seen["raw"] = sock(socket.AF_INET, socket.SOCK_RAW)
 seen["packet"] = sock(17, socket.SOCK_RAW)
-print(json.dumps({"report": report, "seen": seen}))
+for _ in range(100):  # the supervisor process reports within a second
+    if len({e["syscall"] for e in events}) >= 4:
+        break
+    threading.Event().wait(0.05)
+# Its supervisor killed: still refused (ENOSYS, closed not open), and harness hears of it.
+os.kill(report["supervisor_pid"], 9)
+seen["reporter_gone"] = gone.wait(10)
+seen["ptrace_after"] = ptrace()
+print(json.dumps({"report": report, "seen": seen, "events": events}))
 """
 
 
@@ -395,6 +502,14 @@ def test_front_filter_covers_every_thread_and_refuses_exec_and_raw_sockets() -> 
     # What the front does keep working: TCP, and UDP (DNS for an OTLP collector's name).
     assert seen["tcp"] == 0 and seen["udp"] == 0
     assert "execve" in out["report"]["denied"] and "ptrace" in out["report"]["denied"]
+    # Each refusal is reported by the filter's supervisor process, which is not harness.
+    events = {e["syscall"]: e for e in out["events"]}
+    assert set(events) == {"ptrace", "clone", "execve", "socket"}, out["events"]
+    assert all(e["scope"] == "front" and e["action"] == "refused_eperm" for e in events.values())
+    assert events["clone"]["clone_namespace_flags"] == "0x10000000"
+    assert events["socket"]["socket_domain"] in (socket.AF_INET, 17)
+    assert out["report"]["violations"].startswith("seccomp_violation events")
+    assert seen["reporter_gone"] is True and seen["ptrace_after"] == -errno.ENOSYS
 
 
 @pytest.mark.skipif(landlock.abi_version() < 1, reason="no Landlock on this kernel")

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from runtime.demo import assets
+from tests import fake_engine
 from tests.conftest import Servers
 from tests.container import Container
 from tests.support import Harness, client_context, openai_client, process_group
@@ -87,6 +88,19 @@ def test_a_client_that_leaves_makes_the_engine_stop_generating(
     raise AssertionError(f"(status, prompt tokens, generated tokens) per try: {outcomes}")
 
 
+def _exits(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return True
+        if state == "Z":
+            return True  # exited, waiting for its parent (init, harness being gone)
+        time.sleep(0.1)
+    return False
+
+
 def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     own_target: Harness | Container, demo_dir: Path
 ) -> None:
@@ -116,8 +130,50 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_0(
     assert shutdown["outcome"] == "ok" and shutdown["exit_code"] == 0
     # After draining, the engine and all of vLLM's children are gone, and the port is closed.
     assert harness.gone()
+    if isinstance(harness, Harness):  # the front filter's supervisor leaves with harness
+        [front] = [e for e in harness.events("seccomp_install") if e.get("scope") == "front"]
+        assert _exits(front["supervisor_pid"], timeout=5)
     with pytest.raises(httpx.ConnectError), httpx.Client(verify=ctx) as client:
         client.get(f"{harness.url}/healthz")
+
+
+def test_harness_killed_takes_the_engine_with_it(
+    demo_dir: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL leaves harness no chance to stop the engine: the parent-death signal stage 2
+    sets does (the stand-in engine, with a child it forks, as vLLM's engine core)."""
+    monkeypatch.setenv("HARNESS_FAKE_ENGINE_MB", "1")
+    harness = Harness(
+        demo_dir / assets.CONFIG_NAME,
+        open_tmp,
+        [
+            f'engine.python="{fake_engine.install(open_tmp)}"',
+            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
+        ],
+    )
+    try:
+        harness.wait_ready()
+        pki = demo_dir / "pki"
+        ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+        with httpx.Client(verify=ctx, timeout=30) as client:
+            client.get(f"{harness.url}/v1/models")  # it forks its child
+        assert len(process_group(harness.engine_pid)) == 2
+        [dropped] = harness.events("privilege_drop")
+        assert dropped["parent_death_signal"] == "SIGKILL"
+        engine = harness.engine_pid
+        assert process_group(engine)
+        harness.proc.kill()
+        harness.proc.wait(timeout=10)
+        assert _group_ends(engine, timeout=10), "the engine outlived harness"
+    finally:
+        harness.kill()
+
+
+def _group_ends(pgid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_group(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not process_group(pgid)
 
 
 def test_weights_changed_while_the_engine_loads_exits_3(
@@ -151,3 +207,14 @@ def test_engine_death_makes_harness_exit_6(own_target: Harness | Container) -> N
     shutdown = harness.events("shutdown")[-1]
     assert shutdown["outcome"] == "failed" and shutdown["exit_code"] == 6
     assert harness.gone()
+
+
+def test_harness_killed_takes_vllm_with_it(servers: Servers) -> None:
+    """The same with vLLM, whose engine core is a child of its API server: before the reaper
+    it ran on for good. Last in the session: it ends the shared server."""
+    harness = servers.take()
+    engine = harness.engine_pid
+    assert len(process_group(engine)) >= 2
+    harness.proc.kill()
+    harness.proc.wait(timeout=10)
+    assert _group_ends(engine, timeout=10), process_group(engine)

@@ -29,6 +29,7 @@ import httpx
 from runtime import telemetry
 from runtime.config import Config
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
+from runtime.engine.reaper import Reaper
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import landlock, privileges
@@ -86,6 +87,7 @@ class Engine:
         # `record` (harness profile) overrides the configured mode.
         self.seccomp_mode = seccomp_mode
         self.supervisor: Supervisor | None = None
+        self.reaper: Reaper | None = None
         self.errno_ret = errno.EPERM
         # Runs stage 2 under another program (tests: strace, to check a recording).
         self.stage2_wrapper: list[str] = []
@@ -135,6 +137,7 @@ class Engine:
         self.proc, report = spawn_stage2(
             plan, wrapper=self.stage2_wrapper, on_listener=self._start_supervisor
         )
+        self.reaper = Reaper(self.proc.pid)  # harness gone, however: the engine goes too
         self._report_sandbox(report)
         telemetry.emit(
             "engine_start",
@@ -273,7 +276,10 @@ class Engine:
         while _group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         _killpg(pgid, signal.SIGKILL)
-        return self.proc.wait()
+        code = self.proc.wait()
+        if self.reaper is not None:
+            self.reaper.release()
+        return code
 
     def close(self) -> None:
         self.stop()

@@ -3,7 +3,8 @@ vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with
 prctl, Landlock and seccomp act on the calling thread.
 
 Order: network namespace -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
-capabilities -> seccomp -> report -> execve.
+capabilities -> parent-death signal (after the uid change, which clears it) -> seccomp ->
+report -> execve.
 
 Protocol: the plan arrives as JSON on the inherited fd `--plan-fd`. One JSON report goes back
 on the Unix socket `--report-fd`, then EOF; it carries the seccomp listener fd when there is
@@ -13,8 +14,10 @@ one (SCM_RIGHTS), and {"error": ...} when a step failed and nothing was exec'd.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -22,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 # Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
-from runtime.sandbox import landlock, network, privileges, seccomp
+from runtime.sandbox import _linux, landlock, network, privileges, seccomp
 
 
 def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -32,16 +35,29 @@ def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+def die_with(parent: int) -> dict[str, Any]:
+    """SIGKILL when harness dies, whatever kills it: the engine never serves on without its
+    front and supervisor. Kept across execve (vLLM is no set-uid program); a credential
+    change clears it, so it comes after the privilege drop. If harness is already gone, the
+    signal would never come: stop here."""
+    _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        raise OSError(errno.ESRCH, "harness exited before the engine started")
+    return {"parent_death_signal": "SIGKILL"}
+
+
 def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None]:
     """Every step of the plan up to seccomp, which is compiled here and loaded by the caller
     right before the hand-off. Raises with the report so far on a failure: the caller must
     then not exec (fail closed)."""
     report: dict[str, Any] = {}
+    parent = os.getppid()
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
         ("network", lambda: network.apply(plan["network_namespace"])),
         ("privileges", privileges.prepare),
         ("landlock", lambda: landlock.apply(plan["landlock"])),
         ("privileges", lambda: privileges.drop(plan["privileges"])),
+        ("privileges", lambda: die_with(parent)),
     ]
     if plan.get("record_only"):  # `harness profile --container`: harness itself, filtered
         steps = [("privileges", privileges.prepare)]

@@ -10,21 +10,31 @@ through its TLS or HTTP handling cannot plant files or read other mounted secret
 
 `apply`: once the engine is ready harness only serves: it never starts another program,
 mounts, traces, loads BPF, enters a new namespace or opens raw sockets. A filter on every
-thread (TSYNC) refuses exactly that, with EPERM, and allows the rest: a deny list, not a
-profile, because the front's rarer paths (certificate rotation, OTLP export, drain) must not
-fail on a syscall a recording missed. The engine already runs and is not affected.
+thread (TSYNC) refuses exactly that and allows the rest: a deny list, not a profile, because
+the front's rarer paths (certificate rotation, OTLP export, drain) must not fail on a syscall
+a recording missed. The engine already runs and is not affected. Refused calls go to a
+supervisor process of their own (runtime/sandbox/front_reporter.py), which answers EPERM and
+reports each as a `seccomp_violation` with `scope: front`; where it cannot start, the filter
+refuses with a plain EPERM and the report says that refusals go unreported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyseccomp
 
+from runtime import telemetry
 from runtime.config import Config
 from runtime.errors import SandboxError
 from runtime.sandbox import _linux, landlock, seccomp
@@ -58,30 +68,153 @@ def confine(cfg: Config, runtime_root: Path) -> dict[str, Any]:
     return {"scope": "front", **report}
 
 
-def apply() -> dict[str, Any]:
-    """Install the filter on every thread of this process. Returns the report."""
+def _violation_event(record: dict[str, Any]) -> None:
+    telemetry.emit("seccomp_violation", "blocked", **record)
+
+
+def _probes_event(probes: dict[str, int]) -> None:
+    if probes:
+        telemetry.emit(
+            "seccomp_startup_probes",
+            "blocked",
+            scope="front",
+            mode="enforce",
+            probes=probes,
+            meaning="known probes of the front as its event loop started (uvloop's io_uring), "
+            "refused without an alert; from now on the same calls are seccomp_violation events",
+        )
+
+
+def _reporter_gone() -> None:
+    telemetry.emit(
+        "seccomp_install",
+        "failed",
+        scope="front",
+        reason="the front filter's supervisor process exited: harness's refused calls now "
+        "fail with ENOSYS and are no longer reported",
+    )
+
+
+class _Reporter:
+    """The supervisor process and harness's end of its socket (see front_reporter.py)."""
+
+    def __init__(self) -> None:
+        self.channel, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "runtime.sandbox.front_reporter", "--channel-fd",
+                 str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        except OSError:
+            self.channel.close()
+            raise
+        finally:
+            theirs.close()
+
+    def hand_over(self, listener: int) -> bool:
+        try:
+            socket.send_fds(self.channel, [b"L"], [listener])
+        except OSError:
+            return False  # it died first: with the listener closed, refusals are ENOSYS
+        finally:
+            os.close(listener)  # harness keeps no way to answer its own calls
+        return True
+
+    def relay(
+        self,
+        on_violation: Callable[[dict[str, Any]], None],
+        on_probes: Callable[[dict[str, int]], None],
+        on_gone: Callable[[], None],
+    ) -> None:
+        """A thread that turns the supervisor's lines into events; EOF means it is gone."""
+
+        def run() -> None:
+            with self.channel.makefile("rb") as lines:
+                for line in lines:
+                    record = json.loads(line)
+                    if "startup_probes" in record:
+                        on_probes(record["startup_probes"])
+                    else:
+                        on_violation(record)
+            self.proc.wait()
+            on_gone()
+
+        threading.Thread(target=run, name="front-seccomp-events", daemon=True).start()
+
+
+# The running supervisor process, told by `serving()` that the front's loop runs.
+_current: _Reporter | None = None
+
+
+def serving() -> None:
+    """The front's event loop runs: from now on every refused call is an alert."""
+    if _current is not None:
+        with contextlib.suppress(OSError):  # it is gone, and harness has said so (on_gone)
+            _current.channel.sendall(b"serving\n")
+
+
+def apply(
+    on_violation: Callable[[dict[str, Any]], None] = _violation_event,
+    on_gone: Callable[[], None] = _reporter_gone,
+    on_probes: Callable[[dict[str, int]], None] = _probes_event,
+) -> dict[str, Any]:
+    """Install the filter on every thread of this process. Returns the report. Until
+    `serving()`, the known startup probes are counted, not alerted."""
+    global _current
+    try:
+        reporter: _Reporter | None = _Reporter()
+    except OSError:
+        reporter = None
+    report: dict[str, Any] | None = None
+    if reporter is not None:
+        try:
+            report = _load(notify=True)
+        except OSError:  # a listener already above harness: only one per process tree
+            reporter.proc.kill()
+            reporter = None
+    if report is None:
+        report = _load(notify=False)
+    if reporter is None:
+        report["violations"] = "EPERM, not reported: the supervisor process could not start"
+    elif reporter.hand_over(report.pop("listener")):
+        reporter.relay(on_violation, on_probes, on_gone)
+        _current = reporter
+        report["violations"] = "seccomp_violation events, scope front"
+        report["supervisor_pid"] = reporter.proc.pid
+    else:
+        report["violations"] = "ENOSYS, not reported: the supervisor process exited at once"
+    return report
+
+
+def _load(notify: bool) -> dict[str, Any]:
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)  # every thread, not just this one
-    eperm = pyseccomp.ERRNO(errno.EPERM)
+    refuse = pyseccomp.NOTIFY if notify else pyseccomp.ERRNO(errno.EPERM)
     denied = []
     for name in (*seccomp.FIXED_DENY, *NO_EXEC):
         if seccomp.syscall_number(name) is not None:
-            flt.add_rule(eperm, name)
+            flt.add_rule(refuse, name)
             denied.append(name)
     # New namespaces through clone(2) (unshare is on the deny list already).
     for bit in range(64):
         if seccomp.CLONE_NAMESPACES & (1 << bit):
-            flt.add_rule(eperm, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 1 << bit, 1 << bit))
+            flt.add_rule(refuse, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 1 << bit, 1 << bit))
     # Raw and packet sockets: the front speaks TCP and Unix sockets only.
-    flt.add_rule(eperm, "socket", pyseccomp.Arg(0, pyseccomp.EQ, _AF_PACKET))
+    flt.add_rule(refuse, "socket", pyseccomp.Arg(0, pyseccomp.EQ, _AF_PACKET))
     flt.add_rule(
-        eperm,
+        refuse,
         "socket",
         pyseccomp.Arg(1, pyseccomp.MASKED_EQ, seccomp.SOCK_TYPE_MASK, socket.SOCK_RAW),
     )
     flt.load()
+    listener: dict[str, int] = {}
+    if notify:  # as in seccomp.load: pyseccomp has no public accessor for it
+        listener["listener"] = int(pyseccomp._libseccomp.seccomp_notify_fd(flt._filter))
     return {
+        **listener,
         "scope": "front",
         "mode": "deny_list",
         "installed": True,

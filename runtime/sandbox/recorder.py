@@ -259,7 +259,17 @@ def from_profile(path: Path) -> Recording:
     return rec
 
 
-def to_profile(rec: Recording, comment: str) -> dict[str, Any]:
+# A container profile refuses what it does not list with SCMP_ACT_TRACE, not ERRNO. Stacked
+# filters take the highest-precedence action (KILL > TRAP > ERRNO > USER_NOTIF > TRACE > LOG >
+# ALLOW): an ERRNO default would silence the engine filter's notifications, and harness would
+# never hear of the engine's refused calls. With no tracer attached TRACE refuses with ENOSYS,
+# and no process in the container can become one: ptrace is not listed, so it is refused too.
+CONTAINER_DEFAULT = "SCMP_ACT_TRACE"
+
+
+def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[str, Any]:
+    """An engine profile (default ERRNO/EPERM), or with `container` the container's profile
+    (default TRACE, see CONTAINER_DEFAULT)."""
     names = sorted(
         (rec.names - {"socket"} - set(seccomp.FIXED_DENY) - set(seccomp.ENOSYS_ALWAYS))
         | set(seccomp.ALWAYS_ALLOW)
@@ -293,10 +303,12 @@ def to_profile(rec: Recording, comment: str) -> dict[str, Any]:
             "comment": "ENOSYS, so that glibc falls back to clone",
         }
     )
+    default: dict[str, Any] = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1}
+    if container:
+        default = {"defaultAction": CONTAINER_DEFAULT}
     return {
         "comment": comment,
-        "defaultAction": "SCMP_ACT_ERRNO",
-        "defaultErrnoRet": 1,
+        **default,
         "architectures": [seccomp.native_arch()],
         "syscalls": rules,
     }

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import os
 import select
 import threading
@@ -63,6 +64,23 @@ class _Resp(ctypes.Structure):
 
 Reporter = Callable[[dict[str, Any]], None]
 
+# The engine controls every argument and number it sends here: what the supervisor keeps and
+# says is bounded whatever it sends.
+# Events for all syscalls together, per second; the rest are counted into one summary event
+# (on top of the one-per-syscall-per-second limit).
+EVENTS_PER_SECOND = 20
+# Numbers this libseccomp cannot name share one name for counting and events (each carries
+# the number it was): otherwise every number would be a name of its own.
+UNKNOWN = "unknown"
+# socket(2) domains above this are no family Linux has (AF_MAX is 46): not recorded.
+_MAX_DOMAIN = 64
+
+
+@functools.lru_cache(maxsize=1024)
+def _name(nr: int) -> str:
+    name = seccomp.syscall_name(nr)
+    return UNKNOWN if name.startswith("syscall_") else name
+
 
 class Supervisor(threading.Thread):
     """Answers notifications until every process using the filter has exited (POLLHUP) or
@@ -88,7 +106,9 @@ class Supervisor(threading.Thread):
         self.seen: Counter[int] = Counter()
         self.sockets: set[tuple[int, int]] = set()  # (domain, type) of socket() calls
         self.violations: Counter[str] = Counter()
-        self._names: dict[int, str] = {}
+        self.unknown = 0  # notifications for numbers libseccomp cannot name
+        self._window = (0.0, 0)  # (start, events) of the global budget's current second
+        self._over_budget: Counter[str] = Counter()  # held back by it, by phase
         self._last_event: dict[str, float] = {}
         self._pending: Counter[str] = Counter()
         self._pending_phase: dict[str, str] = {}
@@ -125,6 +145,8 @@ class Supervisor(threading.Thread):
                 _fd, mask = events[0]
                 if mask & select.POLLIN:
                     self._answer_one()
+                    if time.monotonic() - self._window[0] >= 1.0:
+                        self._flush()  # a steady flood never lets poll time out
                 elif mask & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
                     break  # no process uses the filter any more
         finally:
@@ -141,13 +163,22 @@ class Supervisor(threading.Thread):
                 return  # the caller was killed or interrupted before we looked
             raise
         nr = notif.data.nr
-        self.seen[nr] += 1
-        if nr == self._socket_nr:
-            self.sockets.add((int(notif.data.args[0]), int(notif.data.args[1]) & 0xF))
+        if _name(nr) == UNKNOWN:
+            self.unknown += 1
+        else:
+            self.seen[nr] += 1
+        if nr == self._socket_nr and self.mode == "record":  # only a recording needs them
+            domain = int(notif.data.args[0])
+            if 0 <= domain < _MAX_DOMAIN:
+                self.sockets.add((domain, int(notif.data.args[1]) & 0xF))
         # The fixed deny list is refused in every mode, so that a recording behaves as
         # enforcement will.
         fixed = nr in self.deny or seccomp.creates_namespace(nr, notif.data.args)
         refuse = self.mode == "enforce" or fixed
+        # Counted before the answer lets the caller go on: whatever the caller does next (end
+        # the startup phase, say) comes after this call in the supervisor's books too.
+        if self.mode != "record":
+            self._violation(nr, notif, refused=refuse, fixed=fixed)
         resp = _Resp(id=notif.id)
         if refuse:
             resp.error = -(errno.EPERM if fixed else self.errno_ret)
@@ -158,11 +189,9 @@ class Supervisor(threading.Thread):
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the caller is gone
                 raise
-        if self.mode != "record":
-            self._violation(nr, notif, refused=refuse, fixed=fixed)
 
     def _violation(self, nr: int, notif: _Notif, *, refused: bool, fixed: bool) -> None:
-        name = self._names.get(nr) or self._names.setdefault(nr, seccomp.syscall_name(nr))
+        name = _name(nr)
         with self._lock:
             probe = self.phase == "startup" and seccomp.startup_probe(name, notif.data.args)
             if probe:
@@ -174,6 +203,14 @@ class Supervisor(threading.Thread):
             self._pending[name] += 1  # reported with the next event for this syscall
             self._pending_phase[name] = self.phase
             return
+        start, sent = self._window
+        if now - start >= 1.0:
+            start, sent = now, 0
+        if sent >= EVENTS_PER_SECOND:
+            self._over_budget[self.phase] += 1  # in the summary event, not in the per-name one
+            self._window = (start, sent)
+            return
+        self._window = (start, sent + 1)
         self._last_event[name] = now
         record: dict[str, Any] = {
             "syscall": name,
@@ -196,8 +233,22 @@ class Supervisor(threading.Thread):
             self.report(record)
 
     def _flush(self, force: bool = False) -> None:
-        """Report counts that were held back by the one-per-second limit."""
+        """Report counts that were held back by the one-per-second limits."""
         now = time.monotonic()
+        if self._over_budget and (force or now - self._window[0] >= 1.0):
+            for phase, count in sorted(self._over_budget.items()):
+                if self.report is not None:
+                    self.report(
+                        {
+                            "syscall": "*",
+                            "mode": self.mode,
+                            "action": "refused_eperm" if self.mode == "enforce" else "allowed",
+                            "phase": phase,
+                            "repeated": count,
+                            "over_event_budget": EVENTS_PER_SECOND,
+                        }
+                    )
+            self._over_budget.clear()
         for name, count in list(self._pending.items()):
             if force or now - self._last_event.get(name, 0.0) >= 1.0:
                 del self._pending[name]
