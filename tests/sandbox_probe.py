@@ -9,10 +9,13 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import signal
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 from runtime.sandbox import _linux, seccomp
 from runtime.sandbox import exec as stage2
@@ -28,9 +31,9 @@ def _raw(name: str, *args: int | None) -> int:
     return 0 if result >= 0 else -ctypes.get_errno()
 
 
-def _sock(domain: int, kind: int) -> int:
+def _sock(domain: int, kind: int, protocol: int = 0) -> int:
     try:
-        socket.socket(domain, kind).close()
+        socket.socket(domain, kind, protocol).close()
     except OSError as exc:
         return -(exc.errno or 0)
     return 0
@@ -54,6 +57,31 @@ def _clone(flags: int) -> int:
         return -ctypes.get_errno()
     os.waitpid(result, 0)
     return 0
+
+
+def _call(call: Callable[[], object]) -> int:
+    try:
+        call()
+    except OSError as exc:
+        return -(exc.errno or 0)
+    return 0
+
+
+def _at_child(call: Callable[[int], object]) -> int:
+    """`call` aimed at a child of this process: same uid, so only seccomp can refuse it."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        return _call(lambda: call(pid))
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+_NOFILE = resource.RLIMIT_NOFILE
+_IPPROTO_MPTCP = 262
 
 
 def _open(path: str, mode: str) -> int:
@@ -106,6 +134,18 @@ PROBES = {
     "fork": lambda: _clone(0),
     "clone_newuser": lambda: _clone(0x10000000),  # CLONE_NEWUSER
     "clone_newnet": lambda: _clone(0x40000000),  # CLONE_NEWNET
+    "tcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM),
+    "tcp_by_number": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "mptcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, _IPPROTO_MPTCP),
+    "sctp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, 132),  # IPPROTO_SCTP
+    # What a hostile engine did to the front (same uid in a pod): its limits.
+    "prlimit_self": lambda: _call(
+        lambda: resource.prlimit(0, _NOFILE, resource.getrlimit(_NOFILE))
+    ),
+    "prlimit_child": lambda: _at_child(
+        lambda pid: resource.prlimit(pid, _NOFILE, resource.getrlimit(_NOFILE))
+    ),
+    "affinity_self": lambda: _call(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
 }
 
 

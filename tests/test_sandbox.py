@@ -28,8 +28,16 @@ AS_ROOT = os.geteuid() == 0
 NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
 
 
-def _plan(mode: str, fence: dict[str, Any] | None = None) -> dict[str, Any]:
-    drop = {"uid": 65534, "gid": 65534} if AS_ROOT else {"uid": None, "gid": None}
+# As in a pod: uid 10001, no capabilities at all (setpriv, before the probe starts).
+POD = [
+    "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all",
+    "--bounding-set=-all",
+]  # fmt: skip
+
+
+def _plan(mode: str, fence: dict[str, Any] | None = None, pod: bool = False) -> dict[str, Any]:
+    root = AS_ROOT and not pod
+    drop = {"uid": 65534, "gid": 65534} if root else {"uid": None, "gid": None}
     filtered: dict[str, Any] = {"mode": mode}
     if mode != "off":
         filtered.update(profile=json.loads(PROFILE.read_text()), profile_path=str(PROFILE))
@@ -63,10 +71,12 @@ def sandboxed(
     fence: dict[str, Any] | None = None,
     phase: str = "serving",
     outer: dict[str, Any] | None = None,
+    pod: bool = False,
 ) -> Run:
     """`phase`: the supervisor's (serving: every filtered call is an alert). `outer`: a
-    container profile the child loads first, as runc does."""
-    plan = _plan(mode, fence)
+    container profile the child loads first, as runc does. `pod`: the child starts as uid
+    10001 without capabilities (when the tests run as root)."""
+    plan = _plan(mode, fence, pod)
     if outer is not None:
         plan["outer_profile"] = outer
     plan_path = workdir / "plan.json"
@@ -74,7 +84,10 @@ def sandboxed(
     plan_path.chmod(0o644)
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
-        [sys.executable, str(PROBE), str(child.fileno()), str(plan_path), *probes],
+        [
+            *(POD if pod and AS_ROOT else []),
+            *[sys.executable, str(PROBE), str(child.fileno()), str(plan_path), *probes],
+        ],
         pass_fds=[child.fileno()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -111,10 +124,12 @@ def sandboxed(
 DENIED = ["ptrace", "unshare", "mount", "io_uring_setup", "bpf", "udp", "packet"]
 
 
-def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(open_tmp: Path) -> None:
-    run = sandboxed(
-        open_tmp, "enforce", [*DENIED, "clone_newuser", "unix", "clone3", "thread", "fork"]
-    )
+@pytest.mark.parametrize("where", ["root", "pod"])
+def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(
+    open_tmp: Path, where: str
+) -> None:
+    probes = [*DENIED, "clone_newuser", "unix", "clone3", "thread", "fork"]
+    run = sandboxed(open_tmp, "enforce", probes, pod=where == "pod")
     for probe in [*DENIED, "clone_newuser"]:
         assert run.results[probe] == -errno.EPERM, probe
     # Positive controls: an allowed socket, threads despite clone3 -> ENOSYS, and clone
@@ -197,6 +212,40 @@ def test_a_flooding_engine_gets_bounded_events_and_bounded_supervisor_memory(
     assert over and sum(e["repeated"] for e in over) > 0
     counted = sum(e.get("repeated", 1) for e in run.events if e["syscall"] != "*")
     assert counted + sum(e["repeated"] for e in over) == 3000 + 2000 + len(refused)
+
+
+AIMED_AT_ANOTHER = {"prlimit_child": "prlimit64"}
+ON_ITSELF = ["prlimit_self", "affinity_self", "tcp", "tcp_by_number", "unix"]
+
+
+@pytest.mark.parametrize("mode", ["enforce", "off"])
+@pytest.mark.parametrize("where", ["root", "pod"])
+def test_the_engine_tunes_itself_only_and_opens_tcp_only(
+    open_tmp: Path, mode: str, where: str
+) -> None:
+    """In a pod the front runs under the engine's uid: a hostile engine lowered the front's
+    open-files limit, and connected over MPTCP where TCP was fenced. prlimit64 aimed at a
+    child of its own (same uid: only seccomp can refuse) is refused and reported with its
+    target; on itself, and TCP, calls still work. The control: without the filter every one
+    of them succeeds. Both as root (the engine drops to 65534) and as in a pod (uid 10001, no
+    capabilities, no uid change). sched_set* on another pid is not refused yet (README)."""
+    probes = [*AIMED_AT_ANOTHER, "mptcp", "sctp", *ON_ITSELF]
+    run = sandboxed(open_tmp, mode, probes, pod=where == "pod")
+    if where == "pod" and AS_ROOT:
+        assert run.report["privileges"]["uid"] == 10001, run.report["privileges"]
+    assert all(run.results[p] == 0 for p in ON_ITSELF), run.results
+    if mode == "off":
+        assert all(run.results[p] == 0 for p in AIMED_AT_ANOTHER), run.results
+        return
+    for probe in [*AIMED_AT_ANOTHER, "mptcp", "sctp"]:
+        assert run.results[probe] == -errno.EPERM, probe
+    for name in AIMED_AT_ANOTHER.values():
+        (event,) = run.named(name)
+        assert event["action"] == "refused_eperm" and event["target"] > 0, event
+        assert event["target"] != event["pid"]
+    sockets = [e for e in run.named("socket") if "nr" in e]
+    assert sockets[0]["socket_protocol"] == 262  # IPPROTO_MPTCP; SCTP's is counted with it
+    assert run.violations["socket"] == 2
 
 
 @pytest.mark.parametrize("outer_default", ["shipped", "SCMP_ACT_ERRNO"])
@@ -399,6 +448,24 @@ def test_profile_round_trip_and_merge_keep_the_fixed_rules(tmp_path: Path) -> No
     # UDP and packet sockets never make it into a profile; stream sockets do.
     assert back.sockets == {(1, 1), (2, 1), (10, 1)}
     seccomp.compile_profile(seccomp.load_profile(path), "enforce")
+    # An INET stream socket is TCP only: protocol 0 or IPPROTO_TCP, never MPTCP or SCTP.
+    assert _inet_stream_protocols(profile) == {2: {0, 6}, 10: {0, 6}}
+
+
+def _inet_stream_protocols(profile: dict[str, Any]) -> dict[int, set[int | None]]:
+    found: dict[int, set[int | None]] = {}
+    for rule in profile["syscalls"]:
+        args = {a["index"]: a for a in rule.get("args") or []}
+        if rule["names"] == ["socket"] and args[0]["value"] in (2, 10):
+            protocol = args[2]["value"] if 2 in args else None
+            found.setdefault(args[0]["value"], set()).add(protocol)
+    return found
+
+
+@pytest.mark.parametrize("name", ["engine-cpu.json", "engine-cuda.json", "harness-cpu.json"])
+def test_shipped_profiles_allow_inet_stream_sockets_for_tcp_only(name: str) -> None:
+    profile = json.loads((REPO / "seccomp" / name).read_text())
+    assert _inet_stream_protocols(profile) == {2: {0, 6}, 10: {0, 6}}
 
 
 def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> None:

@@ -252,7 +252,7 @@ def from_profile(path: Path) -> Recording:
     for rule in profile.rules:
         if rule.action != "SCMP_ACT_ALLOW":
             continue
-        if rule.names == ("socket",) and len(rule.args) == 2:
+        if rule.names == ("socket",) and len(rule.args) in (2, 3):  # 3: with the protocol
             rec.sockets.add((rule.args[0].value, rule.args[1].value_two))
             continue
         rec.names |= set(rule.names)
@@ -279,22 +279,26 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
     for domain, kind in sorted(rec.sockets):
         if domain not in _DOMAINS_ALLOWED or (domain in _INET and kind != 1):
             continue  # see _DOMAINS_ALLOWED
-        rules.append(
+        args: list[dict[str, Any]] = [
+            {"index": 0, "value": domain, "op": "SCMP_CMP_EQ"},
             {
-                "names": ["socket"],
-                "action": "SCMP_ACT_ALLOW",
-                "comment": f"{_DOMAINS_ALLOWED[domain]}, {_SOCKET_TYPES.get(kind, kind)}",
-                "args": [
-                    {"index": 0, "value": domain, "op": "SCMP_CMP_EQ"},
-                    {
-                        "index": 1,
-                        "value": seccomp.SOCK_TYPE_MASK,
-                        "valueTwo": kind,
-                        "op": "SCMP_CMP_MASKED_EQ",
-                    },
-                ],
-            }
-        )
+                "index": 1,
+                "value": seccomp.SOCK_TYPE_MASK,
+                "valueTwo": kind,
+                "op": "SCMP_CMP_MASKED_EQ",
+            },
+        ]
+        comment = f"{_DOMAINS_ALLOWED[domain]}, {_SOCKET_TYPES.get(kind, kind)}"
+        # An INET stream socket is TCP only: its protocol picks others (IPPROTO_MPTCP connects
+        # past Landlock's TCP rules, IPPROTO_SCTP is stream-capable too).
+        protocols = [("0", 0), ("IPPROTO_TCP", 6)] if domain in _INET else [("", None)]
+        for label, protocol in protocols:
+            rule = {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "comment": comment}
+            rule["args"] = list(args)
+            if protocol is not None:
+                rule["comment"] = f"{comment}, protocol {label}"
+                rule["args"].append({"index": 2, "value": protocol, "op": "SCMP_CMP_EQ"})
+            rules.append(rule)
     rules.append(
         {
             "names": list(seccomp.ENOSYS_ALWAYS),

@@ -78,6 +78,19 @@ CLONE_NAMESPACES = (
     | 0x40000000  # CLONE_NEWNET
 )
 ENOSYS_ALWAYS = ("clone3",)
+# Calls that change a process's limits, scheduling or I/O priority name their target. The engine
+# may aim them at itself only, (index, value) pairs that must hold: pid 0 is the caller. In a pod
+# the front runs under the engine's uid, and an engine free to name any pid lowered the front's
+# open-files limit and parked it at SCHED_IDLE. Where a profile allows one of these, the engine
+# modes allow it on the engine itself only; any other target goes to the supervisor (EPERM and
+# an event). kill(2) is not here: vLLM signals its own workers by pid. Nor are sched_set*:
+# libzmq sets its threads' scheduling by thread id (pthread_setschedparam) and aborts when
+# refused, and pid 0 is all a filter can tell apart; they wait for the PID namespace.
+SELF_ONLY: dict[str, tuple[tuple[int, int], ...]] = {
+    "prlimit64": ((0, 0),),
+    "setpriority": ((0, 0), (1, 0)),  # PRIO_PROCESS, the caller
+    "ioprio_set": ((0, 1), (1, 0)),  # IOPRIO_WHO_PROCESS, the caller
+}  # the last pair names the target (events report it)
 # Stage 2 passes the listener fd to harness with sendmsg after the filter is loaded, before
 # anyone answers notifications: that call, and the memory management Python may do on the
 # way to it, must not need the supervisor.
@@ -307,6 +320,12 @@ def _args(rule: Rule) -> list[Any]:
     return [pyseccomp.Arg(a.index, _OPS[a.op], a.value, a.value_two) for a in rule.args]
 
 
+def _self_only(name: str, rule: Rule) -> list[Any]:
+    # A profile's own check on the same argument stands (libseccomp takes one per argument).
+    taken = {a.index for a in rule.args}
+    return [pyseccomp.Arg(i, pyseccomp.EQ, v) for i, v in SELF_ONLY[name] if i not in taken]
+
+
 def _no_namespaces() -> Any:
     return pyseccomp.Arg(0, pyseccomp.MASKED_EQ, CLONE_NAMESPACES, 0)
 
@@ -369,9 +388,12 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
                 continue
             if action == default:
                 continue  # libseccomp refuses rules that repeat the default
-            flt.add_rule(action, name, *_args(rule))
+            args = _args(rule)
+            if fixed and name in SELF_ONLY:
+                args += _self_only(name, rule)
+            flt.add_rule(action, name, *args)
             if rule.action == "SCMP_ACT_ALLOW":
-                (conditional if rule.args else allowed).add(name)
+                (conditional if args else allowed).add(name)
             else:
                 denied.add(name)
     stub_from = None

@@ -225,6 +225,9 @@ class Supervisor(threading.Thread):
         if nr == self._socket_nr:
             record["socket_domain"] = int(notif.data.args[0])
             record["socket_type"] = int(notif.data.args[1]) & 0xF
+            record["socket_protocol"] = int(notif.data.args[2])
+        elif name in seccomp.SELF_ONLY:  # aimed at another process (or a group, a user)
+            record["target"] = int(notif.data.args[seccomp.SELF_ONLY[name][-1][0]])
         elif fixed and nr not in self.deny:  # clone asking for a namespace
             record["clone_namespace_flags"] = hex(notif.data.args[0] & seccomp.CLONE_NAMESPACES)
         if refused:
