@@ -80,6 +80,20 @@ def _at_child(call: Callable[[int], object]) -> int:
         os.waitpid(pid, 0)
 
 
+def _at_thread(call: Callable[[int], object]) -> int:
+    """`call` aimed at another thread of this process, by its thread id."""
+    ready, done, box = threading.Event(), threading.Event(), []
+    worker = threading.Thread(target=lambda: (box.append(threading.get_native_id()),
+                                              ready.set(), done.wait()))  # fmt: skip
+    worker.start()
+    ready.wait()
+    try:
+        return _call(lambda: call(box[0]))
+    finally:
+        done.set()
+        worker.join()
+
+
 _NOFILE = resource.RLIMIT_NOFILE
 _IPPROTO_MPTCP = 262
 
@@ -144,6 +158,19 @@ PROBES = {
     ),
     "prlimit_child": lambda: _at_child(
         lambda pid: resource.prlimit(pid, _NOFILE, resource.getrlimit(_NOFILE))
+    ),
+    "affinity_child": lambda: _at_child(
+        lambda pid: os.sched_setaffinity(pid, os.sched_getaffinity(0))
+    ),
+    "idle_child": lambda: _at_child(
+        lambda pid: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    ),
+    # What libzmq and OpenMP do: set a thread of their own by its id.
+    "affinity_thread": lambda: _at_thread(
+        lambda tid: os.sched_setaffinity(tid, os.sched_getaffinity(0))
+    ),
+    "idle_thread": lambda: _at_thread(
+        lambda tid: os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     ),
     "affinity_self": lambda: _call(lambda: os.sched_setaffinity(0, os.sched_getaffinity(0))),
 }

@@ -214,8 +214,15 @@ def test_a_flooding_engine_gets_bounded_events_and_bounded_supervisor_memory(
     assert counted + sum(e["repeated"] for e in over) == 3000 + 2000 + len(refused)
 
 
-AIMED_AT_ANOTHER = {"prlimit_child": "prlimit64"}
-ON_ITSELF = ["prlimit_self", "affinity_self", "tcp", "tcp_by_number", "unix"]
+AIMED_AT_ANOTHER = {
+    "prlimit_child": "prlimit64",
+    "affinity_child": "sched_setaffinity",
+    "idle_child": "sched_setscheduler",
+}
+ON_ITSELF = [
+    "prlimit_self", "affinity_self", "affinity_thread", "idle_thread", "tcp", "tcp_by_number",
+    "unix",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["enforce", "off"])
@@ -224,11 +231,12 @@ def test_the_engine_tunes_itself_only_and_opens_tcp_only(
     open_tmp: Path, mode: str, where: str
 ) -> None:
     """In a pod the front runs under the engine's uid: a hostile engine lowered the front's
-    open-files limit, and connected over MPTCP where TCP was fenced. prlimit64 aimed at a
-    child of its own (same uid: only seccomp can refuse) is refused and reported with its
-    target; on itself, and TCP, calls still work. The control: without the filter every one
-    of them succeeds. Both as root (the engine drops to 65534) and as in a pod (uid 10001, no
-    capabilities, no uid change). sched_set* on another pid is not refused yet (README)."""
+    open-files limit, pinned it and parked it at SCHED_IDLE, and connected over MPTCP where
+    TCP was fenced. Aimed at a child of its own (same uid: only seccomp can refuse), each call
+    is refused and reported with its target; on itself and on its own threads by thread id
+    (libzmq, OpenMP), and TCP, they still work, with no event. The control: without the filter
+    every one of them succeeds. Both as root (the engine drops to 65534) and as in a pod (uid
+    10001, no capabilities, no uid change)."""
     probes = [*AIMED_AT_ANOTHER, "mptcp", "sctp", *ON_ITSELF]
     run = sandboxed(open_tmp, mode, probes, pod=where == "pod")
     if where == "pod" and AS_ROOT:
@@ -246,6 +254,8 @@ def test_the_engine_tunes_itself_only_and_opens_tcp_only(
     sockets = [e for e in run.named("socket") if "nr" in e]
     assert sockets[0]["socket_protocol"] == 262  # IPPROTO_MPTCP; SCTP's is counted with it
     assert run.violations["socket"] == 2
+    # Its own threads by id: let through by the supervisor, not counted as violations.
+    assert run.violations["sched_setaffinity"] == run.violations["sched_setscheduler"] == 1
 
 
 @pytest.mark.parametrize("outer_default", ["shipped", "SCMP_ACT_ERRNO"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import platform
 import signal
 from collections.abc import Iterable
@@ -82,15 +83,20 @@ ENOSYS_ALWAYS = ("clone3",)
 # may aim them at itself only, (index, value) pairs that must hold: pid 0 is the caller. In a pod
 # the front runs under the engine's uid, and an engine free to name any pid lowered the front's
 # open-files limit and parked it at SCHED_IDLE. Where a profile allows one of these, the engine
-# modes allow it on the engine itself only; any other target goes to the supervisor (EPERM and
-# an event). kill(2) is not here: vLLM signals its own workers by pid. Nor are sched_set*:
-# libzmq sets its threads' scheduling by thread id (pthread_setschedparam) and aborts when
-# refused, and pid 0 is all a filter can tell apart; they wait for the PID namespace.
+# modes allow pid 0 in the kernel; any other target goes to the supervisor, which lets a thread
+# of the caller's own process through (`own_thread`: libzmq and OpenMP set their threads'
+# scheduling by thread id, and libzmq aborts when refused) and refuses the rest (EPERM and an
+# event). kill(2) is not here: vLLM signals its own workers by pid.
 SELF_ONLY: dict[str, tuple[tuple[int, int], ...]] = {
     "prlimit64": ((0, 0),),
+    "sched_setaffinity": ((0, 0),),
+    "sched_setscheduler": ((0, 0),),
+    "sched_setparam": ((0, 0),),
+    "sched_setattr": ((0, 0),),
     "setpriority": ((0, 0), (1, 0)),  # PRIO_PROCESS, the caller
     "ioprio_set": ((0, 1), (1, 0)),  # IOPRIO_WHO_PROCESS, the caller
 }  # the last pair names the target (events report it)
+_PID_MAX = 1 << 22  # the kernel's limit for pid_max
 # Stage 2 passes the listener fd to harness with sendmsg after the filter is loaded, before
 # anyone answers notifications: that call, and the memory management Python may do on the
 # way to it, must not need the supervisor.
@@ -324,6 +330,20 @@ def _self_only(name: str, rule: Rule) -> list[Any]:
     # A profile's own check on the same argument stands (libseccomp takes one per argument).
     taken = {a.index for a in rule.args}
     return [pyseccomp.Arg(i, pyseccomp.EQ, v) for i, v in SELF_ONLY[name] if i not in taken]
+
+
+def own_thread(name: str, args: Any, caller: int) -> bool:
+    """A SELF_ONLY call aimed at a thread of the caller's own process (`caller`: its thread
+    id, as the supervisor sees it). Reads /proc: the supervisor checks afterwards that the
+    caller still waits, so that the thread ids were not reused meanwhile."""
+    pairs = SELF_ONLY.get(name)
+    if pairs is None:
+        return False
+    *fixed, (index, _) = pairs
+    if any(int(args[i]) != value for i, value in fixed):
+        return False
+    target = int(args[index])
+    return 0 < target < _PID_MAX and os.path.exists(f"/proc/{caller}/task/{target}")
 
 
 def _no_namespaces() -> Any:

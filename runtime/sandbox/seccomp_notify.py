@@ -31,6 +31,7 @@ from runtime.sandbox import seccomp
 # linux/seccomp.h: the ioctls on the listener fd, _IOWR('!', n, struct).
 _NOTIF_RECV = 0xC0502100  # struct seccomp_notif (80 bytes)
 _NOTIF_SEND = 0xC0182101  # struct seccomp_notif_resp (24 bytes)
+_NOTIF_ID_VALID = 0x40082102  # _IOW('!', 2, __u64)
 _FLAG_CONTINUE = 1
 _SOCKET = "socket"
 
@@ -175,6 +176,9 @@ class Supervisor(threading.Thread):
         # enforcement will.
         fixed = nr in self.deny or seccomp.creates_namespace(nr, notif.data.args)
         refuse = self.mode == "enforce" or fixed
+        if self._own_thread(nr, notif):
+            self._answer(_Resp(id=notif.id, flags=_FLAG_CONTINUE))
+            return
         # Counted before the answer lets the caller go on: whatever the caller does next (end
         # the startup phase, say) comes after this call in the supervisor's books too.
         if self.mode != "record":
@@ -184,11 +188,26 @@ class Supervisor(threading.Thread):
             resp.error = -(errno.EPERM if fixed else self.errno_ret)
         else:
             resp.flags = _FLAG_CONTINUE
+        self._answer(resp)
+
+    def _answer(self, resp: _Resp) -> None:
         try:
             fcntl.ioctl(self.fd, _NOTIF_SEND, resp)
         except OSError as exc:
             if exc.errno != errno.ENOENT:  # ENOENT: the caller is gone
                 raise
+
+    def _own_thread(self, nr: int, notif: _Notif) -> bool:
+        """sched_setaffinity and the like aimed at a thread of the caller's own process: let
+        through, no event (see seccomp.SELF_ONLY). Only if the caller still waits after /proc
+        was read: otherwise its thread id may already be another process's."""
+        if self.mode == "record" or not seccomp.own_thread(_name(nr), notif.data.args, notif.pid):
+            return False
+        try:
+            fcntl.ioctl(self.fd, _NOTIF_ID_VALID, ctypes.c_uint64(notif.id))
+        except OSError:
+            return False
+        return True
 
     def _violation(self, nr: int, notif: _Notif, *, refused: bool, fixed: bool) -> None:
         name = _name(nr)
