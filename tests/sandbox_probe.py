@@ -82,16 +82,29 @@ def _at_child(call: Callable[[int], object]) -> int:
 
 def _at_thread(call: Callable[[int], object]) -> int:
     """`call` aimed at another thread of this process, by its thread id."""
-    ready, done, box = threading.Event(), threading.Event(), []
-    worker = threading.Thread(target=lambda: (box.append(threading.get_native_id()),
-                                              ready.set(), done.wait()))  # fmt: skip
+    ready, done, tids = threading.Event(), threading.Event(), []
+
+    def wait() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait()
+
+    worker = threading.Thread(target=wait)
     worker.start()
     ready.wait()
     try:
-        return _call(lambda: call(box[0]))
+        return _call(lambda: call(tids[0]))
     finally:
         done.set()
         worker.join()
+
+
+def _parent_death_signal() -> int:
+    """The signal this process gets when its parent dies (prctl PR_GET_PDEATHSIG)."""
+    signo = ctypes.c_int(0)
+    if _libc.prctl(2, ctypes.byref(signo), 0, 0, 0) != 0:
+        return -ctypes.get_errno()
+    return signo.value
 
 
 _NOFILE = resource.RLIMIT_NOFILE
@@ -148,6 +161,7 @@ PROBES = {
     "fork": lambda: _clone(0),
     "clone_newuser": lambda: _clone(0x10000000),  # CLONE_NEWUSER
     "clone_newnet": lambda: _clone(0x40000000),  # CLONE_NEWNET
+    "parent_death_signal": _parent_death_signal,
     "tcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM),
     "tcp_by_number": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "mptcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, _IPPROTO_MPTCP),

@@ -249,3 +249,29 @@ def json_values(max_leaves: int) -> st.SearchStrategy[Any]:
         containers,
         max_leaves=max_leaves,
     )
+
+
+def stand_in_harness(demo_dir: Path, workdir: Path, *overrides: str) -> Harness:
+    """`harness serve` of the demo config with the stand-in engine (tests/fake_engine.py),
+    HARNESS_FAKE_ENGINE_MB passed through to it."""
+    from runtime.demo import assets
+    from tests import fake_engine
+
+    return Harness(
+        demo_dir / assets.CONFIG_NAME,
+        workdir,
+        [
+            f'engine.python="{fake_engine.install(workdir)}"',
+            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
+            *overrides,
+        ],
+    )
+
+
+def list_models(harness: Harness, demo_dir: Path) -> httpx.Response:
+    """GET /v1/models over mTLS with the demo client certificate (the stand-in engine forks
+    its child on the first one)."""
+    pki = demo_dir / "pki"
+    ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
+    with httpx.Client(verify=ctx, timeout=30) as client:
+        return client.get(f"{harness.url}/v1/models")

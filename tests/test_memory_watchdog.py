@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from runtime import telemetry
@@ -23,8 +22,7 @@ from runtime.engine import resources, watchdog
 from runtime.engine.command import RuntimePaths, build_argv
 from runtime.engine.resources import MemoryCaps, gpu_caps
 from runtime.errors import ConfigError
-from tests import fake_engine
-from tests.support import Harness, client_context, process_group
+from tests.support import Harness, list_models, process_group, stand_in_harness
 
 MB = 1 << 20
 GIB = 1 << 30
@@ -200,21 +198,12 @@ def test_serve_stops_an_engine_over_its_memory_cap_and_exits_6(
     """Through `harness serve`: the stand-in engine and a child it forks each take HOLD_MB
     on the first /v1/models request; their sum is over the cap."""
     monkeypatch.setenv("HARNESS_FAKE_ENGINE_MB", str(HOLD_MB))
-    harness = Harness(
-        demo_dir / assets.CONFIG_NAME,
-        open_tmp,
-        [
-            f'engine.python="{fake_engine.install(open_tmp)}"',
-            f"engine.max_rss_bytes={int(HOLD_MB * 1.5) * MB}",
-            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
-        ],
+    harness = stand_in_harness(
+        demo_dir, open_tmp, f"engine.max_rss_bytes={int(HOLD_MB * 1.5) * MB}"
     )
     try:
         harness.wait_ready()
-        pki = demo_dir / "pki"
-        ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
-        with httpx.Client(verify=ctx, timeout=30) as client:
-            client.get(f"{harness.url}/v1/models")
+        list_models(harness, demo_dir)
         assert harness.proc.wait(timeout=120) == 6
     finally:
         harness.kill()

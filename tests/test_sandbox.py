@@ -128,8 +128,11 @@ DENIED = ["ptrace", "unshare", "mount", "io_uring_setup", "bpf", "udp", "packet"
 def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(
     open_tmp: Path, where: str
 ) -> None:
-    probes = [*DENIED, "clone_newuser", "unix", "clone3", "thread", "fork"]
+    probes = [*DENIED, "clone_newuser", "unix", "clone3", "thread", "fork", "parent_death_signal"]
     run = sandboxed(open_tmp, "enforce", probes, pod=where == "pod")
+    # Set after the uid change (which clears it), as root and as in a pod alike.
+    assert run.results["parent_death_signal"] == signal.SIGKILL
+    assert run.report["privileges"]["parent_death_signal"] == "SIGKILL"
     for probe in [*DENIED, "clone_newuser"]:
         assert run.results[probe] == -errno.EPERM, probe
     # Positive controls: an allowed socket, threads despite clone3 -> ENOSYS, and clone

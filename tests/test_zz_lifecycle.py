@@ -15,10 +15,16 @@ import httpx
 import pytest
 
 from runtime.demo import assets
-from tests import fake_engine
 from tests.conftest import Servers
 from tests.container import Container
-from tests.support import Harness, client_context, openai_client, process_group
+from tests.support import (
+    Harness,
+    client_context,
+    list_models,
+    openai_client,
+    process_group,
+    stand_in_harness,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -143,20 +149,10 @@ def test_harness_killed_takes_the_engine_with_it(
     """SIGKILL leaves harness no chance to stop the engine: the parent-death signal stage 2
     sets does (the stand-in engine, with a child it forks, as vLLM's engine core)."""
     monkeypatch.setenv("HARNESS_FAKE_ENGINE_MB", "1")
-    harness = Harness(
-        demo_dir / assets.CONFIG_NAME,
-        open_tmp,
-        [
-            f'engine.python="{fake_engine.install(open_tmp)}"',
-            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
-        ],
-    )
+    harness = stand_in_harness(demo_dir, open_tmp)
     try:
         harness.wait_ready()
-        pki = demo_dir / "pki"
-        ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
-        with httpx.Client(verify=ctx, timeout=30) as client:
-            client.get(f"{harness.url}/v1/models")  # it forks its child
+        list_models(harness, demo_dir)  # it forks its child
         assert len(process_group(harness.engine_pid)) == 2
         [dropped] = harness.events("privilege_drop")
         assert dropped["parent_death_signal"] == "SIGKILL"

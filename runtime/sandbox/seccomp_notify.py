@@ -200,7 +200,9 @@ class Supervisor(threading.Thread):
     def _own_thread(self, nr: int, notif: _Notif) -> bool:
         """sched_setaffinity and the like aimed at a thread of the caller's own process: let
         through, no event (see seccomp.SELF_ONLY). Only if the caller still waits after /proc
-        was read: otherwise its thread id may already be another process's."""
+        was read: otherwise its thread id may already be another process's. (The target may
+        exit and its id be reused within that microsecond window: then another process of the
+        same uid gets the engine's own scheduling request, no more.)"""
         if self.mode == "record" or not seccomp.own_thread(_name(nr), notif.data.args, notif.pid):
             return False
         try:
