@@ -23,7 +23,12 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     files = front_server.open_files(cfg.front, apply=False)  # room for the connections, or 2
     weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
-    loaded = launcher.load_secrets(cfg)  # step 3, or exit 4
+    # Step 3, or exit 4. The engine's reach as serve would have it where Landlock is there;
+    # its own /dev/shm counted only where namespaces are required (auto may fall back).
+    landlocked = cfg.sandbox.landlock != "off" and landlock.abi_version() > 0
+    runtime = cfg.engine.runtime_dir / "harness-XXXXXX"
+    own_shm = cfg.sandbox.namespaces == "required"
+    loaded = launcher.load_secrets(cfg, launcher.engine_reach(cfg, runtime, landlocked, own_shm))
     caps = resources.compute(cfg.engine)  # step 4
     placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
     plan = build_plan(cfg, RuntimePaths(cfg.engine.runtime_dir / "harness-XXXXXX"), caps=caps)
@@ -63,7 +68,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "status": "enforced",
                 "listener": "unix socket only (--uds)",
                 "offline": True,
-                "network_namespace": cfg.engine.network_namespace,
+                "namespaces": cfg.sandbox.namespaces,
             },
             "engine_environment": {
                 "status": "enforced",

@@ -190,10 +190,9 @@ class EngineSection(_Section):
     # Needed on CPU: without it vLLM sizes the KV cache from 0.92 of RAM.
     kv_cache_memory_bytes: int | None = Field(default=None, ge=1 << 20)
     ready_timeout_s: float = Field(default=600.0, gt=0)
+    # Once ready, the engine's /health is polled; unanswered this long: event, exit 6.
+    liveness_timeout_s: float = Field(default=60.0, ge=1, le=3600)
     stop_timeout_s: float = Field(default=20.0, gt=0, le=600)
-    # A private network namespace (only a loopback) for the engine. `auto` uses one when
-    # harness may create it (CAP_SYS_ADMIN); `required` refuses to start without one.
-    network_namespace: Literal["auto", "required", "off"] = "auto"
     # When harness starts as root, the engine runs as this non-root uid/gid.
     uid: int = Field(default=65534, ge=1, le=(1 << 32) - 2)
     gid: int = Field(default=65534, ge=1, le=(1 << 32) - 2)
@@ -202,8 +201,29 @@ class EngineSection(_Section):
     # Extra variables copied from harness's environment into the engine's (allowlist).
     env_passthrough: list[str] = Field(default_factory=list)
     # CPU memory cap: the engine's process tree, summed as PSS (README, Memory caps); over it,
-    # the engine is stopped and harness exits 6. Unset: off (the pod's memory limit remains).
-    max_rss_bytes: int | None = Field(default=None, ge=16 << 20)
+    # the engine is stopped and harness exits 6. "auto": 90% of the memory harness may use
+    # (its cgroup's memory.max, else the machine's), so that the engine is stopped with an
+    # event before the kernel's OOM killer picks a process. "off": none.
+    max_rss_bytes: int | str = "auto"
+
+    @field_validator("max_rss_bytes")
+    @classmethod
+    def _rss_cap(cls, value: int | str) -> int | str:
+        if value in ("auto", "off"):
+            return value
+        if isinstance(value, (str, bool)) or value < 16 << 20:
+            raise ValueError('bytes (an integer of at least 16 MiB), "auto" or "off"')
+        return value
+
+    # The size of the engine's own /dev/shm (a tmpfs in its mount namespace; vLLM and torch
+    # share tensors and queues there). Memory is used only as written, and counts against
+    # the pod's limit, not max_rss_bytes.
+    shm_bytes: int = Field(default=1 << 30, ge=16 << 20)
+    # Processes and threads the engine may have at once (RLIMIT_NPROC; in its own user
+    # namespace only its own count; as root every task of engine.uid counts, so give each
+    # instance on a host its own uid). vLLM on a CPU uses about 2 per core plus ~40; the rest
+    # stops a fork bomb. Reaching it is a `task_cap_reached` event.
+    max_tasks: int = Field(default=4096, ge=64, le=1 << 22)
     # GPU memory per device: bytes (an integer) or a fraction 0 < x <= 1 of the device (a
     # float, 1.0 = all of it); becomes vLLM's --gpu-memory-utilization and the watchdog's cap.
     gpu_memory_limit: int | float | None = None
@@ -250,11 +270,16 @@ class EngineSection(_Section):
 
 
 class SandboxSection(_Section):
-    """What confines the engine beyond its uid and network namespace (README, Sandbox)."""
+    """What confines the engine beyond its uid (README, Sandbox)."""
 
     # Filesystem, TCP and scope rules. `best_effort` enforces what the kernel's Landlock ABI
     # offers and reports the rest; `required` refuses to start without Landlock.
     landlock: Literal["best_effort", "required", "off"] = "best_effort"
+    # The engine's own mount (a root holding only what it may use), network (only a loopback)
+    # and IPC namespaces, in a user namespace of its own when harness is not root. `auto`:
+    # used when the node allows them, otherwise an event says why not; `required`: refuse to
+    # start without them (exit 5).
+    namespaces: Literal["auto", "required", "off"] = "auto"
     # enforce: unlisted syscalls fail with EPERM and raise a seccomp_violation event; kill: the
     # kernel kills the process; complain: allowed, events only; off: development only.
     seccomp: Literal["enforce", "kill", "complain", "off"] = "enforce"
@@ -429,12 +454,17 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(_describe(path, exc), fix=_fix(exc)) from None
 
 
+# Keys that moved: the error names the new place.
+RENAMED = {"engine.network_namespace": "sandbox.namespaces"}
+
+
 def _describe(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(part) for part in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key '{key}'")
+            moved = f" (it is now '{RENAMED[key]}')" if key in RENAMED else ""
+            lines.append(f"{path}: unknown key '{key}'{moved}")
         elif err["type"] == "missing":
             lines.append(f"{path}: missing required key '{key}'")
         else:

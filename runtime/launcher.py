@@ -16,8 +16,8 @@ from types import FrameType
 from runtime import config as config_mod
 from runtime import otel, secrets, telemetry
 from runtime.config import Config, SignatureSection
+from runtime.engine import liveness, resources, watchdog
 from runtime.engine import process as engine_process
-from runtime.engine import resources, watchdog
 from runtime.engine.process import Engine
 from runtime.errors import EngineError, IntegrityError, SecretsError
 from runtime.front import metrics, tls
@@ -27,7 +27,7 @@ from runtime.front.proxy import FrontApp, FrontState
 from runtime.front.server import ServerState
 from runtime.integrity import model_dir, signature
 from runtime.sandbox import front as front_sandbox
-from runtime.sandbox import seccomp
+from runtime.sandbox import landlock, namespaces, privileges, seccomp
 
 ENGINE_FAILED = EngineError.exit_code
 
@@ -54,17 +54,21 @@ def serve(
     # Landlock lets it read only the system, its code, the model and signature, its secrets
     # and TLS files, and write only the engine's private runtime dir and /dev/shm (exit 5 if
     # sandbox.landlock = required cannot be met). The dir is removed on the way out.
+    # The engine's namespaces and root come first: once confined, harness may not mount.
     with engine_process.runtime_dir(cfg) as paths:
-        confined = front_sandbox.confine(cfg, paths.root)
+        spaces = engine_process.prepare_namespaces(cfg, paths)
+        confined = front_sandbox.confine(cfg, paths.root, spaces.shm_path)
         telemetry.emit("landlock", "ok" if confined["enforced"] else "failed", **confined)
 
         # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
         #    policy, strict safetensors headers; each file fingerprinted (exit 3).
         weights, _evidence = verify_weights(cfg)
 
-        # 3. Secrets: none in the environment; the secrets dir in memory, its files private; held
-        #    by the front only (exit 4). The collector's credentials are among them.
-        export.start(load_secrets(cfg))
+        # 3. Secrets: none in the environment; the secrets dir in memory, its files private and
+        #    out of the engine's reach; held by the front only (exit 4). The collector's
+        #    credentials are among them.
+        reach = engine_reach(cfg, paths.root, bool(confined["enforced"]), spaces.isolated)
+        export.start(load_secrets(cfg, reach))
 
         # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py), the
         #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
@@ -89,7 +93,7 @@ def serve(
         if cfg.front.metrics_listen:
             metrics.serve(cfg.front.metrics_listen, gauges)
 
-        # 5. Engine: stage 2 enters a private network namespace, sets no_new_privs, applies
+        # 5. Engine: stage 2 enters its namespaces (above), sets no_new_privs, applies
         #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
         #    TCP out), drops privileges (non-root uid, no capabilities), loads the profiled seccomp
         #    filter (violations answered and reported by a supervisor here) and execs vLLM,
@@ -97,7 +101,7 @@ def serve(
         #    sandbox cannot be applied).
         with (
             listener,
-            Engine.create(cfg, caps, paths=paths) as engine,
+            Engine.create(cfg, caps, paths=paths, spaces=spaces) as engine,
             watchdog.for_engine(engine, caps),
         ):
             engine.start()
@@ -124,7 +128,9 @@ def serve(
                 files,
                 on_ready,
             )
-            code = front_server.run(front)
+            # From now on the engine must keep answering (engine.liveness_timeout_s, exit 6).
+            with liveness.watch(engine, cfg.engine.liveness_timeout_s):
+                code = front_server.run(front)
             engine_code = engine.stop()
     telemetry.emit(
         "shutdown",
@@ -189,10 +195,33 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
     return verified, evidence
 
 
-def load_secrets(cfg: Config) -> dict[str, secrets.Secret]:
+def engine_reach(
+    cfg: Config, runtime_root: Path, landlocked: bool, own_shm: bool
+) -> list[str] | None:
+    """The paths the engine may open: its Landlock rules (also its mount namespace's root),
+    less the host's /dev/shm where it has its own. None: any path (no Landlock, and then
+    /proc/<harness>/root reaches even what its mount namespace hides)."""
+    if not landlocked:
+        return None
+    fence = landlock.build(cfg, runtime_root, [])
+    reach = [*fence.read, *fence.write, *fence.devices]
+    return [p for p in reach if not (own_shm and p == namespaces.SHM)]
+
+
+def _engine_identity(cfg: Config) -> tuple[int, set[int]]:
+    drop = privileges.build(cfg.engine, os.geteuid())
+    if drop.uid is not None and drop.gid is not None:
+        return drop.uid, {drop.gid}
+    return os.geteuid(), {os.getegid(), *os.getgroups()}  # the engine keeps harness's ids
+
+
+def load_secrets(cfg: Config, reach: list[str] | None) -> dict[str, secrets.Secret]:
     try:
         secrets.check_environment(dict(os.environ), cfg.secrets.allow_env)
         loaded = secrets.load(cfg.secrets) if cfg.secrets.dir is not None else {}
+        if cfg.secrets.dir is not None:
+            uid, groups = _engine_identity(cfg)
+            secrets.check_engine_cannot_read(cfg.secrets.dir, reach, uid, groups)
     except SecretsError as exc:
         telemetry.emit("secret_injection", "blocked", error=exc.message)
         raise

@@ -150,6 +150,43 @@ def load(
     return secrets
 
 
+def check_engine_cannot_read(
+    folder: Path, reachable: list[str] | None, uid: int, groups: set[int]
+) -> None:
+    """Refuse to start when the engine could read a secret: the secrets dir lies within a
+    path the engine reaches (`reachable`: its Landlock and mount-namespace paths; None: any
+    path, without Landlock) and a file there is readable by the engine's uid or groups (in a
+    pod the engine keeps harness's uid). A warning would leave the secret readable."""
+    real = os.path.realpath(folder)
+    if reachable is not None:
+        inside = [p for p in reachable if real == p or real.startswith(p.rstrip("/") + "/")]
+        if not inside:
+            return
+        where = f"inside {inside[0]}, which the engine may read"
+    else:
+        where = "anywhere the engine's uid may read: Landlock is not enforced"
+    for entry in sorted(os.scandir(real), key=lambda e: e.name):
+        st = entry.stat()
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        readable = (
+            (st.st_uid == uid and mode & 0o400)
+            or (st.st_gid in groups and mode & 0o040)
+            or mode & 0o004
+        )
+        if readable:
+            raise SecretsError(
+                f"secret {entry.name}: the engine could read it: secrets.dir {folder} is "
+                f"{where}, and the file (owner {st.st_uid}, group {st.st_gid}, mode "
+                f"{mode:04o}) is readable by the engine's uid {uid} or its groups",
+                fix="keep secrets.dir out of the engine's paths (system folders, the venv, "
+                "the model, its runtime dir, sandbox.extra_*_paths; /dev/shm where it has no "
+                "mount namespace of its own), or run harness as root so that the engine "
+                "runs as engine.uid",
+            )
+
+
 def _read_all(folder: str, max_bytes: int) -> dict[str, Secret]:
     secrets: dict[str, Secret] = {}
     euid = os.geteuid()

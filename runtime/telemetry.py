@@ -25,7 +25,7 @@ STARTUP_STEPS = frozenset(
     {
         "weight_integrity_check",
         "secret_injection",
-        "network_namespace",
+        "namespaces",
         "privilege_drop",
         "landlock",
         "seccomp_install",
@@ -45,6 +45,8 @@ EVENT_TYPES = STARTUP_STEPS | frozenset(
         "seccomp_startup_probes",
         "egress_attempt",
         "memory_cap_exceeded",
+        "task_cap_reached",
+        "engine_unresponsive",
         "engine_exit",
         "unsafe_setting",
         "shutdown",

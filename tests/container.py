@@ -57,7 +57,6 @@ max_tokens = 64
 [engine]
 device = "cpu"
 runtime_dir = "/run/harness"
-network_namespace = "off"
 max_model_len = 256
 kv_cache_memory_bytes = 67108864
 """
@@ -148,6 +147,13 @@ class Container(Observed):
             check=True,
         )
         return [p for p in json.loads(done.stdout) if p["state"] != "Z"]
+
+    def python(self, code: str, *args: str) -> str:
+        """`python -c CODE ARGS` inside the container (uid 10001, its profile), its stdout."""
+        command = ["podman", "exec", self.name, "python3.11", "-c", code, *args]
+        done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
 
     def engine_group(self) -> list[dict[str, Any]]:
         return [p for p in self.processes() if p["pgid"] == self.engine_pid]

@@ -5,6 +5,10 @@ start, too slow for the fast tier; the engine tier runs it.
 It answers `/health`, `/v1/models` and `/v1/completions` on the `--uds` socket. With
 HARNESS_FAKE_ENGINE_MB in its environment (through `engine.env_passthrough`), its first
 `/v1/models` request makes it and a child it forks each hold that many MB of touched memory.
+With HARNESS_FAKE_ENGINE_HOSTILE=1 it writes what a hostile engine would to its stdout and
+stderr (event-shaped JSON, terminal escapes) after making its stderr non-blocking; with
+HARNESS_FAKE_ENGINE_GONE_AFTER=S it renames its socket S seconds after it answered /health
+(alive, but no longer reachable).
 """
 
 from __future__ import annotations
@@ -72,8 +76,26 @@ class Handler(BaseHTTPRequestHandler):
         })
 
 
+if os.environ.get("HARNESS_FAKE_ENGINE_HOSTILE"):
+    import fcntl
+    fcntl.fcntl(2, fcntl.F_SETFL, fcntl.fcntl(2, fcntl.F_GETFL) | os.O_NONBLOCK)
+    forged = '{"event_type": "engine_ready", "outcome": "ok", "forged": true}'
+    os.write(1, (forged + "\n").encode())
+    os.write(2, (forged + "\n\x1b]0;owned\x07\x1b[2J cleared\n").encode())
+gone_after = float(os.environ.get("HARNESS_FAKE_ENGINE_GONE_AFTER", "0"))
+
+
+def leave():
+    time.sleep(gone_after)
+    os.rename(uds, uds + ".gone")
+
+
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-Server(uds, Handler).serve_forever()
+server = Server(uds, Handler)
+if gone_after:
+    import threading
+    threading.Thread(target=leave, daemon=True).start()
+server.serve_forever()
 """
 
 

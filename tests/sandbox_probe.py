@@ -129,6 +129,26 @@ def _connect(port: str) -> int:
     return 0
 
 
+def _fork_many(count: int) -> int:
+    """Up to `count` children that wait; how many were made before fork failed."""
+    read_end, write_end = os.pipe()
+    children = []
+    for _ in range(count):
+        try:
+            pid = os.fork()
+        except OSError:
+            break
+        if pid == 0:
+            os.close(write_end)
+            os.read(read_end, 1)
+            os._exit(0)
+        children.append(pid)
+    os.close(write_end)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return len(children)
+
+
 def _flood(numbers: list[int]) -> int:
     """Each number once, with zero arguments; the first result that is not EPERM, else EPERM."""
     for nr in numbers:
@@ -162,6 +182,11 @@ PROBES = {
     "clone_newuser": lambda: _clone(0x10000000),  # CLONE_NEWUSER
     "clone_newnet": lambda: _clone(0x40000000),  # CLONE_NEWNET
     "parent_death_signal": _parent_death_signal,
+    "interfaces": lambda: len(socket.if_nameindex()),
+    "ipc_namespace": lambda: os.stat("/proc/self/ns/ipc").st_ino,
+    "net_namespace": lambda: os.stat("/proc/self/ns/net").st_ino,
+    "user_namespace": lambda: os.stat("/proc/self/ns/user").st_ino,
+    "uid": os.getuid,
     "tcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM),
     "tcp_by_number": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "mptcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, _IPPROTO_MPTCP),
@@ -199,7 +224,11 @@ def main() -> int:
         outer = seccomp.parse_profile(plan["outer_profile"], "outer")
         _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
         seccomp.compile_profile(outer, "as_written").filter.load()
-    report, compiled = stage2.apply(plan)
+    try:
+        report, compiled = stage2.apply(plan)
+    except stage2.StageError as exc:  # as stage 2 does: the report says why, nothing runs
+        channel.sendall(json.dumps({"error": str(exc), **exc.report}).encode())
+        return 5
     listener = seccomp.load(compiled) if compiled is not None else None
     message = json.dumps(report).encode()
     if listener is not None:
@@ -216,6 +245,8 @@ def main() -> int:
             result = _open(arg, "w")
         elif name == "connect":
             result = _connect(arg)
+        elif name == "fork_many":
+            result = _fork_many(int(arg))
         elif name == "flood":  # flood:1000-3999 or flood:12,34,56
             first, dash, last = arg.partition("-")
             numbers = range(int(first), int(last) + 1) if dash else map(int, arg.split(","))

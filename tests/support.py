@@ -97,6 +97,12 @@ def openai_client(base_url: str, ctx: ssl.SSLContext) -> openai.OpenAI:
     )
 
 
+def engine_lines(log: str) -> list[str]:
+    """The engine's own lines in harness's stderr, without their tag (runtime/engine/output.py)."""
+    tags = ("engine[stdout]: ", "engine[stderr]: ")
+    return [line.split(": ", 1)[1] for line in log.splitlines() if line.startswith(tags)]
+
+
 class Observed:
     """A running `harness serve` seen from outside: its events (stdout, JSON lines) and log
     (stderr) in files, its process. Harness (a process here) and tests.container.Container
@@ -193,6 +199,11 @@ class Harness(Observed):
             stderr=self.stderr_path.open("wb"),
         )
 
+    def python(self, code: str, *args: str) -> str:
+        """`python -c CODE ARGS` where harness runs (here, as root), its stdout."""
+        command = [sys.executable, "-c", code, *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
     def engine_group(self) -> list[dict[str, Any]]:
         """The engine's live processes: pid, pgid, state and /proc/PID/status (as
         tests.container.Container reports them from inside the image)."""
@@ -262,7 +273,8 @@ def stand_in_harness(demo_dir: Path, workdir: Path, *overrides: str) -> Harness:
         workdir,
         [
             f'engine.python="{fake_engine.install(workdir)}"',
-            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB"]',
+            'engine.env_passthrough=["HARNESS_FAKE_ENGINE_MB", "HARNESS_FAKE_ENGINE_HOSTILE", '
+            '"HARNESS_FAKE_ENGINE_GONE_AFTER"]',
             *overrides,
         ],
     )

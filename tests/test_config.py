@@ -38,7 +38,7 @@ def test_valid_config_resolves_paths_against_its_folder(tmp_path: Path) -> None:
     assert cfg.model.dir == tmp_path / "model"
     assert cfg.front.tls.client_ca == tmp_path / "pki" / "ca.pem"
     assert cfg.limits.max_tokens == 256
-    assert cfg.engine.network_namespace == "auto"
+    assert cfg.sandbox.namespaces == "auto"
     assert cfg.model.signature is not None
     assert cfg.model.signature.public_key == tmp_path / "signer.pub"
     assert cfg.model.signature.method == "key"
@@ -93,7 +93,10 @@ def test_bad_values_in_sections_with_defaults(tmp_path: Path) -> None:
     for extra, needle in [
         ("[limits]\nmax_tokens = 0", "'limits.max_tokens'"),
         ("[engine]\ndevice = 'tpu'", "'engine.device'"),
-        ("[engine]\nnetwork_namespace = 'maybe'", "'engine.network_namespace'"),
+        ("[sandbox]\nnamespaces = 'maybe'", "'sandbox.namespaces'"),
+        ("[engine]\nmax_rss_bytes = 1000", "at least 16 MiB"),
+        ("[engine]\nmax_rss_bytes = 'lots'", "'engine.max_rss_bytes'"),
+        ("[engine]\nnetwork_namespace = 'auto'", "it is now 'sandbox.namespaces'"),
         ("[engine]\nenv_passthrough = ['AWS_SECRET_ACCESS_KEY']", "looks like a secret"),
         ("[engine]\nenv_passthrough = ['HF_TOKEN']", "looks like a secret"),
         ("[engine]\nenv_passthrough = ['OPENAI_API_KEY']", "looks like a secret"),

@@ -48,17 +48,23 @@ def events() -> Iterator[list[dict[str, Any]]]:
     telemetry.unsubscribe(seen.append)
 
 
-def _hungry(mb: int) -> subprocess.Popen[str]:
+def _holding(code: str, amount: int, lines: int) -> subprocess.Popen[str]:
+    """`code` started in a process group of its own, as the engine's, once it has printed
+    `held` `lines` times."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", HUNGRY, str(mb)],
+        [sys.executable, "-c", code, str(amount)],
         stdout=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group, as the engine has
+        start_new_session=True,
     )
     assert proc.stdout is not None
-    for _ in range(2):  # both processes hold their memory
+    for _ in range(lines):
         assert proc.stdout.readline() == "held\n"
     return proc
+
+
+def _hungry(mb: int) -> subprocess.Popen[str]:
+    return _holding(HUNGRY, mb, lines=2)  # both processes hold their memory
 
 
 def _running(proc: subprocess.Popen[str]) -> int | None:
@@ -83,7 +89,12 @@ def test_watchdog_stops_a_process_tree_over_the_cap(events: list[dict[str, Any]]
     assert event["measure"] == "pss"
     assert proc.pid in event["pids"] and len(event["pids"]) == 2  # the sum, not one process
     assert reasons == ["memory_cap_exceeded"]
-    assert not process_group(proc.pid)  # the forked child is gone too
+    # The forked child is gone too (SIGKILLed with the group; under load it may take a
+    # moment to release its memory and become a zombie).
+    deadline = time.monotonic() + 10
+    while process_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not process_group(proc.pid)
 
 
 def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, Any]]) -> None:
@@ -97,6 +108,36 @@ def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, An
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+THREADS = """
+import sys, threading
+hold = threading.Event()
+for _ in range(int(sys.argv[1])):
+    threading.Thread(target=hold.wait, daemon=True).start()
+print("held", flush=True)
+hold.wait()
+"""
+
+
+def test_reaching_the_task_cap_is_one_event_and_the_engine_runs_on(
+    events: list[dict[str, Any]],
+) -> None:
+    """An engine at engine.max_tasks (its forks now fail with EAGAIN): reported once, with
+    the count; not stopped (a memory cap stops it, a task cap only refuses more tasks)."""
+    proc = _holding(THREADS, 80, lines=1)
+    try:
+        caps = MemoryCaps(max_tasks=64)
+        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
+            time.sleep(0.6)
+        assert dog.tripped is None and proc.poll() is None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    [event] = [e for e in events if e["event_type"] == "task_cap_reached"]
+    assert event["outcome"] == "blocked" and event["setting"] == "engine.max_tasks"
+    assert event["cap_tasks"] == 64 and event["observed_tasks"] >= 81
+    assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
 
 
 def test_no_caps_no_thread() -> None:
@@ -236,3 +277,35 @@ def test_real_engine_over_a_tiny_cap_is_stopped_with_exit_6(demo_dir: Path, open
     assert shutdown["exit_code"] == 6 and "(memory_cap_exceeded)" in shutdown["message"]
     assert "engine_ready" not in {e["event_type"] for e in harness.events()}
     assert not process_group(harness.engine_pid)
+
+
+def test_the_default_cpu_cap_is_nine_tenths_of_the_cgroup_limit_or_the_machine(
+    tmp_path: Path,
+) -> None:
+    """engine.max_rss_bytes = "auto" (the default): 90% of the container's memory.max, or of
+    MemTotal where the cgroup has no limit; "off" is none; bytes are bytes."""
+    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text("0::/kubepods/pod1/harness\n")
+    (proc / "meminfo").write_text("MemTotal:       24000000 kB\nMemFree: 1 kB\n")
+    limit_file = cgroup / "kubepods" / "pod1" / "harness" / "memory.max"
+    limit_file.parent.mkdir(parents=True)
+    limit_file.write_text("8589934592\n")
+    assert resources.memory_limit(str(cgroup), str(proc)) == (8 << 30, str(limit_file))
+    limit_file.write_text("max\n")
+    assert resources.memory_limit(str(cgroup), str(proc))[0] == 24000000 * 1024
+    assert resources.rss_cap("off") is None and resources.rss_cap(64 << 20) == 64 << 20
+    expected = int(resources.memory_limit()[0] * resources.AUTO_RSS_FRACTION)
+    assert resources.rss_cap("auto") == expected
+    cfg = Config.model_validate(
+        {
+            "model": {"dir": "/m", "served_name": "m", "unsafe_unsigned": True},
+            "front": {
+                "tls": {"cert": "/c", "key": "/k", "client_ca": "/ca"},
+                "allowed_identities": ["spiffe://x/y"],
+            },
+        }
+    )
+    assert cfg.engine.max_rss_bytes == "auto"
+    caps = resources.compute(cfg.engine)
+    assert caps.cpu_bytes == expected and caps.watched and caps.max_tasks == 4096

@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 
-from runtime.sandbox import landlock, recorder, seccomp
+from runtime.sandbox import landlock, namespaces, recorder, seccomp
 from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
 PROBE = Path(__file__).with_name("sandbox_probe.py")
 # Docker's default seccomp profile (moby/profiles, Apache-2.0), unchanged.
+UNDER_PROFILE = Path(__file__).with_name("under_profile.py")
 DOCKER_DEFAULT = Path(__file__).with_name("data") / "docker-default-seccomp.json"
 AS_ROOT = os.geteuid() == 0
 NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
@@ -35,18 +36,44 @@ POD = [
 ]  # fmt: skip
 
 
-def _plan(mode: str, fence: dict[str, Any] | None = None, pod: bool = False) -> dict[str, Any]:
+def _plan(
+    mode: str,
+    fence: dict[str, Any] | None = None,
+    pod: bool = False,
+    spaces: Any = None,
+    tasks: int | None = None,
+    uid: int = 65534,
+) -> dict[str, Any]:
     root = AS_ROOT and not pod
-    drop = {"uid": 65534, "gid": 65534} if root else {"uid": None, "gid": None}
+    drop: dict[str, Any] = {"uid": uid, "gid": uid} if root else {"uid": None, "gid": None}
+    drop["max_tasks"] = tasks
     filtered: dict[str, Any] = {"mode": mode}
     if mode != "off":
         filtered.update(profile=json.loads(PROFILE.read_text()), profile_path=str(PROFILE))
     return {
-        "network_namespace": "off",
+        "namespaces": spaces or {"mode": "off", "fds": {}},
         "privileges": drop,
         "landlock": fence or NO_LANDLOCK,
         "seccomp": filtered,
     }
+
+
+def _namespaces(workdir: Path, mode: str, wrapper: list[str], pod: bool) -> namespaces.Prepared:
+    """The helper's namespaces for the probe, made by the probe's own uid (the owner of a
+    user namespace must be the one entering it): a root with the system, this checkout and
+    its interpreter, and the workdir writable."""
+    mount_point = workdir / ".root"
+    mount_point.mkdir(exist_ok=True)
+    if pod and AS_ROOT:
+        os.chown(mount_point, 10001, 10001)
+    root = namespaces.RootPlan(
+        mount_point=str(mount_point),
+        read=[*landlock.SYSTEM_READ, str(REPO), sys.prefix, sys.base_prefix],
+        write=[str(workdir)],
+        devices=list(landlock.DEVICES),
+        shm_bytes=64 << 20,
+    )
+    return namespaces.prepare(mode, root, wrapper)
 
 
 class Run:
@@ -59,6 +86,7 @@ class Run:
         self.violations: dict[str, int] = {}
         self.unknown = 0
         self.sockets: set[tuple[int, int]] = set()
+        self.namespaces: dict[str, Any] = {}
 
     def named(self, syscall: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["syscall"] == syscall]
@@ -72,11 +100,23 @@ def sandboxed(
     phase: str = "serving",
     outer: dict[str, Any] | None = None,
     pod: bool = False,
+    spaces: str = "off",
+    failing: bool = False,
+    tasks: int | None = None,
+    uid: int = 65534,
 ) -> Run:
     """`phase`: the supervisor's (serving: every filtered call is an alert). `outer`: a
     container profile the child loads first, as runc does. `pod`: the child starts as uid
-    10001 without capabilities (when the tests run as root)."""
-    plan = _plan(mode, fence, pod)
+    10001 without capabilities (when the tests run as root). `spaces`: sandbox.namespaces.
+    `failing`: stage 2 is expected to stop with an error in its report."""
+    wrapper = POD if pod and AS_ROOT else []
+    if outer is not None:
+        outer_path = workdir / "outer.json"
+        outer_path.write_text(json.dumps(outer))
+        outer_path.chmod(0o644)
+        wrapper = [*wrapper, sys.executable, str(UNDER_PROFILE), str(outer_path)]
+    prepared = _namespaces(workdir, spaces, wrapper, pod)
+    plan = _plan(mode, fence, pod, prepared.stage2(), tasks, uid)
     if outer is not None:
         plan["outer_profile"] = outer
     plan_path = workdir / "plan.json"
@@ -88,12 +128,13 @@ def sandboxed(
             *(POD if pod and AS_ROOT else []),
             *[sys.executable, str(PROBE), str(child.fileno()), str(plan_path), *probes],
         ],
-        pass_fds=[child.fileno()],
+        pass_fds=[child.fileno(), *prepared.fds.values()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=REPO,
     )
     child.close()
+    prepared.close()
     events: list[dict[str, Any]] = []
     supervisor = None
     chunks = []
@@ -112,12 +153,13 @@ def sandboxed(
         assert not supervisor.is_alive()
     lines = [json.loads(line) for line in out.decode().splitlines()]
     run = Run(json.loads(b"".join(chunks)), {r["probe"]: r["result"] for r in lines}, events)
+    run.namespaces = prepared.report
     run.returncode = proc.returncode
     if supervisor is not None:
         run.probes = dict(supervisor.probes)
         run.violations = dict(supervisor.violations)
         run.unknown, run.sockets = supervisor.unknown, set(supervisor.sockets)
-    assert "error" not in run.report, (run.report, err.decode())
+    assert ("error" in run.report) == failing, (run.report, err.decode())
     return run
 
 
@@ -152,6 +194,121 @@ def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(
     packet = (17, socket.SOCK_RAW) in sockets or any(e.get("repeated") for e in run.named("socket"))
     assert packet
     assert run.report["seccomp"]["mode"] == "enforce" and run.report["seccomp"]["installed"]
+
+
+NAMESPACE_PROBES = ["interfaces", "net_namespace", "ipc_namespace", "user_namespace", "uid"]
+
+
+def _own_namespace(kind: str) -> int:
+    return os.stat(f"/proc/self/ns/{kind}").st_ino
+
+
+@pytest.mark.parametrize("where", ["root", "pod", "container"])
+def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privilege(
+    open_tmp: Path, where: str
+) -> None:
+    """As root, and as uid 10001 without capabilities (a pod, through a user namespace of its
+    own): the engine's network holds only lo, so a listener it opens on 0.0.0.0 is reachable
+    by nobody and the services on the host's loopback are out of its reach; System V IPC is
+    its own; its root holds only what it was given, read-only but for its own dir, with a
+    /dev/shm nobody else sees. The capabilities it held in its user namespace are gone
+    before the filter, and the filter refuses any further namespace. `container`: as in a pod,
+    under the shipped container profile (the image's setting)."""
+    pod = where != "root"
+    outer = json.loads(CONTAINER_PROFILE.read_text()) if where == "container" else None
+    secret = Path("/dev/shm") / f"harness-test-{os.getpid()}"  # as the demo keeps its TLS key
+    secret.write_text("key")
+    (open_tmp / "w").mkdir(mode=0o777)
+    (open_tmp / "w").chmod(0o777)  # the engine's uid (65534 as root, 10001 in a pod) writes
+    try:
+        with socket.socket() as outside:
+            outside.bind(("127.0.0.1", 0))
+            outside.listen()
+            port = outside.getsockname()[1]
+            probes = [
+                *NAMESPACE_PROBES,
+                f"connect:{port}",
+                f"read:{secret}",
+                f"write:{open_tmp}/w/mine",
+                "write:/dev/shm/mine",
+                f"write:{REPO}/pyproject.toml",
+                "read:/root/.bashrc",
+                "unshare",
+                "clone_newuser",
+                "tcp",
+            ]
+            run = sandboxed(open_tmp, "enforce", probes, outer=outer, pod=pod, spaces="required")
+    finally:
+        secret.unlink()
+    expected = ["user", "mount", "network", "ipc"] if pod else ["mount", "network", "ipc"]
+    assert run.namespaces["isolated"] is True and run.namespaces["namespaces"] == expected
+    assert run.report["namespaces"]["entered"] == expected
+    assert run.results["interfaces"] == 1
+    assert run.results[f"connect:{port}"] == -errno.ECONNREFUSED
+    assert run.results["tcp"] >= 0  # TCP itself works, inside
+    for kind in ("net", "ipc"):
+        assert run.results[f"{kind}_namespace"] != _own_namespace(kind), kind
+    assert (run.results["user_namespace"] != _own_namespace("user")) == pod
+    assert run.results["uid"] == (10001 if pod else 65534)
+    # The host's /dev/shm and /root are not there; its own dir and /dev/shm are writable;
+    # the rest is read-only even where the uid could write (root's checkout, as root).
+    assert run.results[f"read:{secret}"] == -errno.ENOENT
+    assert run.results["read:/root/.bashrc"] == -errno.ENOENT
+    assert run.results[f"write:{open_tmp}/w/mine"] == 0 and run.results["write:/dev/shm/mine"] == 0
+    assert not Path("/dev/shm/mine").exists()
+    assert run.results[f"write:{REPO}/pyproject.toml"] == -errno.EROFS
+    assert run.results["unshare"] == -errno.EPERM and run.results["clone_newuser"] == -errno.EPERM
+    assert run.report["privileges"]["bounding_set"] == "empty"
+
+
+@pytest.mark.parametrize("where", ["root", "pod"])
+def test_the_engine_s_task_cap_stops_a_fork_bomb(open_tmp: Path, where: str) -> None:
+    """engine.max_tasks is RLIMIT_NPROC in stage 2: as root it counts every task of the
+    engine's uid (a uid of its own here: 65534 runs the other tests' engines), in a pod (its
+    own user namespace) only the engine's. 200 forks asked, fewer than 64 made."""
+    run = sandboxed(
+        open_tmp,
+        "enforce",
+        ["fork_many:200"],
+        pod=where == "pod",
+        spaces="auto",
+        tasks=64,
+        uid=54321,
+    )
+    assert run.report["privileges"]["rlimits"]["nproc"] == 64
+    assert 32 < run.results["fork_many:200"] < 64
+
+
+def _profile_without(names: set[str]) -> dict[str, Any]:
+    profile = json.loads(CONTAINER_PROFILE.read_text())
+    for rule in profile["syscalls"]:
+        rule["names"] = [n for n in rule["names"] if n not in names]
+    return profile
+
+
+@pytest.mark.parametrize("missing", ["unshare", "mount"])
+def test_where_the_node_refuses_namespaces_auto_says_why_and_required_stops(
+    open_tmp: Path, missing: str
+) -> None:
+    """A container profile without unshare, or without mount (as runtimes' default profiles
+    are), as in a pod: `auto` runs on in harness's namespaces and the report names the call;
+    `required` stops before anything runs."""
+    run = sandboxed(
+        open_tmp,
+        "enforce",
+        ["net_namespace"],
+        outer=_profile_without({missing}),
+        pod=True,
+        spaces="auto",
+    )
+    assert run.namespaces["isolated"] is False and run.namespaces["namespaces"] == []
+    assert missing in run.namespaces["reason"]
+    assert run.report["namespaces"]["entered"] == []
+    assert run.results["net_namespace"] == _own_namespace("net")
+    outer = open_tmp / "outer.json"
+    wrapper = [*(POD if AS_ROOT else []), sys.executable, str(UNDER_PROFILE), str(outer)]
+    with pytest.raises(OSError, match=missing):
+        _namespaces(open_tmp, "required", wrapper, pod=True)
 
 
 def test_known_startup_probes_are_refused_without_an_alert_while_the_engine_starts(
@@ -274,15 +431,15 @@ def test_under_the_container_profile_the_engines_refusals_still_reach_harness(
     assert outer["defaultAction"] == "SCMP_ACT_TRACE"
     if outer_default != "shipped":
         outer["defaultAction"] = outer_default
-    probes = ["ptrace", "bpf", "mount", "io_uring_setup", "packet"]
+    probes = ["ptrace", "bpf", "io_uring_setup", "packet"]
     allowed = seccomp.compile_profile(seccomp.parse_profile(outer, "outer")).allowed
-    assert not {"ptrace", "bpf", "mount", "io_uring_setup"} & set(allowed)  # both refuse them
+    assert not {"ptrace", "bpf", "io_uring_setup"} & set(allowed)  # both refuse them
     run = sandboxed(open_tmp, "enforce", [*probes, "unix", "thread"], outer=outer)
     assert all(run.results[p] == -errno.EPERM for p in probes), run.results
     assert run.results["unix"] == 0 and run.results["thread"] == 0
     reported = {e["syscall"] for e in run.events}
     if outer_default == "shipped":
-        assert reported == {"ptrace", "bpf", "mount", "io_uring_setup", "socket"}
+        assert reported == {"ptrace", "bpf", "io_uring_setup", "socket"}
     else:
         assert reported == set()
 
@@ -759,3 +916,47 @@ def test_a_cuda_engine_gets_the_gpu_rules_after_harness_confined_itself(
     expected = sorted(str(p) for p in devices.iterdir())
     assert [d for d in seen["front"] if d.startswith(str(devices))] == expected
     assert [d for d in seen["engine"] if d.startswith(str(devices))] == expected
+
+
+def test_harness_s_files_inside_the_engine_s_folders_are_covered(open_tmp: Path) -> None:
+    """harness's config in a folder of its own inside a folder the engine reads (the image's
+    /etc/harness): that folder is an empty one for the engine; a file beside what the engine
+    needs is /dev/null; harness itself still reads both."""
+    shared = open_tmp / "etc"
+    (shared / "harness" / "trust").mkdir(parents=True)
+    (shared / "harness" / "harness.toml").write_text("[model]")
+    (shared / "top.toml").write_text("secret")
+    (shared / "needed.conf").write_text("needed")
+    (open_tmp / ".root").mkdir()
+    root = namespaces.RootPlan(
+        mount_point=str(open_tmp / ".root"),
+        read=[*landlock.SYSTEM_READ, str(REPO), sys.prefix, sys.base_prefix, str(shared)],
+        write=[str(open_tmp / "w")],
+        hide=[str(shared / "harness" / "harness.toml"), str(shared / "top.toml")],
+    )
+    (open_tmp / "w").mkdir()
+    prepared = namespaces.prepare("required", root)
+    assert prepared.report["root"]["hidden"] == [str(shared / "harness"), str(shared / "top.toml")]
+    inside = """
+import json, os, sys
+from runtime.sandbox import namespaces
+namespaces.enter(json.loads(sys.argv[1]))
+base = sys.argv[2]
+print(json.dumps([sorted(os.listdir(base)), os.listdir(base + "/harness"),
+                  open(base + "/top.toml").read(), open(base + "/needed.conf").read()]))
+"""
+    fds = prepared.stage2()
+    done = subprocess.run(
+        [sys.executable, "-c", inside, json.dumps(fds), str(shared)],
+        pass_fds=list(fds["fds"].values()),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    prepared.close()
+    assert done.returncode == 0, done.stderr
+    listing, below, top, needed = json.loads(done.stdout)
+    assert listing == ["harness", "needed.conf", "top.toml"] and below == []
+    assert top == "" and needed == "needed"
+    assert (shared / "top.toml").read_text() == "secret"  # harness's view is unchanged

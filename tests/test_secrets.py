@@ -202,3 +202,50 @@ def test_serve_refuses_a_secret_in_the_environment_with_exit_4(tmp_path: Path) -
     events = [json.loads(x) for x in result.stdout.splitlines()]
     assert [e["event_type"] for e in events][-2:] == ["secret_injection", "shutdown"]
     assert "engine_start" not in {e["event_type"] for e in events}
+
+
+def test_a_secret_the_engine_could_read_is_refused(shm_dir: Path) -> None:
+    """In a pod the engine keeps harness's uid: a secret it can reach by path and read by
+    mode is refused, naming the file and the path the engine may read it through."""
+    key = _write(shm_dir / "server-key.pem", "key", 0o600)
+    me, groups = os.geteuid(), {os.getegid()}
+    parent = str(shm_dir.parent)
+    for reach, uid, gids in (
+        ([parent, "/usr"], me, groups),  # the folder holding the dir is the engine's
+        (None, me, groups),  # no Landlock: any path
+        ([str(shm_dir)], 54321, {os.stat(key).st_gid}),  # group-readable below
+    ):
+        key.chmod(0o640 if uid != me else 0o600)
+        with pytest.raises(SecretsError) as info:
+            secrets.check_engine_cannot_read(shm_dir, reach, uid, gids)
+        assert "secret server-key.pem: the engine could read it" in info.value.message
+        assert info.value.exit_code == 4 and "secrets.dir" in info.value.fix
+    key.chmod(0o600)
+    # Out of the engine's paths, or unreadable by its uid (root mode: uid 65534): fine.
+    secrets.check_engine_cannot_read(shm_dir, ["/usr", "/etc"], me, groups)
+    secrets.check_engine_cannot_read(shm_dir, [parent], 54321, {54321})
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the demo's secrets are root's")
+def test_serve_refuses_secrets_in_the_engine_s_dev_shm_with_exit_4(tmp_path: Path) -> None:
+    """The demo keeps its secrets in /dev/shm. Without a mount namespace the engine shares
+    that /dev/shm, and kept as root (development only) it could read them: exit 4 before the
+    engine starts."""
+    assets.ensure(tmp_path)
+    result = subprocess.run(
+        [
+            *[sys.executable, "-m", "runtime", "serve"],
+            *["--config", str(tmp_path / assets.CONFIG_NAME)],
+            *["--set", "sandbox.namespaces=off", "--set", "engine.unsafe_run_as_root=true"],
+        ],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "the engine could read it" in result.stderr and "/dev/shm" in result.stderr
+    events = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [e["event_type"] for e in events][-2:] == ["secret_injection", "shutdown"]
+    assert events[-2]["outcome"] == "blocked"
+    assert "engine_start" not in {e["event_type"] for e in events}

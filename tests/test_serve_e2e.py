@@ -14,6 +14,9 @@ import httpx
 import openai
 import pytest
 
+from runtime import config
+from runtime.demo import assets
+from runtime.sandbox.front import ENGINE_SHM
 from tests.container import Container
 from tests.support import Harness, client_context, openai_client, process_group, raw_request
 
@@ -213,14 +216,61 @@ def test_engine_processes_have_no_tcp_listener(harness: Harness) -> None:
     assert _socket_inodes(harness.proc.pid) & listening
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a network namespace needs CAP_SYS_ADMIN")
-def test_engine_runs_in_a_private_network_namespace(harness: Harness) -> None:
+def test_the_engine_has_mount_network_and_ipc_namespaces_of_its_own(
+    target: Harness | Container,
+) -> None:
+    """As root (host) no user namespace is needed; as uid 10001 without capabilities (the
+    image, under the shipped container profile) one comes first. Its root holds what its
+    Landlock rules name, and a /dev/shm of its own."""
+    event = target.events("namespaces")[0]
+    assert event["isolated"] is True and event["mode"] == "auto"
+    as_root = isinstance(target, Harness) and os.geteuid() == 0
+    expected = ["mount", "network", "ipc"] if as_root else ["user", "mount", "network", "ipc"]
+    assert event["namespaces"] == expected and event["entered"] == expected
+    root = event["root"]
+    assert root["shm_bytes"] == 1 << 30 and "/dev/null" in root["devices"]
+    assert "/usr" in root["read_only"] and len(root["writable"]) == 1
+
+
+_ENGINE_VIEW = """
+import json, os, sys
+pid, paths = sys.argv[1], sys.argv[2:]
+root = f"/proc/{pid}/root"
+seen = {path: os.path.exists(root + path) for path in paths}
+seen["own /dev/shm"] = os.stat(root + "/dev/shm").st_dev != os.stat("/dev/shm").st_dev
+print(json.dumps(seen))
+"""
+
+
+def test_the_engine_sees_none_of_harness_s_files_and_its_own_dev_shm(
+    target: Harness | Container, demo_dir: Path
+) -> None:
+    """Seen from inside the engine's mount namespace (/proc/PID/root): the model and its
+    runtime dir are there; harness's config, TLS key (the demo keeps it in /dev/shm, the
+    image in the secrets volume), CA and signature are not, and its /dev/shm is its own."""
+    if isinstance(target, Container):  # tests/container.py's CONFIG and mounts
+        model = "/models/model"
+        hidden = ["/models/model.sig", "/etc/harness/harness.toml", "/etc/harness/trust/ca.pem"]
+        hidden.append("/run/secrets/harness/server-key.pem")
+    else:
+        cfg = config.load(demo_dir / assets.CONFIG_NAME)
+        assert cfg.model.signature is not None
+        model, hidden = str(cfg.model.dir), [str(cfg.source), str(cfg.model.signature.path)]
+        hidden += [str(cfg.front.tls.key), str(cfg.front.tls.client_ca)]
+    runtime = target.events("engine_start")[0]["socket"].rsplit("/", 1)[0]
+    paths = [f"{model}/config.json", runtime, *hidden]
+    seen = json.loads(target.python(_ENGINE_VIEW, str(target.engine_pid), *paths))
+    assert seen[f"{model}/config.json"] and seen[runtime] and seen["own /dev/shm"], seen
+    assert not any(seen[path] for path in hidden), seen
+
+
+def test_engine_runs_in_private_network_and_ipc_namespaces(harness: Harness) -> None:
     """torch.distributed (gloo) in vLLM's worker listens on loopback TCP ports; in the engine's
     own namespace they are reachable by nobody else, and there is no interface but lo."""
-    assert harness.events("network_namespace")[0]["isolated"] is True
-    own = os.readlink(f"/proc/{harness.proc.pid}/ns/net")
-    for pid in process_group(harness.engine_pid):
-        assert os.readlink(f"/proc/{pid}/ns/net") != own
+    for kind in ("net", "ipc"):
+        own = os.readlink(f"/proc/{harness.proc.pid}/ns/{kind}")
+        for pid in process_group(harness.engine_pid):
+            assert os.readlink(f"/proc/{pid}/ns/{kind}") != own, (kind, pid)
     devices = Path(f"/proc/{harness.engine_pid}/net/dev").read_text().splitlines()[2:]
     assert [line.split(":")[0].strip() for line in devices] == ["lo"]
     # Inside that namespace, whatever listens is bound to loopback only.
@@ -401,7 +451,8 @@ def test_engine_serves_with_seccomp_enforced_and_landlock_on(
         harness_fenced["filesystem"]["read_execute"]
     )
     assert str(demo_dir / "pki") in harness_fenced["filesystem"]["read_execute"]
-    assert harness_fenced["filesystem"]["write"] == fenced["filesystem"]["write"]
+    # The engine's /dev/shm is its own tmpfs: harness names it in its rules by a descriptor.
+    assert harness_fenced["filesystem"]["write"] == [*fenced["filesystem"]["write"], ENGINE_SHM]
     client = openai_client(harness.url, _client_ctx(demo_dir))
     done = client.completions.create(model="demo", prompt="sandboxed", max_tokens=4)
     assert done.usage.completion_tokens >= 1

@@ -29,10 +29,11 @@ import httpx
 from runtime import telemetry
 from runtime.config import Config
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
+from runtime.engine.output import Relay
 from runtime.engine.reaper import Reaper
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
-from runtime.sandbox import landlock, privileges
+from runtime.sandbox import landlock, namespaces, privileges
 from runtime.sandbox.seccomp import RECORDING_PLAN, exit_event, profile_path
 from runtime.sandbox.seccomp_notify import Supervisor
 
@@ -73,6 +74,40 @@ def runtime_dir(cfg: Config) -> Iterator[RuntimePaths]:
         shutil.rmtree(paths.root, ignore_errors=True)
 
 
+def prepare_namespaces(
+    cfg: Config, paths: RuntimePaths, wrapper: list[str] | None = None
+) -> namespaces.Prepared:
+    """The engine's namespaces and root, made by a helper before harness confines itself
+    (Landlock forbids mounting to a confined process and everything it starts). The root
+    holds what the engine's Landlock rules name. Exit 5 when `required` cannot be met."""
+    mount_point = paths.root / ".root"
+    if cfg.sandbox.namespaces != "off":
+        mount_point.mkdir(mode=0o700, exist_ok=True)
+    fence = landlock.build(cfg, paths.root, [])
+    root = namespaces.root_plan(mount_point, fence, cfg.engine.shm_bytes, _harness_files(cfg))
+    try:
+        return namespaces.prepare(cfg.sandbox.namespaces, root, wrapper)
+    except OSError as exc:
+        detail = str(exc.strerror).removeprefix("namespaces: ")
+        telemetry.emit("namespaces", "failed", mode="required", isolated=False, reason=detail)
+        raise SandboxError(
+            f"sandbox.namespaces = required, and the engine's namespaces cannot be made: {detail}",
+            fix="allow unprivileged user namespaces on the node (user.max_user_namespaces, "
+            "AppArmor's userns restriction) and `unshare`/`mount`/`pivot_root`/`setns` in the "
+            "container's seccomp profile (README, Namespaces), or set sandbox.namespaces = auto",
+        ) from exc
+
+
+def _harness_files(cfg: Config) -> list[str]:
+    """What only harness reads: its config, TLS files, signature and trust, secrets."""
+    tls, otlp, sig = cfg.front.tls, cfg.telemetry, cfg.model.signature
+    files = [cfg.source, tls.cert, tls.key, tls.client_ca, otlp.otlp_ca, otlp.otlp_client_cert]
+    files.append(cfg.secrets.dir)
+    if sig is not None:
+        files += [sig.path, *sig.certificate_chain, sig.public_key, sig.trust_config]
+    return [str(p) for p in files if p is not None]
+
+
 class Engine:
     """A running engine. Use as a context manager: leaving it always stops the engine."""
 
@@ -82,6 +117,8 @@ class Engine:
         self.cfg = cfg
         self.paths = paths
         self.plan = plan
+        # Made before harness confined itself (launcher), or at start (profile, tests).
+        self.spaces: namespaces.Prepared | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         # `record` (harness profile) overrides the configured mode.
@@ -93,6 +130,8 @@ class Engine:
         self.stage2_wrapper: list[str] = []
         # Why harness stopped the engine on purpose (a watchdog), for the exit's events.
         self.stop_reason: str | None = None
+        # The engine's stdout and stderr, relayed as tagged lines (runtime/engine/output.py).
+        self.output: list[Relay] = []
 
     @classmethod
     def create(
@@ -101,10 +140,13 @@ class Engine:
         caps: MemoryCaps | None = None,
         seccomp_mode: str | None = None,
         paths: RuntimePaths | None = None,
+        spaces: namespaces.Prepared | None = None,
     ) -> Engine:
         paths = paths or make_runtime_dir(cfg)
         plan = build_plan(cfg, paths, caps=caps, rendezvous_port=_free_port())
-        return cls(cfg, paths, plan, seccomp_mode)
+        engine = cls(cfg, paths, plan, seccomp_mode)
+        engine.spaces = spaces
+        return engine
 
     @property
     def pid(self) -> int:
@@ -118,6 +160,8 @@ class Engine:
     def start(self) -> None:
         """Start stage 2 (runtime.sandbox.exec), which sandboxes itself and execs vLLM."""
         self.started_at = time.monotonic()
+        if self.spaces is None:
+            self.spaces = prepare_namespaces(self.cfg, self.paths)
         drop = privileges.build(self.cfg.engine, os.geteuid())
         privileges.check_reachable(self.cfg.engine, drop, self.cfg.model.dir)
         if drop.uid is not None:  # the engine's private runtime dir becomes the engine's
@@ -127,16 +171,31 @@ class Engine:
             "argv": list(self.plan.argv),
             "env": self.plan.env,
             "cwd": str(self.plan.cwd),
-            "network_namespace": self.cfg.engine.network_namespace,
+            "namespaces": self.spaces.stage2(),
             "privileges": drop.to_json(),
             "landlock": landlock.build(
                 self.cfg, self.paths.root, list(self.plan.tcp_ports)
             ).to_json(),
             "seccomp": self.seccomp_plan(),
         }
-        self.proc, report = spawn_stage2(
-            plan, wrapper=self.stage2_wrapper, on_listener=self._start_supervisor
-        )
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        self.output = [Relay(out_r, "stdout"), Relay(err_r, "stderr")]
+        for relay in self.output:
+            relay.start()
+        try:
+            self.proc, report = spawn_stage2(
+                plan,
+                wrapper=self.stage2_wrapper,
+                on_listener=self._start_supervisor,
+                extra_fds=tuple(plan["namespaces"]["fds"].values()),
+                stdout=out_w,
+                stderr=err_w,
+            )
+        finally:
+            self.spaces.close()  # stage 2 holds them now, or nobody needs them
+            os.close(out_w)
+            os.close(err_w)
         self.reaper = Reaper(self.proc.pid)  # harness gone, however: the engine goes too
         self._report_sandbox(report)
         telemetry.emit(
@@ -167,9 +226,11 @@ class Engine:
         self.supervisor.start()
 
     def _report_sandbox(self, report: dict[str, Any]) -> None:
-        net = report.get("network")
-        if net is not None:
-            telemetry.emit("network_namespace", "ok" if net["isolated"] else "failed", **net)
+        entered = report.get("namespaces")
+        if entered is not None and self.spaces is not None:
+            made = self.spaces.report
+            isolated = made["isolated"] and "error" not in report
+            telemetry.emit("namespaces", "ok" if isolated else "failed", **entered, **made)
         dropped = report.get("privileges")
         fenced = report.get("landlock")
         if fenced is not None:
@@ -215,6 +276,8 @@ class Engine:
             while True:
                 code = self.proc.poll()
                 if code is not None:
+                    for relay in self.output:  # its last words, above harness's error
+                        relay.join(timeout=2)
                     self.report_sigsys(code)
                     why = f" ({self.stop_reason})" if self.stop_reason else ""
                     raise EngineError(
@@ -277,6 +340,8 @@ class Engine:
             time.sleep(0.1)
         _killpg(pgid, signal.SIGKILL)
         code = self.proc.wait()
+        for relay in self.output:  # its last lines before harness says why it stopped
+            relay.join(timeout=2)
         if self.reaper is not None:
             self.reaper.release()
         return code
@@ -303,6 +368,8 @@ def spawn_stage2(
     wrapper: list[str] | None = None,
     on_listener: Callable[[int], None],
     stdout: int | IO[bytes] = 2,
+    stderr: int = 2,
+    extra_fds: tuple[int, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     """Start stage 2 (runtime.sandbox.exec) with `plan` and return it with its report. The
     seccomp listener, when stage 2 sends one, goes to `on_listener` at once: from then on the
@@ -325,16 +392,17 @@ def spawn_stage2(
         # plan larger than the pipe buffer (the seccomp profile) cannot block us.
         writer = threading.Thread(target=_write_all, args=(plan_w, json.dumps(plan).encode()))
         writer.start()
-        # The engine's output goes to harness's stderr; stdout carries only events.
+        # The engine's output goes to harness's stderr (the engine: through Relay pipes);
+        # stdout carries only events.
         proc = subprocess.Popen(
             argv,
             env=plan["env"],
             cwd=plan["cwd"],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
-            stderr=2,
+            stderr=stderr,
             close_fds=True,
-            pass_fds=(plan_r, report_child.fileno()),
+            pass_fds=(plan_r, report_child.fileno(), *extra_fds),
             start_new_session=True,
         )
     except OSError as exc:

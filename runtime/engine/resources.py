@@ -28,10 +28,16 @@ class MemoryCaps:
     cpu_bytes: int | None = None  # the engine tree's summed PSS
     gpu_bytes: int | None = None  # per device, summed over the engine's processes
     gpu_utilization: float | None = None  # vLLM's --gpu-memory-utilization
+    # The engine's task cap (RLIMIT_NPROC, set in stage 2): the watchdog reports reaching it.
+    max_tasks: int | None = None
 
     @property
     def watched(self) -> bool:
         return self.cpu_bytes is not None or self.gpu_bytes is not None
+
+    @property
+    def polled(self) -> bool:
+        return self.watched or self.max_tasks is not None
 
     def argv(self) -> list[str]:
         if self.gpu_utilization is None:
@@ -77,13 +83,53 @@ def gpu_caps(limit: int | float, device_total_bytes: int) -> tuple[int, float]:
     return cap, utilization
 
 
+AUTO_RSS_FRACTION = 0.9
+
+
+def memory_limit(cgroup_root: str = "/sys/fs/cgroup", proc: str = "/proc") -> tuple[int, str]:
+    """What harness's processes may use in all: its cgroup v2 memory.max (a pod's limit, from
+    the container's own cgroup namespace), else the machine's memory; and where it came from."""
+    with open(f"{proc}/self/cgroup") as handle:
+        for line in handle:
+            if line.startswith("0::"):
+                path = f"{cgroup_root}{line[3:].strip().rstrip('/')}/memory.max"
+                try:
+                    with open(path) as limit:
+                        value = limit.read().strip()
+                except OSError:
+                    break
+                if value != "max":
+                    return int(value), path
+    with open(f"{proc}/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024, f"{proc}/meminfo MemTotal"
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def rss_cap(setting: int | str) -> int | None:
+    """engine.max_rss_bytes in bytes: as set, None for "off", or AUTO_RSS_FRACTION of
+    memory_limit() for "auto"."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return int(memory_limit()[0] * AUTO_RSS_FRACTION)
+    return int(setting)
+
+
 def compute(engine: EngineSection) -> MemoryCaps:
     """The caps for this config; reads the GPU's total memory through NVML when needed."""
+    cpu = rss_cap(engine.max_rss_bytes)
     if engine.gpu_memory_limit is None:
-        return MemoryCaps(cpu_bytes=engine.max_rss_bytes)
+        return MemoryCaps(cpu_bytes=cpu, max_tasks=engine.max_tasks)
     # The smallest visible device bounds what every tensor-parallel rank may use.
     cap, utilization = gpu_caps(engine.gpu_memory_limit, min(device_totals()))
-    return MemoryCaps(cpu_bytes=engine.max_rss_bytes, gpu_bytes=cap, gpu_utilization=utilization)
+    return MemoryCaps(
+        cpu_bytes=cpu,
+        gpu_bytes=cap,
+        gpu_utilization=utilization,
+        max_tasks=engine.max_tasks,
+    )
 
 
 @dataclass(frozen=True)

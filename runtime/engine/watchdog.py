@@ -48,6 +48,7 @@ class Usage:
     measure: str  # "pss", or "pss+rss" where some process's smaps could not be read
     gpu_bytes: dict[int, int]  # per device
     gpu_pids_matched: bool = True
+    tasks: int = 0  # processes and threads
 
 
 def engine_pids(leader: int) -> set[int]:
@@ -72,23 +73,28 @@ def engine_pids(leader: int) -> set[int]:
     return tree | group
 
 
-def measure(pids: set[int], gpu: bool) -> Usage:
+def measure(pids: set[int], gpu: bool, memory: bool = True) -> Usage:
+    """`memory`: sum PSS (reads every mapping: only when a memory cap is set)."""
     total = 0
+    tasks = 0
     fallback = False
     alive = []
     for pid in sorted(pids):
         try:
             proc = psutil.Process(pid)
-            try:
-                total += proc.memory_full_info().pss
-            except psutil.AccessDenied:
-                total += proc.memory_info().rss
-                fallback = True
+            tasks += proc.num_threads()
+            if memory:
+                try:
+                    total += proc.memory_full_info().pss
+                except psutil.AccessDenied:
+                    total += proc.memory_info().rss
+                    fallback = True
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         alive.append(pid)
     gpu_bytes, matched = resources.gpu_usage(set(alive)) if gpu else ({}, True)
-    return Usage(tuple(alive), total, "pss+rss" if fallback else "pss", gpu_bytes, matched)
+    measured = "pss+rss" if fallback else "pss"
+    return Usage(tuple(alive), total, measured, gpu_bytes, matched, tasks)
 
 
 def exceeded(usage: Usage, caps: MemoryCaps) -> dict[str, Any] | None:
@@ -137,9 +143,10 @@ class MemoryWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.tripped: dict[str, Any] | None = None
+        self.tasks_reported = False
 
     def __enter__(self) -> MemoryWatchdog:
-        if self.caps.watched:  # no caps: no thread
+        if self.caps.polled:  # no caps: no thread
             self._thread = threading.Thread(target=self._run, name="memory-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -161,7 +168,11 @@ class MemoryWatchdog:
             if leader is None:
                 continue  # not started yet, or already gone
             try:
-                usage = measure(engine_pids(leader), gpu=self.caps.gpu_bytes is not None)
+                usage = measure(
+                    engine_pids(leader),
+                    gpu=self.caps.gpu_bytes is not None,
+                    memory=self.caps.watched,
+                )
                 failures = 0
             except Exception as exc:
                 # Fail closed: a watchdog that cannot see would leave the engine uncapped.
@@ -175,6 +186,18 @@ class MemoryWatchdog:
             if over is not None:
                 self._trip(leader, over)
                 return
+            cap = self.caps.max_tasks
+            if cap is not None and usage.tasks >= cap and not self.tasks_reported:
+                # Not stopped: its forks fail (EAGAIN) and it may recover; said once.
+                self.tasks_reported = True
+                telemetry.emit(
+                    "task_cap_reached",
+                    "blocked",
+                    setting="engine.max_tasks",
+                    observed_tasks=usage.tasks,
+                    cap_tasks=cap,
+                    pids=len(usage.pids),
+                )
 
     def _trip(self, leader: int, over: dict[str, Any]) -> None:
         self.tripped = over

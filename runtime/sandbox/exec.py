@@ -2,7 +2,8 @@
 vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with threads:
 prctl, Landlock and seccomp act on the calling thread.
 
-Order: network namespace -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
+Order: enter the namespaces the helper made (user where unprivileged, mount, network, IPC;
+runtime.sandbox.namespaces) -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
 capabilities -> parent-death signal (after the uid change, which clears it) -> seccomp ->
 report -> execve.
 
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 # Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
-from runtime.sandbox import _linux, landlock, network, privileges, seccomp
+from runtime.sandbox import _linux, landlock, namespaces, privileges, seccomp
 
 
 def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -53,14 +54,14 @@ def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None
     report: dict[str, Any] = {}
     parent = os.getppid()
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("network", lambda: network.apply(plan["network_namespace"])),
-        ("privileges", privileges.prepare),
+        ("namespaces", lambda: namespaces.enter(plan["namespaces"])),
+        ("privileges", lambda: privileges.prepare(plan["privileges"])),
         ("landlock", lambda: landlock.apply(plan["landlock"])),
         ("privileges", lambda: privileges.drop(plan["privileges"])),
         ("privileges", lambda: die_with(parent)),
     ]
     if plan.get("record_only"):  # `harness profile --container`: harness itself, filtered
-        steps = [("privileges", privileges.prepare)]
+        steps = [("privileges", lambda: privileges.prepare({}))]
     for key, step in steps:
         try:
             report[key] = {**report.get(key, {}), **_timed(step)}

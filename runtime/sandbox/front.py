@@ -44,7 +44,10 @@ NO_EXEC = ("execve", "execveat")
 _AF_PACKET = 17
 
 
-def confine(cfg: Config, runtime_root: Path) -> dict[str, Any]:
+ENGINE_SHM = "the engine's /dev/shm (its mount namespace)"
+
+
+def confine(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> dict[str, Any]:
     """Landlock on harness itself (sandbox.landlock decides, as for the engine). Returns the
     report; raises SandboxError (exit 5) when `required` cannot be met."""
     mode = cfg.sandbox.landlock
@@ -56,7 +59,10 @@ def confine(cfg: Config, runtime_root: Path) -> dict[str, Any]:
             )
         if mode != "off":  # no_new_privs: Landlock's condition without CAP_SYS_ADMIN
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-        report = landlock.apply(landlock.build_front(cfg, runtime_root).to_json())
+        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm).to_json())
+        if engine_shm and report.get("enforced"):  # named by a descriptor: say what it is
+            written = report["filesystem"]["write"]
+            written[written.index(engine_shm)] = ENGINE_SHM
     except OSError as exc:
         if mode == "required":
             raise SandboxError(

@@ -28,27 +28,33 @@ from runtime.sandbox import _linux
 class PrivilegePlan:
     uid: int | None  # None: keep the current uid (not root, or root allowed for development)
     gid: int | None
+    max_tasks: int | None = None  # RLIMIT_NPROC: the engine's processes and threads
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def build(engine: EngineSection, euid: int) -> PrivilegePlan:
-    if euid != 0:
-        return PrivilegePlan(uid=None, gid=None)  # cannot change uid: do the rest
-    if engine.unsafe_run_as_root:
-        return PrivilegePlan(uid=None, gid=None)
-    return PrivilegePlan(uid=engine.uid, gid=engine.gid)
+    if euid != 0 or engine.unsafe_run_as_root:  # cannot (or may not) change uid
+        return PrivilegePlan(uid=None, gid=None, max_tasks=engine.max_tasks)
+    return PrivilegePlan(uid=engine.uid, gid=engine.gid, max_tasks=engine.max_tasks)
 
 
-def prepare() -> dict[str, Any]:
-    """Stage 2, first: what must hold before Landlock (which needs no_new_privs)."""
+def prepare(plan: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2, first: what must hold before Landlock (which needs no_new_privs). The task
+    cap counts per real uid (in the engine's user namespace, only its own tasks); as root it
+    starts to count at the uid change."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core dumps of weights or keys
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    limits: dict[str, Any] = {"core": 0, "nofile": hard}
+    tasks = plan.get("max_tasks")
+    if tasks is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
+        limits["nproc"] = tasks
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     return {
-        "rlimits": {"core": 0, "nofile": hard},
+        "rlimits": limits,
         "no_new_privs": _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1,
     }
 

@@ -58,9 +58,13 @@ RUNC = frozenset(
         "openat", "prctl", "read", "setgid", "setgroups", "setuid", "write",
     }
 )  # fmt: skip
-# What a container profile holds beyond what harness serve itself calls: tini, runc, and the
-# engine's own filter, which `serve` loads with seccomp(2).
-CONTAINER = TINI | RUNC | {"seccomp"}
+# The engine's namespaces and root, made under the container's profile by the helper
+# (runtime.sandbox.namespaces) and entered by stage 2 before the engine's own filter, which
+# refuses them, is loaded; a recording never makes them.
+STAGE2 = frozenset({"mount", "pivot_root", "setns", "symlink", "umount2", "unshare"})
+# What a container profile holds beyond what harness serve itself calls: tini, runc, stage 2's
+# namespaces, and the engine's own filter, which `serve` loads with seccomp(2).
+CONTAINER = TINI | RUNC | STAGE2 | {"seccomp"}
 
 
 @dataclass
@@ -269,9 +273,11 @@ CONTAINER_DEFAULT = "SCMP_ACT_TRACE"
 
 def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[str, Any]:
     """An engine profile (default ERRNO/EPERM), or with `container` the container's profile
-    (default TRACE, see CONTAINER_DEFAULT)."""
+    (default TRACE, see CONTAINER_DEFAULT), which keeps what the engine's namespaces need
+    (STAGE2: the engine's own filter refuses those calls)."""
+    deny = set(seccomp.FIXED_DENY) - (STAGE2 if container else set())
     names = sorted(
-        (rec.names - {"socket"} - set(seccomp.FIXED_DENY) - set(seccomp.ENOSYS_ALWAYS))
+        (rec.names - {"socket"} - deny - set(seccomp.ENOSYS_ALWAYS))
         | set(seccomp.ALWAYS_ALLOW)
         | set(seccomp.HANDOFF_ALLOW)
     )

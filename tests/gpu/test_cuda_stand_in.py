@@ -13,7 +13,7 @@ import pytest
 
 from runtime.demo import assets
 from tests.gpu import cuda_engine
-from tests.support import Harness, client_context, openai_client
+from tests.support import Harness, client_context, engine_lines, openai_client
 
 torch = pytest.importorskip("torch")
 
@@ -41,7 +41,7 @@ def test_harness_serves_it_in_the_sandbox_without_a_gpu(demo_dir: Path, open_tmp
     harness = Harness(demo_dir / assets.CONFIG_NAME, open_tmp, settings)
     try:
         harness.wait_ready()
-        [line] = [ln for ln in harness.log().splitlines() if ln.startswith(cuda_engine.MARKER)]
+        [line] = [ln for ln in engine_lines(harness.log()) if ln.startswith(cuda_engine.MARKER)]
         report = json.loads(line.removeprefix(cuda_engine.MARKER))
         assert not report["ok"] and report["model_device"] == "cpu" and report["error"]
         assert report["pid"] != harness.engine_pid  # the engine core, a process of its own

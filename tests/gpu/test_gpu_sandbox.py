@@ -27,7 +27,13 @@ from runtime.demo import assets
 from runtime.engine import watchdog
 from runtime.sandbox import landlock
 from tests.gpu import cuda_engine
-from tests.support import Harness, client_context, openai_client, process_group
+from tests.support import (
+    Harness,
+    client_context,
+    engine_lines,
+    openai_client,
+    process_group,
+)
 
 pytestmark = [pytest.mark.gpu]
 
@@ -80,7 +86,7 @@ def overrides(script: Path, device: str, *extra: str) -> list[str]:
 
 
 def _report(harness: Harness) -> dict[str, Any]:
-    found = [ln for ln in harness.log().splitlines() if ln.startswith(cuda_engine.MARKER)]
+    found = [ln for ln in engine_lines(harness.log()) if ln.startswith(cuda_engine.MARKER)]
     assert found, f"the engine reported nothing; log tail:\n{harness.log()[-3000:]}"
     return json.loads(found[-1].removeprefix(cuda_engine.MARKER))
 
@@ -144,7 +150,7 @@ def test_cuda_works_inside_the_engine_sandbox(gpu_engine: Harness) -> None:
     if os.geteuid() == 0:
         assert report["uid"] == 65534 and report["gid"] == 65534
         assert gpu_engine.events("privilege_drop")[0]["uid"] == 65534
-        assert gpu_engine.events("network_namespace")[0]["isolated"] is True
+        assert gpu_engine.events("namespaces")[0]["isolated"] is True
     installed = gpu_engine.events("seccomp_install")[0]
     assert installed["installed"] is True
     if CUDA_PROFILE.is_file():

@@ -1,0 +1,406 @@
+"""Namespaces for the engine: its own mount, network (only a loopback) and IPC namespaces,
+inside a user namespace of its own where harness has no privilege (a pod).
+
+- Mount: the engine's root is a fresh, read-only tmpfs holding only what its Landlock rules
+  name (system dirs, the venv, the model, read-only; its runtime dir, writable), a few device
+  files and a private /dev/shm of bounded size. harness's TLS files, secrets and config, other
+  instances' sockets and other services' Unix sockets do not exist there (Landlock ABI <= 7
+  does not stop connecting to path sockets; absence does), nor does anybody else's /dev/shm.
+- Network: vLLM listens only on its Unix socket, but torch.distributed (gloo) opens TCP
+  listeners even at world size 1. With only lo they are reachable by nobody, not the pod's
+  network either, and the engine can connect to nothing outside. The socket is a path, so
+  the front still reaches it.
+- IPC: System V shared memory, semaphores and message queues of its own.
+
+Landlock forbids changing the mount topology to any process it confines, and harness confines
+itself before it verifies the weights. So a helper (`python -m runtime.sandbox.namespaces`),
+started before that, creates the namespaces, builds the root, sends their descriptors back
+and exits; stage 2 enters them later with setns(2). Root (CAP_SYS_ADMIN) creates them
+directly. Without privilege a user namespace comes first: its creator holds capabilities
+inside it, over its own namespaces only. The engine keeps its uid and gid there (mapped to
+themselves, nothing else mapped), so files look the same and it can become nobody else.
+
+A node may refuse: the user.max_user_namespaces sysctl, an AppArmor userns restriction as on
+Ubuntu 24.04, a container profile without `unshare` or `mount`. Under `auto` the engine then
+keeps harness's namespaces and an event says why; `required` refuses to start (exit 5).
+No PID namespace yet: the engine sees other processes in /proc (of its container, in a pod);
+Landlock's signal scope and the seccomp profile's own-pid rules keep it from acting on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.sandbox import _linux
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+
+# mount(2) flags (linux/mount.h) and the statvfs flags a bind must keep in a user namespace
+# (the kernel refuses a remount that would clear a flag the original mount has: locked).
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MNT_DETACH = 2
+_KEEP = {
+    os.ST_NOSUID: MS_NOSUID,
+    os.ST_NODEV: MS_NODEV,
+    os.ST_NOEXEC: MS_NOEXEC,
+    os.ST_NOATIME: MS_NOATIME,
+    os.ST_NODIRATIME: MS_NODIRATIME,
+    os.ST_RELATIME: MS_RELATIME,
+}
+# The order stage 2 enters them: the user namespace first (it grants the rights to the rest).
+KINDS = ("user", "mnt", "net", "ipc")
+_CLONE = {
+    "user": _linux.CLONE_NEWUSER,
+    "mnt": _linux.CLONE_NEWNS,
+    "net": _linux.CLONE_NEWNET,
+    "ipc": _linux.CLONE_NEWIPC,
+}
+_NAMES = {"user": "user", "mnt": "mount", "net": "network", "ipc": "ipc"}
+SHM = "/dev/shm"  # noqa: S108 - the system path, replaced by the engine's own tmpfs
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+
+
+@dataclass(frozen=True)
+class RootPlan:
+    """What the engine's root holds (built from its Landlock plan: the same paths)."""
+
+    mount_point: str  # an empty folder of harness's, where the new root is built
+    read: list[str] = field(default_factory=list)
+    write: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    shm_bytes: int = 1 << 30
+    # harness's own files (config, TLS, signature, secrets): covered wherever a folder the
+    # engine is given holds them (the image keeps its config in /etc/harness).
+    hide: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """The helper's outcome, held by harness until stage 2 enters the namespaces."""
+
+    mode: str
+    report: dict[str, Any]
+    fds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def isolated(self) -> bool:
+        return bool(self.fds)
+
+    @property
+    def shm_path(self) -> str | None:
+        """The engine's /dev/shm as harness can name it (its own Landlock rules need it)."""
+        return f"/proc/self/fd/{self.fds['shm']}" if "shm" in self.fds else None
+
+    def stage2(self) -> dict[str, Any]:
+        return {"mode": self.mode, "fds": {k: v for k, v in self.fds.items() if k in KINDS}}
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+
+
+def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prepared:
+    """Run the helper (before harness confines itself). `auto` falls back with the reason in
+    the report; `required` raises OSError. `wrapper`: a program the helper runs under (tests:
+    another uid, a container's seccomp profile)."""
+    if mode == "off":
+        return Prepared(mode, {"isolated": False, "namespaces": [], "reason": "disabled by config"})
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    argv = [*(wrapper or []), sys.executable, "-I", "-m", "runtime.sandbox.namespaces"]
+    argv += ["--channel-fd", str(child.fileno())]
+    with parent:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(child.fileno(),),
+                start_new_session=True,
+            )
+        finally:
+            child.close()
+        chunks, received = [], []
+        try:
+            parent.sendall(json.dumps(asdict(root)).encode())
+            parent.shutdown(socket.SHUT_WR)
+            while True:
+                data, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 8)
+                received += fds
+                if not data:
+                    break
+                chunks.append(data)
+        except OSError:
+            chunks = []  # the helper died before it answered: reported below
+    proc.wait()
+    raw = b"".join(chunks)
+    report: dict[str, Any] = json.loads(raw) if raw.strip() else {"error": "the helper died"}
+    if "error" in report:
+        for fd in received:
+            os.close(fd)
+        reason = f"namespaces: {report['error']}"
+        if mode == "required":
+            raise OSError(errno.EPERM, reason)
+        return Prepared(mode, {"isolated": False, "namespaces": [], "reason": reason})
+    fds = dict(zip(report.pop("fds"), received, strict=True))
+    return Prepared(mode, {"isolated": True, **report}, fds)
+
+
+def enter(plan: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2: join the namespaces the helper made (user first). Single-threaded, as setns
+    into a user namespace requires."""
+    entered = []
+    for kind in KINDS:
+        fd = plan["fds"].get(kind)
+        if fd is None:
+            continue
+        if _libc.setns(fd, _CLONE[kind]) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({_NAMES[kind]}): {os.strerror(err)}")
+        os.close(fd)
+        entered.append(_NAMES[kind])
+    return {"mode": plan["mode"], "entered": entered}
+
+
+# --- the helper: a fresh process with no Landlock domain --------------------------------
+
+
+def _create(root: RootPlan) -> tuple[dict[str, Any], dict[str, int]]:
+    created = []
+    if os.geteuid() != 0:
+        _enter_user_namespace(os.geteuid(), os.getegid())
+        created.append("user")
+    _linux.unshare(_linux.CLONE_NEWNS | _linux.CLONE_NEWNET | _linux.CLONE_NEWIPC)
+    created += ["mount", "network", "ipc"]
+    _loopback_up()
+    contents = _build_root(root)
+    kinds = ["user", *KINDS[1:]] if "user" in created else list(KINDS[1:])
+    fds = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in kinds}
+    fds["shm"] = os.open(SHM, os.O_PATH | os.O_CLOEXEC)
+    report = {"namespaces": created, "interfaces": ["lo"], "root": contents}
+    return report, fds
+
+
+def _enter_user_namespace(uid: int, gid: int) -> None:
+    """A user namespace in which the engine is uid/gid, as outside, and nobody else.
+    setgroups must be denied before an unprivileged process may write its gid map."""
+    _linux.unshare(_linux.CLONE_NEWUSER)
+    for name, line in (
+        ("setgroups", "deny"),
+        ("uid_map", f"{uid} {uid} 1"),
+        ("gid_map", f"{gid} {gid} 1"),
+    ):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(line)
+
+
+def _loopback_up() -> None:
+    # Any socket takes interface ioctls; a TCP one is what every profile here allows.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(sock, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def _build_root(plan: RootPlan) -> dict[str, Any]:
+    """The engine's root, built on a tmpfs at plan.mount_point, then made / (pivot_root)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here propagates out
+    new = plan.mount_point
+    _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m")
+    bound: list[str] = []
+    missing: list[str] = []
+    linked: dict[str, str] = {}
+    specials = {"/proc", "/sys"}
+    for path, writable in _ordered(plan):
+        if path in specials:
+            continue
+        if not os.path.lexists(path):
+            missing.append(path)
+            continue
+        if os.path.islink(path) and os.path.dirname(path) == "/":
+            os.symlink(os.readlink(path), new + path)  # /bin -> usr/bin: merged /usr
+            linked[path] = os.readlink(path)
+            continue
+        real = os.path.realpath(path)
+        if not writable and any(_within(real, b) for b in bound):
+            continue  # already visible, read-only, through a folder above it
+        # The folder holding the new root (the runtime dir) is bound without what is mounted
+        # below it, or the new root would appear inside itself.
+        _bind(real, new + real, read_only=not writable, recursive=not _within(new, real))
+        bound.append(real)
+        if real != path and not os.path.lexists(new + path):
+            os.makedirs(os.path.dirname(new + path), exist_ok=True)
+            os.symlink(real, new + path)
+            linked[path] = real
+    # /proc and /sys as the container or host has them (masks included): no PID namespace
+    # yet, so a new procfs would show the same. /proc stays writable for the CUDA driver's
+    # own /proc/<pid>/task/<tid>/comm; Landlock decides what the engine writes there.
+    for special, read_only in (("/proc", False), ("/sys", True)):
+        if os.path.isdir(special):
+            _bind(special, new + special, read_only=read_only)
+    hidden = _hide(new, plan, bound)
+    devices = _devices(new, plan.devices)
+    os.makedirs(new + SHM, exist_ok=True)
+    _mount("tmpfs", new + SHM, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={plan.shm_bytes}")
+    old = new + "/.old"
+    os.mkdir(old)
+    if _libc.syscall(_SYS_PIVOT_ROOT[os.uname().machine], new.encode(), old.encode()) != 0:
+        _fail("pivot_root")
+    os.chdir("/")
+    if _libc.umount2(b"/.old", MNT_DETACH) != 0:
+        _fail("umount /.old")
+    os.rmdir("/.old")
+    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    return {
+        "read_only": [p for p in bound if p not in plan.write],
+        "writable": [p for p in bound if p in plan.write],
+        "symlinks": linked,
+        "devices": devices,
+        "shm_bytes": plan.shm_bytes,
+        "hidden": hidden,
+        "missing_paths": missing,
+    }
+
+
+def _ordered(plan: RootPlan) -> list[tuple[str, bool]]:
+    """Folders above before folders below, so that a writable runtime dir inside a read-only
+    tree is mounted over it, not under it."""
+    entries = {p: False for p in plan.read}
+    entries.update({p: True for p in plan.write if p != SHM})
+    return sorted(entries.items(), key=lambda item: item[0].count("/"))
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _hide(new: str, plan: RootPlan, bound: list[str]) -> list[str]:
+    """Cover harness's files that a bound folder holds: their folder with an empty read-only
+    tmpfs, unless that folder is itself one the engine needs (or holds one); then the file
+    with /dev/null. Returns what was covered."""
+    needed = [*plan.read, *plan.write]
+    covered: list[str] = []
+    for path in map(os.path.realpath, plan.hide):
+        if not any(_within(path, b) for b in bound) or not os.path.lexists(path):
+            continue
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        if any(_within(folder, c) for c in covered):
+            continue
+        if not any(_within(n, folder) for n in needed) and folder not in bound:
+            flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+            _mount("tmpfs", new + folder, "tmpfs", flags, "size=4k,mode=0555")
+            covered.append(folder)
+        elif not os.path.isdir(path):
+            _bind("/dev/null", new + path, read_only=True, recursive=False)
+            covered.append(path)
+    return covered
+
+
+def _devices(new: str, names: list[str]) -> list[str]:
+    os.makedirs(new + "/dev", exist_ok=True)
+    present = []
+    for name in names:
+        if not os.path.exists(name) or not name.startswith("/dev/"):
+            continue
+        # A device file, or a folder of them (/dev/nvidia-caps): bound with what is below.
+        _bind(name, new + name, read_only=False, recursive=os.path.isdir(name))
+        present.append(name)
+    for link, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
+        os.symlink(target, f"{new}/dev/{link}")
+    return present
+
+
+def _bind(source: str, target: str, *, read_only: bool, recursive: bool = True) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    elif not os.path.lexists(target):  # a file: its mount point (unless one is there)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "a"):
+            pass
+    _mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    if read_only:
+        kept = os.statvfs(target).f_flag
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        for statvfs_flag, mount_flag in _KEEP.items():
+            if kept & statvfs_flag:
+                flags |= mount_flag
+        _mount(None, target, None, flags)
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    encoded = [s.encode() if s is not None else None for s in (source, target, fstype)]
+    if _libc.mount(*encoded, flags, data.encode() or None) != 0:
+        _fail(f"mount {source or ''} on {target}")
+
+
+def _fail(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.sandbox.namespaces")
+    parser.add_argument("--channel-fd", type=int, required=True)
+    args = parser.parse_args()
+    channel = socket.socket(fileno=args.channel_fd)
+    raw = b""
+    while chunk := channel.recv(1 << 16):
+        raw += chunk
+    try:
+        report, fds = _create(RootPlan(**json.loads(raw)))
+    except OSError as exc:
+        channel.sendall(json.dumps({"error": str(exc)}).encode())
+        return 5
+    report["fds"] = list(fds)
+    socket.send_fds(channel, [json.dumps(report).encode()], list(fds.values()))
+    return 0
+
+
+def root_plan(mount_point: Path, fence: Any, shm_bytes: int, hide: list[str]) -> RootPlan:
+    """The root from the engine's Landlock plan (landlock.LandlockPlan): what it may read,
+    write and open as devices is what exists for it."""
+    return RootPlan(
+        mount_point=str(mount_point),
+        read=list(fence.read),
+        write=list(fence.write),
+        devices=list(fence.devices),
+        shm_bytes=shm_bytes,
+        hide=hide,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""Run a program under a container's seccomp profile, as runc does: no_new_privs, the profile
+loaded as written, then execve. Usage: python tests/under_profile.py PROFILE.json ARGV..."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from runtime.sandbox import _linux, seccomp
+
+
+def main() -> None:
+    profile_path, *argv = sys.argv[1:]
+    with open(profile_path) as handle:
+        profile = seccomp.parse_profile(json.load(handle), "outer")
+    _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
+    seccomp.compile_profile(profile, "as_written").filter.load()
+    os.execv(argv[0], argv)
+
+
+if __name__ == "__main__":
+    main()
