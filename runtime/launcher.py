@@ -26,8 +26,8 @@ from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
 from runtime.front.server import ServerState
 from runtime.integrity import model_dir, signature
+from runtime.sandbox import _linux, landlock, namespaces, privileges, seccomp
 from runtime.sandbox import front as front_sandbox
-from runtime.sandbox import landlock, namespaces, privileges, seccomp
 
 ENGINE_FAILED = EngineError.exit_code
 
@@ -43,6 +43,10 @@ def serve(
     on_ready: Callable[[Config], None] | None = None,
 ) -> int:
     _stop_on_signals()
+    # Not dumpable: no core file of keys and secrets, and its /proc/<pid>/{environ,mem,fd,
+    # root} belong to root, so no process of its uid (the engine's, in a pod) reads them.
+    # Every program harness starts is dumpable again after its execve.
+    _linux.prctl(_linux.PR_SET_DUMPABLE, 0)
 
     # 1. Configuration: validated, typed, unknown keys refused (exit 2).
     cfg = config_mod.load(config_path, overrides)
@@ -68,7 +72,7 @@ def serve(
         #    out of the engine's reach; held by the front only (exit 4). The collector's
         #    credentials are among them.
         reach = engine_reach(cfg, paths.root, bool(confined["enforced"]), spaces.isolated)
-        export.start(load_secrets(cfg, reach))
+        export.start(load_secrets(cfg, reach, spaces.report.get("root", {}).get("hidden", [])))
 
         # 4. Resource caps: the token cap reaches vLLM as max_new_tokens (engine/command.py), the
         #    GPU memory limit as --gpu-memory-utilization (from the device's total, via NVML); the
@@ -215,13 +219,19 @@ def _engine_identity(cfg: Config) -> tuple[int, set[int]]:
     return os.geteuid(), {os.getegid(), *os.getgroups()}  # the engine keeps harness's ids
 
 
-def load_secrets(cfg: Config, reach: list[str] | None) -> dict[str, secrets.Secret]:
+def load_secrets(
+    cfg: Config, reach: list[str] | None, hidden: list[str] | None = None
+) -> dict[str, secrets.Secret]:
+    """Step 3. `reach`, `hidden`: the paths the engine may open and those its mount namespace
+    covers (engine_reach, namespaces): a private file within reach and readable is exit 4."""
     try:
         secrets.check_environment(dict(os.environ), cfg.secrets.allow_env)
         loaded = secrets.load(cfg.secrets) if cfg.secrets.dir is not None else {}
+        private = [("front.tls.key", cfg.front.tls.key)]
         if cfg.secrets.dir is not None:
-            uid, groups = _engine_identity(cfg)
-            secrets.check_engine_cannot_read(cfg.secrets.dir, reach, uid, groups)
+            private.insert(0, ("secrets.dir", cfg.secrets.dir))
+        uid, groups = _engine_identity(cfg)
+        secrets.check_engine_cannot_read(private, reach, uid, groups, hidden)
     except SecretsError as exc:
         telemetry.emit("secret_injection", "blocked", error=exc.message)
         raise

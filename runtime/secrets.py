@@ -151,40 +151,59 @@ def load(
 
 
 def check_engine_cannot_read(
-    folder: Path, reachable: list[str] | None, uid: int, groups: set[int]
+    private: list[tuple[str, Path]],
+    reachable: list[str] | None,
+    uid: int,
+    groups: set[int],
+    hidden: list[str] | None = None,
 ) -> None:
-    """Refuse to start when the engine could read a secret: the secrets dir lies within a
-    path the engine reaches (`reachable`: its Landlock and mount-namespace paths; None: any
-    path, without Landlock) and a file there is readable by the engine's uid or groups (in a
-    pod the engine keeps harness's uid). A warning would leave the secret readable."""
-    real = os.path.realpath(folder)
-    if reachable is not None:
-        inside = [p for p in reachable if real == p or real.startswith(p.rstrip("/") + "/")]
-        if not inside:
-            return
-        where = f"inside {inside[0]}, which the engine may read"
-    else:
-        where = "anywhere the engine's uid may read: Landlock is not enforced"
-    for entry in sorted(os.scandir(real), key=lambda e: e.name):
-        st = entry.stat()
-        if not stat.S_ISREG(st.st_mode):
+    """Refuse to start when the engine could read one of harness's private files: the secrets
+    dir, the TLS key (`private`: (setting, path) pairs). Such a file is in the engine's reach
+    when it lies within a path the engine may open (`reachable`: its Landlock and mount
+    namespace paths, links resolved; None: any path, without Landlock), or holds one, and its
+    mode lets the engine's uid or groups read it (in a pod the engine keeps harness's uid);
+    unless its mount namespace covers it (`hidden`). A warning would leave it readable."""
+    reach = None if reachable is None else [os.path.realpath(p) for p in reachable]
+    covered = [os.path.realpath(p) for p in hidden or []] + [*(hidden or [])]
+    for setting, given in private:
+        real = os.path.realpath(given)
+        if not os.path.exists(real):
+            continue  # a missing TLS key is step 4's error (exit 2)
+        if any(_within(path, c) for path in (os.path.abspath(given), real) for c in covered):
             continue
-        mode = stat.S_IMODE(st.st_mode)
-        readable = (
-            (st.st_uid == uid and mode & 0o400)
-            or (st.st_gid in groups and mode & 0o040)
-            or mode & 0o004
-        )
-        if readable:
-            raise SecretsError(
-                f"secret {entry.name}: the engine could read it: secrets.dir {folder} is "
-                f"{where}, and the file (owner {st.st_uid}, group {st.st_gid}, mode "
-                f"{mode:04o}) is readable by the engine's uid {uid} or its groups",
-                fix="keep secrets.dir out of the engine's paths (system folders, the venv, "
-                "the model, its runtime dir, sandbox.extra_*_paths; /dev/shm where it has no "
-                "mount namespace of its own), or run harness as root so that the engine "
-                "runs as engine.uid",
+        if reach is not None:
+            inside = [p for p in reach if _within(real, p) or _within(p, real)]
+            if not inside:
+                continue
+            where = f"within {inside[0]}, which the engine may read"
+        else:
+            where = "where the engine's uid may read anything: Landlock is not enforced"
+        if os.path.isdir(real):
+            files = [Path(e.path) for e in sorted(os.scandir(real), key=lambda e: e.name)]
+        else:
+            files = [Path(real)]
+        for path in files:
+            st = path.stat()
+            mode = stat.S_IMODE(st.st_mode)
+            readable = (
+                (st.st_uid == uid and mode & 0o400)
+                or (st.st_gid in groups and mode & 0o040)
+                or mode & 0o004
             )
+            if stat.S_ISREG(st.st_mode) and readable:
+                raise SecretsError(
+                    f"{path.name}: the engine could read it: {setting} {given} is {where}, and "
+                    f"the file (owner {st.st_uid}, group {st.st_gid}, mode {mode:04o}) is "
+                    f"readable by the engine's uid {uid} or its groups",
+                    fix=f"keep {setting} out of the engine's paths (system folders, the venv, "
+                    "the model, its runtime dir, sandbox.extra_*_paths; /dev/shm where it has "
+                    "no mount namespace of its own), or run harness as root so that the "
+                    "engine runs as engine.uid",
+                )
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def _read_all(folder: str, max_bytes: int) -> dict[str, Secret]:

@@ -18,6 +18,15 @@ def test_a_line_of_the_engine_never_looks_like_harness_s() -> None:
     line = output.tagged("stderr", b'{"event_type": "x"}\x1b[2J\x07\r')
     assert line == b'engine[stderr]: {"event_type": "x"}\\x1b[2J\\x07\n'
     assert output.tagged("stdout", "é\t".encode()) == "engine[stdout]: é\t\n".encode()
+    # Line and paragraph separators split lines for str.splitlines() and many log tools;
+    # bidi and zero-width marks reorder or hide text on a terminal.
+    forged = 'x\u2028{"event_type": "engine_ready"}\u202e\u200b\ufeff'.encode()
+    assert output.tagged("stderr", forged).decode().splitlines() == [
+        'engine[stderr]: x\\u2028{"event_type": "engine_ready"}\\u202e\\u200b\\ufeff'
+    ]
+    # Whatever the bytes, a cut line tagged stays under PIPE_BUF: one write, never split.
+    worst = bytes(range(32)) * (output.LINE_BYTES // 32 + 1)
+    assert len(output.tagged("stderr", worst[: output.LINE_BYTES])) <= 4096
 
 
 def test_the_relay_cuts_long_lines_and_bounds_a_flood() -> None:

@@ -233,6 +233,7 @@ def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privil
                 "write:/dev/shm/mine",
                 f"write:{REPO}/pyproject.toml",
                 "read:/root/.bashrc",
+                "write:/sys/fs/cgroup/harness-probe",  # a mount below a read-only bind
                 "unshare",
                 "clone_newuser",
                 "tcp",
@@ -257,6 +258,7 @@ def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privil
     assert run.results[f"write:{open_tmp}/w/mine"] == 0 and run.results["write:/dev/shm/mine"] == 0
     assert not Path("/dev/shm/mine").exists()
     assert run.results[f"write:{REPO}/pyproject.toml"] == -errno.EROFS
+    assert run.results["write:/sys/fs/cgroup/harness-probe"] == -errno.EROFS
     assert run.results["unshare"] == -errno.EPERM and run.results["clone_newuser"] == -errno.EPERM
     assert run.report["privileges"]["bounding_set"] == "empty"
 

@@ -204,26 +204,37 @@ def test_serve_refuses_a_secret_in_the_environment_with_exit_4(tmp_path: Path) -
     assert "engine_start" not in {e["event_type"] for e in events}
 
 
-def test_a_secret_the_engine_could_read_is_refused(shm_dir: Path) -> None:
-    """In a pod the engine keeps harness's uid: a secret it can reach by path and read by
-    mode is refused, naming the file and the path the engine may read it through."""
+def test_a_private_file_the_engine_could_read_is_refused(shm_dir: Path, tmp_path: Path) -> None:
+    """In a pod the engine keeps harness's uid: the secrets dir, or the TLS key, within a path
+    the engine may open (links resolved, either way round) and readable by its uid or groups
+    is refused, naming the file, the setting and the path; covered by its mount namespace,
+    out of its paths or unreadable to its uid, it is fine."""
     key = _write(shm_dir / "server-key.pem", "key", 0o600)
     me, groups = os.geteuid(), {os.getegid()}
     parent = str(shm_dir.parent)
+    link = tmp_path / "data"
+    link.symlink_to(parent)  # sandbox.extra_read_paths = ["<link>"]
+    private = [("secrets.dir", shm_dir)]
     for reach, uid, gids in (
         ([parent, "/usr"], me, groups),  # the folder holding the dir is the engine's
+        ([str(link)], me, groups),  # the same, named through a link
+        ([str(shm_dir / "server-key.pem")], me, groups),  # a path inside the dir
         (None, me, groups),  # no Landlock: any path
         ([str(shm_dir)], 54321, {os.stat(key).st_gid}),  # group-readable below
     ):
         key.chmod(0o640 if uid != me else 0o600)
         with pytest.raises(SecretsError) as info:
-            secrets.check_engine_cannot_read(shm_dir, reach, uid, gids)
-        assert "secret server-key.pem: the engine could read it" in info.value.message
+            secrets.check_engine_cannot_read(private, reach, uid, gids)
+        assert "server-key.pem: the engine could read it: secrets.dir" in info.value.message
         assert info.value.exit_code == 4 and "secrets.dir" in info.value.fix
     key.chmod(0o600)
-    # Out of the engine's paths, or unreadable by its uid (root mode: uid 65534): fine.
-    secrets.check_engine_cannot_read(shm_dir, ["/usr", "/etc"], me, groups)
-    secrets.check_engine_cannot_read(shm_dir, [parent], 54321, {54321})
+    with pytest.raises(SecretsError, match=r"front\.tls\.key"):
+        secrets.check_engine_cannot_read([("front.tls.key", key)], [parent], me, groups)
+    # Out of the engine's paths, covered, or unreadable by its uid (root mode): fine.
+    secrets.check_engine_cannot_read(private, ["/usr", "/etc"], me, groups)
+    secrets.check_engine_cannot_read(private, [parent], me, groups, hidden=[str(shm_dir)])
+    secrets.check_engine_cannot_read(private, [parent], 54321, {54321})
+    secrets.check_engine_cannot_read([("front.tls.key", tmp_path / "nope")], None, me, groups)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the demo's secrets are root's")

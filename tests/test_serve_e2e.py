@@ -264,6 +264,37 @@ def test_the_engine_sees_none_of_harness_s_files_and_its_own_dev_shm(
     assert not any(seen[path] for path in hidden), seen
 
 
+_READ_HARNESS = """
+import sys
+for name in ("environ", "mem", "maps"):
+    try:
+        open(f"/proc/{sys.argv[1]}/{name}", "rb").read(1)
+        print(name, "readable")
+    except PermissionError:
+        print(name, "refused")
+"""
+
+
+def test_a_process_of_harness_s_uid_cannot_read_its_memory_or_environment(
+    target: Harness | Container,
+) -> None:
+    """In the image harness and the engine share uid 10001 (a pod's setting): harness is not
+    dumpable, so its /proc files belong to root and another process of its uid, outside
+    Landlock (started here with `podman exec`), is refused. As root on a host this holds
+    trivially, so the host target only checks that harness still serves."""
+    if isinstance(target, Harness):
+        assert target.alive()
+        return
+    [harness] = [
+        p
+        for p in target.processes()
+        if p["status"].get("Name") == "harness" and p["status"].get("PPid") == "1"
+    ]
+    assert harness["status"]["Uid"].split()[0] == "10001"
+    out = target.python(_READ_HARNESS, str(harness["pid"]))
+    assert out.split() == ["environ", "refused", "mem", "refused", "maps", "refused"], out
+
+
 def test_engine_runs_in_private_network_and_ipc_namespaces(harness: Harness) -> None:
     """torch.distributed (gloo) in vLLM's worker listens on loopback TCP ports; in the engine's
     own namespace they are reachable by nobody else, and there is no interface but lo."""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from runtime.engine.process import Engine
 
 REASON = "engine_unresponsive"
+_BODY_BYTES = 4096  # /health answers with an empty body; more is not read
 
 
 class Liveness(threading.Thread):
@@ -45,21 +46,34 @@ class Liveness(threading.Thread):
                 if self.engine.returncode() is not None:
                     return  # dead, not unresponsive: the front reports that
                 try:
-                    status = client.get("/health").status_code
+                    status = self._probe(client)
                     if status == 200:
                         last_ok = time.monotonic()
                         continue
                     last_error = f"/health answered {status}"
-                except httpx.HTTPError as exc:
+                except Exception as exc:  # whatever the engine answers, the watch goes on
                     last_error = f"{type(exc).__name__}: {exc}"
                 silent = time.monotonic() - last_ok
                 if silent >= self.timeout_s:
                     self._trip(silent, last_error)
                     return
 
+    def _probe(self, client: httpx.Client) -> int:
+        """GET /health with a deadline for the whole answer (an engine that drips its body
+        would otherwise hold this thread, and the watch, forever) and a bounded body."""
+        deadline = time.monotonic() + self.interval_s
+        with client.stream("GET", "/health") as response:
+            read = 0
+            for chunk in response.iter_raw():
+                read += len(chunk)
+                if read > _BODY_BYTES or time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("/health: no whole answer in time")
+            return response.status_code
+
     def _trip(self, silent: float, error: str) -> None:
         self.tripped = True
-        self.engine.stop_reason = REASON
+        if self.engine.stop_reason is None:  # a watchdog's reason, when it acted first
+            self.engine.stop_reason = REASON
         telemetry.emit(
             REASON,
             "failed",

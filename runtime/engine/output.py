@@ -4,29 +4,37 @@ tagged lines.
 Never the engine's bytes on harness's own descriptors: a shared file description let a hostile
 engine set O_NONBLOCK on harness's stderr (its next write then fails), write lines shaped like
 harness's events, or write terminal escapes into an operator's terminal. Each line here starts
-with `engine[stderr]: ` (never `{`, so no line of it parses as an event), control characters
-are escaped, lines are cut at LINE_BYTES and at most LINES_PER_S lines a second pass per
-stream; the rest are counted in one line.
+with `engine[stderr]: ` (never `{`, so no line of it parses as an event); every character that
+is not printable is escaped (control characters, but also U+2028/U+2029, which line splitters
+treat as line ends, and bidi and zero-width marks); lines are cut at LINE_BYTES, so that each
+written line stays under PIPE_BUF and reaches a shared pipe in one piece; at most LINES_PER_S
+lines and BYTES_PER_S bytes a second pass per stream, the rest are counted in one line.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 
-LINE_BYTES = 8192
+# Escaping at most quadruples a byte (\\xNN): 1000 bytes stay under PIPE_BUF (4096) tagged.
+LINE_BYTES = 1000
 LINES_PER_S = 1000
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+BYTES_PER_S = 256 << 10
 _write_lock = threading.Lock()  # whole lines, whichever stream they come from
+
+
+def _escape(char: str) -> str:
+    if char.isprintable() or char == "\t":
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def tagged(stream: str, raw: bytes) -> bytes:
     """One line of the engine's output as harness writes it. Pure."""
     text = raw.rstrip(b"\r").decode("utf-8", errors="replace")
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return f"engine[{stream}]: {text}\n".encode()
+    return f"engine[{stream}]: {''.join(map(_escape, text))}\n".encode()
 
 
 class Relay(threading.Thread):
@@ -39,12 +47,16 @@ class Relay(threading.Thread):
         self.out_fd = out_fd
         self.lines = 0
         self.dropped = 0
-        self._window = (0.0, 0)  # (start, lines written in it)
+        self._window = (0.0, 0, 0)  # (start, lines and bytes written in it)
 
     def run(self) -> None:
         pending = b""
         try:
             while chunk := os.read(self.fd, 1 << 16):
+                if self._exhausted():  # a flood: counted in C, not split line by line
+                    self.dropped += chunk.count(b"\n")
+                    pending = b""
+                    continue
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 while len(pending) > LINE_BYTES:  # a line without end: cut, not buffered
@@ -59,17 +71,22 @@ class Relay(threading.Thread):
             os.close(self.fd)
             self._flush_dropped()
 
+    def _exhausted(self) -> bool:
+        start, lines, size = self._window
+        within = time.monotonic() - start < 1.0
+        return within and (lines >= LINES_PER_S or size >= BYTES_PER_S)
+
     def _emit(self, line: bytes) -> None:
         now = time.monotonic()
-        start, count = self._window
+        start, lines, size = self._window
         if now - start >= 1.0:
             self._flush_dropped()
-            start, count = now, 0
-        if count >= LINES_PER_S:
+            start, lines, size = now, 0, 0
+        if lines >= LINES_PER_S or size >= BYTES_PER_S:
             self.dropped += 1
-            self._window = (start, count)
+            self._window = (start, lines, size)
             return
-        self._window = (start, count + 1)
+        self._window = (start, lines + 1, size + len(line))
         self.lines += 1
         self._write(tagged(self.stream, line))
 

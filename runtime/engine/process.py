@@ -348,6 +348,8 @@ class Engine:
 
     def close(self) -> None:
         self.stop()
+        if self.spaces is not None:
+            self.spaces.close()  # when the start failed before stage 2 took them
         shutil.rmtree(self.paths.root, ignore_errors=True)
 
     def __enter__(self) -> Engine:

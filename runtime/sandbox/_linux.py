@@ -23,6 +23,7 @@ def unshare(flags: int) -> None:
 
 # prctl(2) options and the capability ABI (linux/prctl.h, linux/capability.h).
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38

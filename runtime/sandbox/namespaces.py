@@ -153,7 +153,9 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
             parent.sendall(json.dumps(asdict(root)).encode())
             parent.shutdown(socket.SHUT_WR)
             while True:
-                data, fds, _flags, _addr = socket.recv_fds(parent, 1 << 16, 8)
+                data, fds, _flags, _addr = socket.recv_fds(
+                    parent, 1 << 16, 8, socket.MSG_CMSG_CLOEXEC
+                )
                 received += fds
                 if not data:
                     break
@@ -161,8 +163,10 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
         except OSError:
             chunks = []  # the helper died before it answered: reported below
     proc.wait()
-    raw = b"".join(chunks)
-    report: dict[str, Any] = json.loads(raw) if raw.strip() else {"error": "the helper died"}
+    try:
+        report: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        report = {"error": f"the helper ended (exit {proc.returncode}) without a report"}
     if "error" in report:
         for fd in received:
             os.close(fd)
@@ -305,20 +309,25 @@ def _within(path: str, folder: str) -> bool:
 def _hide(new: str, plan: RootPlan, bound: list[str]) -> list[str]:
     """Cover harness's files that a bound folder holds: their folder with an empty read-only
     tmpfs, unless that folder is itself one the engine needs (or holds one); then the file
-    with /dev/null. Returns what was covered."""
+    with /dev/null. The folder as configured first, then the file's real one: a Kubernetes
+    volume's files are links into a `..<time>` folder that a rotation replaces, and only the
+    configured folder covers the next one too. Returns what was covered."""
     needed = [*plan.read, *plan.write]
     covered: list[str] = []
-    for path in map(os.path.realpath, plan.hide):
-        if not any(_within(path, b) for b in bound) or not os.path.lexists(path):
+    candidates = [os.path.abspath(p) for p in plan.hide]
+    candidates += [os.path.realpath(p) for p in plan.hide]
+    for path in dict.fromkeys(candidates):
+        if not os.path.lexists(path) or not any(_within(os.path.realpath(path), b) for b in bound):
             continue
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        if any(_within(folder, c) for c in covered):
-            continue
+        real_dir = os.path.isdir(path) and not os.path.islink(path)
+        folder = path if real_dir else os.path.dirname(path)
+        if os.path.realpath(folder) != folder or any(_within(folder, c) for c in covered):
+            continue  # reached through a link (its real folder is a candidate too), or done
         if not any(_within(n, folder) for n in needed) and folder not in bound:
             flags = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
             _mount("tmpfs", new + folder, "tmpfs", flags, "size=4k,mode=0555")
             covered.append(folder)
-        elif not os.path.isdir(path):
+        elif not real_dir and not os.path.islink(path):
             _bind("/dev/null", new + path, read_only=True, recursive=False)
             covered.append(path)
     return covered
@@ -351,6 +360,8 @@ def _bind(source: str, target: str, *, read_only: bool, recursive: bool = True) 
         with open(target, "a"):
             pass
     _mount(source, target, None, MS_BIND | (MS_REC if recursive else 0))
+    if read_only and recursive and _read_only_below(target):
+        return
     if read_only:
         kept = os.statvfs(target).f_flag
         flags = MS_BIND | MS_REMOUNT | MS_RDONLY
@@ -358,6 +369,35 @@ def _bind(source: str, target: str, *, read_only: bool, recursive: bool = True) 
             if kept & statvfs_flag:
                 flags |= mount_flag
         _mount(None, target, None, flags)
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("set", "clr", "propagation", "userns")]
+
+
+_SYS_MOUNT_SETATTR = 442  # the same on x86_64 and aarch64 (generic syscall table)
+_AT_FDCWD = -100
+_AT_RECURSIVE = 0x8000
+_MOUNT_ATTR_RDONLY = 0x1
+
+
+def _read_only_below(target: str) -> bool:
+    """Read-only on the bind and every mount below it (a remount reaches only the top one:
+    /sys/fs/cgroup, a container's /etc/hosts). Only sets a flag, so the others, locked or
+    not, stay. False on kernels before 5.12 (no mount_setattr): the caller remounts the top."""
+    attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+    args = (
+        ctypes.c_int(_AT_FDCWD),
+        target.encode(),
+        ctypes.c_uint(_AT_RECURSIVE),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+    )
+    if _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), *args) != 0:
+        if ctypes.get_errno() == errno.ENOSYS:
+            return False
+        _fail(f"mount_setattr read-only {target}")
+    return True
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:

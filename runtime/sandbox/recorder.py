@@ -61,7 +61,9 @@ RUNC = frozenset(
 # The engine's namespaces and root, made under the container's profile by the helper
 # (runtime.sandbox.namespaces) and entered by stage 2 before the engine's own filter, which
 # refuses them, is loaded; a recording never makes them.
-STAGE2 = frozenset({"mount", "pivot_root", "setns", "symlink", "umount2", "unshare"})
+STAGE2 = frozenset(
+    {"mount", "mount_setattr", "pivot_root", "setns", "symlink", "umount2", "unshare"}
+)
 # What a container profile holds beyond what harness serve itself calls: tini, runc, stage 2's
 # namespaces, and the engine's own filter, which `serve` loads with seccomp(2).
 CONTAINER = TINI | RUNC | STAGE2 | {"seccomp"}
