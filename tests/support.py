@@ -171,8 +171,10 @@ class Harness(Observed):
         workdir: Path,
         overrides: list[str] | None = None,
         command: list[str] | None = None,
+        prefix: list[str] | None = None,
     ) -> None:
-        """`command`: what follows `harness` instead of `serve --config CONFIG`."""
+        """`command`: what follows `harness` instead of `serve --config CONFIG`. `prefix`: a
+        program harness runs under (POD: uid 10001 without capabilities)."""
         self.port = free_port()
         self.url = f"https://127.0.0.1:{self.port}"
         self.metrics_url: str | None = None  # set when started with front.metrics_listen
@@ -180,6 +182,7 @@ class Harness(Observed):
         self.stdout_path = workdir / f"harness-{self.port}.events"
         self.stderr_path = workdir / f"harness-{self.port}.log"
         args = [
+            *(prefix or []),
             sys.executable,
             "-m",
             "runtime",
@@ -262,9 +265,18 @@ def json_values(max_leaves: int) -> st.SearchStrategy[Any]:
     )
 
 
-def stand_in_harness(demo_dir: Path, workdir: Path, *overrides: str) -> Harness:
+# As in a pod: uid 10001, no capabilities at all (setpriv, before harness starts).
+POD = [
+    "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all",
+    "--bounding-set=-all",
+]  # fmt: skip
+
+
+def stand_in_harness(
+    demo_dir: Path, workdir: Path, *overrides: str, prefix: list[str] | None = None
+) -> Harness:
     """`harness serve` of the demo config with the stand-in engine (tests/fake_engine.py),
-    HARNESS_FAKE_ENGINE_MB passed through to it."""
+    HARNESS_FAKE_ENGINE_* passed through to it."""
     from runtime.demo import assets
     from tests import fake_engine
 
@@ -277,6 +289,7 @@ def stand_in_harness(demo_dir: Path, workdir: Path, *overrides: str) -> Harness:
             '"HARNESS_FAKE_ENGINE_GONE_AFTER"]',
             *overrides,
         ],
+        prefix=prefix,
     )
 
 

@@ -18,22 +18,16 @@ import pytest
 
 from runtime.sandbox import landlock, namespaces, recorder, seccomp
 from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
+from tests.support import POD
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
 PROBE = Path(__file__).with_name("sandbox_probe.py")
-# Docker's default seccomp profile (moby/profiles, Apache-2.0), unchanged.
 UNDER_PROFILE = Path(__file__).with_name("under_profile.py")
+# Docker's default seccomp profile (moby/profiles, Apache-2.0), unchanged.
 DOCKER_DEFAULT = Path(__file__).with_name("data") / "docker-default-seccomp.json"
 AS_ROOT = os.geteuid() == 0
 NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
-
-
-# As in a pod: uid 10001, no capabilities at all (setpriv, before the probe starts).
-POD = [
-    "setpriv", "--reuid=10001", "--regid=10001", "--clear-groups", "--inh-caps=-all",
-    "--bounding-set=-all",
-]  # fmt: skip
 
 
 def _plan(
