@@ -52,22 +52,12 @@ def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None
     right before the hand-off. Raises with the report so far on a failure: the caller must
     then not exec (fail closed)."""
     report: dict[str, Any] = {}
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:  # setns into a user namespace, prctl, Landlock and seccomp: this thread
-        raise StageError(f"stage 2 runs {threads} threads; it must run one", report)
     parent = os.getppid()
     steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        # First: joining the user namespace grants the capabilities the other joins need
-        # (setns(CLONE_NEWUSER) is refused to a process with threads: checked above).
         ("namespaces", lambda: namespaces.enter(plan["namespaces"])),
-        # no_new_privs before Landlock (its condition without CAP_SYS_ADMIN); the rlimits
-        # before the uid change, which would take the right to raise them.
         ("privileges", lambda: privileges.prepare(plan["privileges"])),
-        # Landlock while still privileged enough to open every path it names.
         ("landlock", lambda: landlock.apply(plan["landlock"])),
-        # The bounding set needs CAP_SETPCAP, so it goes before the uid change.
         ("privileges", lambda: privileges.drop(plan["privileges"])),
-        # After the uid change, which clears the parent-death signal.
         ("privileges", lambda: die_with(parent)),
     ]
     if plan.get("record_only"):  # `harness profile --container`: harness itself, filtered
