@@ -40,8 +40,7 @@ def filesystem_of(path: str, mountinfo: str) -> tuple[str, str]:
             continue
         point = _unescape(left.split()[4])
         fstype = right.split()[0]
-        inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and len(point) >= len(best[0]):  # the last, deepest mount wins
+        if _within(path, point) and len(point) >= len(best[0]):  # the last, deepest mount wins
             best = (point, fstype)
     return best
 
