@@ -79,6 +79,8 @@ def _verify(args: argparse.Namespace) -> int:
         "identity_checked": not isinstance(trust, signature.CertificateTrust)
         or trust.identities is not None,
         "root_digest": result.root_digest,
+        "key_match": result.key_match,
+        "unsigned_empty_files": list(result.unsigned_empty_files),
         "files": verified.digests,
         "bytes": verified.total_bytes,
         "tensors": verified.tensors,

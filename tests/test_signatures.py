@@ -272,6 +272,10 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path, Path, Path], None], str]] = {
         ),
         "shard_size None is not a whole number",
     ),
+    "empty_files outside shards": (
+        lambda m, s, k, p: _resign(s, k, lambda st: st["predicate"].update(empty_files=[])),
+        "only used with the shards serialization",
+    ),
     "other predicate": (
         lambda m, s, k, p: _resign(s, k, lambda st: st.update(predicateType="x")),
         "predicateType",
@@ -397,7 +401,22 @@ def test_harness_shards_signature_verifies_with_model_signing(
             lambda st: st["predicate"]["serialization"].update(shard_size=1000.5),
             "not a whole number",
         ),
-        (lambda st: st["predicate"]["serialization"].update(shard_size=0), "not a whole number"),
+        (
+            lambda st: st["predicate"]["serialization"].update(shard_size=0),
+            "shard_size 0 is not a whole number of bytes from 1 to 1099511627776 (1 TiB)",
+        ),
+        (
+            lambda st: st["predicate"].update(empty_files=["../x"]),
+            "empty_files is not a list of plain relative paths",
+        ),
+        (
+            lambda st: st["predicate"].update(empty_files=["a.txt", "a.txt"]),
+            "empty_files lists a file twice",
+        ),
+        (
+            lambda st: st["predicate"].update(empty_files=["config.json"]),
+            "config.json is recorded as an empty file and also has shards",
+        ),
         (
             lambda st: st["predicate"]["resources"][0].update(name="config.json:1:2"),
             "is not a plain relative path",

@@ -44,6 +44,9 @@ class Verified:
     total_bytes: int
     tensors: int
     seconds: float
+    # From the verified config.json: the front refuses token ids at or above it. None: the
+    # config names none.
+    vocab_size: int | None = None
 
 
 def _entries(root: Path) -> list[policy.Entry]:
@@ -76,13 +79,17 @@ def verify(
     exclude: frozenset[str] = frozenset(),
     shard_size: int | None = None,
     progress: Callable[[int, int, int], None] | None = None,
+    check_sizes: Callable[[dict[str, int]], None] | None = None,
 ) -> Verified:
     """Policy, strict headers, JSON checks, then SHA-256 of every file - or, with
     `shard_size`, of every shard `name:start:end` (OMS "shards"), so one large file is hashed
-    on every core. Work runs in threads (OpenSSL's SHA-256 releases the GIL); each part is
-    read through a no-follow descriptor whose inode and times must match the first look.
+    on every core; an empty file has no shard, as in model_signing. Work runs in threads
+    (OpenSSL's SHA-256 releases the GIL); each part is read through a no-follow descriptor
+    whose inode and times must match the first look.
     `exclude`: relative names to leave out (a signature file kept inside the model dir).
-    `progress(parts_done, parts_total, bytes_done)` is called as each part completes."""
+    `progress(parts_done, parts_total, bytes_done)` is called as each part completes.
+    `check_sizes({name: size})` is called before any hashing: a caller that knows what was
+    signed refuses a mismatch there, before a small shard size multiplies the work."""
     started = time.monotonic()
     root = _root(root)
     entries = [e for e in _entries(root) if not (e.kind == "file" and e.name in exclude)]
@@ -90,6 +97,8 @@ def verify(
     workers = max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
         looked = dict(zip(names, pool.map(lambda n: _inspect(root, n), names), strict=True))
+        if check_sizes is not None:
+            check_sizes({name: fingerprint.size for name, (fingerprint, _t) in looked.items()})
         parts = [
             (name, begin, end)
             for name in names
@@ -116,12 +125,13 @@ def verify(
         total_bytes=sum(fingerprint.size for fingerprint, _t in looked.values()),
         tensors=sum(tensors for _f, tensors in looked.values()),
         seconds=time.monotonic() - started,
+        vocab_size=_vocab_size(root, looked["config.json"][0]) if "config.json" in looked else None,
     )
 
 
 def _ranges(size: int, shard_size: int | None) -> list[tuple[int, int]]:
-    if shard_size is None or size == 0:
-        return [(0, size)]
+    if shard_size is None:
+        return [(0, size)]  # an empty file too: its digest is SHA-256 of nothing
     return [(begin, min(begin + shard_size, size)) for begin in range(0, size, shard_size)]
 
 
@@ -177,6 +187,22 @@ def _hash_range(root: Path, name: str, begin: int, end: int, expected: Fingerpri
         return hasher.hexdigest()
     finally:
         os.close(fd)
+
+
+def _vocab_size(root: Path, expected: Fingerprint) -> int | None:
+    """config.json's vocab_size (a multimodal model's is its text_config's), read from the
+    file just verified: the same inode, unchanged."""
+    fd = _open(root, "config.json")
+    try:
+        if Fingerprint.of(os.fstat(fd)) != expected:
+            raise IntegrityError(
+                "model dir: config.json: changed while being checked",
+                fix="something is writing to the model dir: mount it read-only",
+            )
+        doc = json.loads(os.pread(fd, MAX_JSON_BYTES + 1, 0))
+    finally:
+        os.close(fd)
+    return policy.vocab_size(doc)
 
 
 def _check_json(name: str, data: bytes) -> None:

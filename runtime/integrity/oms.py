@@ -1,16 +1,18 @@
 """OpenSSF model signing (OMS v1.0) bundles. Pure: bytes and keys in, facts or an error out.
 
-A bundle is a Sigstore bundle (v0.3 JSON) whose DSSE envelope carries an in-toto Statement v1
-with predicate https://model_signing/signature/v1.0: one SHA-256 digest per file, and a subject
-digest over them. Verification, in order:
-  1. parse the bundle strictly (one signature, known media and payload types);
+A bundle is a Sigstore bundle (v0.2 or v0.3 JSON) whose DSSE envelope carries an in-toto
+Statement v1 with predicate https://model_signing/signature/v1.0: one SHA-256 digest per file
+(or per shard), and a subject digest over them. Verification, in order:
+  1. parse the bundle strictly (one signature, known media and payload types) and check that
+     its verification material is what the configured method verifies (check_method);
   2. check the signature over the DSSE PAE with the trusted key (method-specific: a key
-     pinned by its hint, or a certificate chained to a configured root, for code signing,
-     valid at signing time and now, carrying an allowed identity; or Sigstore keyless,
-     checked by sigstore-python against a pinned trust root);
+     named by its hint or carried as rawBytes, or a certificate chained to a configured root,
+     for code signing, valid at signing time and now, carrying an allowed identity; or
+     Sigstore keyless, checked by sigstore-python against a pinned trust root);
   3. parse the statement strictly (safe resource names, no duplicates, sha256 hex);
   4. recompute the subject digest from the resources;
-then the caller compares the resources with the files it hashed (compare_manifest).
+then the caller checks the file sizes against a shards manifest before hashing (check_sizes)
+and compares the resources with the files it hashed (compare_manifest).
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
 
@@ -37,17 +40,32 @@ from runtime.identity import certificate_sans, match_identity
 if TYPE_CHECKING:  # sigstore is imported where used: it costs ~0.3 s at start-up
     from sigstore.models import TrustedRoot
 
+# v0.2 differs from v0.3 only in what a keyless bundle carries (a one-certificate chain, an
+# inclusion proof required), which sigstore-python checks; v0.1 (no inclusion proof) is not
+# accepted.
 BUNDLE_MEDIA_TYPES = frozenset(
     {
         "application/vnd.dev.sigstore.bundle.v0.3+json",
         "application/vnd.dev.sigstore.bundle+json;version=0.3",
+        "application/vnd.dev.sigstore.bundle+json;version=0.2",
     }
 )
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+MAX_SHARD_SIZE = 1 << 40
 _RESIGN = "sign the model again (harness sign, or model_signing sign) and deploy that signature"
+# A signature that does not verify, or files that differ from it, may be an attack: re-signing
+# what is on disk would bless it.
+TAMPERED = (
+    "treat it as tampering: do not serve this model; check the configured trust "
+    "(model.signature.*) and where the model and its signature came from"
+)
+_NOT_A_BUNDLE = (
+    "check that model.signature.path is the model's OMS bundle (model.sig); if it is, " + TAMPERED
+)
+Method = Literal["key", "certificate", "sigstore"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +83,13 @@ class Statement:
     method: str
     resources: dict[str, str]  # name (or 'name:start:end' for shards) -> sha256 hex
     shard_size: int | None = None
+    # shards only: the 0-byte files the signer recorded. The shards serialization lists no
+    # shard for an empty file, so without this record (model_signing writes none: None) an
+    # empty file is not covered by the signature.
+    empty_files: frozenset[str] | None = None
 
 
-def _fail(what: str, fix: str = _RESIGN) -> IntegrityError:
+def _fail(what: str, fix: str = TAMPERED) -> IntegrityError:
     return IntegrityError(f"signature: {what}", fix=fix)
 
 
@@ -90,11 +112,15 @@ def parse_bundle(data: bytes) -> Bundle:
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _fail("the signature file is not JSON") from None
+        raise _fail("the signature file is not JSON", fix=_NOT_A_BUNDLE) from None
     if not isinstance(doc, dict):
-        raise _fail("the signature file is not a JSON object")
+        raise _fail("the signature file is not a JSON object", fix=_NOT_A_BUNDLE)
     if doc.get("mediaType") not in BUNDLE_MEDIA_TYPES:
-        raise _fail(f"unsupported bundle mediaType {doc.get('mediaType')!r}")
+        raise _fail(
+            f"unsupported bundle mediaType {doc.get('mediaType')!r} (Sigstore bundle v0.2 and "
+            "v0.3 are accepted)",
+            fix=_RESIGN,
+        )
     envelope = doc.get("dsseEnvelope")
     material = doc.get("verificationMaterial")
     if not isinstance(envelope, dict) or not isinstance(material, dict):
@@ -115,8 +141,60 @@ def parse_bundle(data: bytes) -> Bundle:
     )
 
 
-def key_hint(public_key: ec.EllipticCurvePublicKey) -> str:
-    """The bundle's publicKey.hint: hex SHA-256 of the PEM public key (model_signing's)."""
+# What each method verifies, and how to configure it, for a bundle checked with the wrong one.
+_CARRIES: dict[Method, str] = {
+    "key": "a public key (a bare-key signature)",
+    "certificate": "an X.509 certificate chain and no transparency-log entry (a certificate "
+    "signature)",
+    "sigstore": "a Sigstore certificate and transparency-log entry (a keyless signature)",
+}
+_CONFIGURE: dict[Method, str] = {
+    "key": 'model.signature.method = "key" with public_key (harness verify --public-key)',
+    "certificate": 'model.signature.method = "certificate" with certificate_chain and '
+    "identities (harness verify --certificate-chain, --identity)",
+    "sigstore": 'model.signature.method = "sigstore" with trust_config, issuer and identities '
+    "(harness verify --trust-config, --sigstore-issuer, --sigstore-identity)",
+}
+_MATERIAL_FIELDS = ("publicKey", "x509CertificateChain", "certificate")
+
+
+def _carried(material: dict[str, Any]) -> Method | None:
+    """The method a bundle's verification material was made for, or None if none fits."""
+    if "publicKey" in material:
+        return "key"
+    certificate = "certificate" in material or "x509CertificateChain" in material
+    if certificate and material.get("tlogEntries"):  # Sigstore's leaf: v0.3 alone, v0.2 as a chain
+        return "sigstore"
+    if "x509CertificateChain" in material:
+        return "certificate"
+    return None
+
+
+def check_method(bundle: Bundle, method: Method) -> None:
+    """The bundle carries what `method` verifies: a clear error naming the right method (and
+    its option) before any method-specific message would mislead."""
+    material = bundle.material
+    present = [field for field in _MATERIAL_FIELDS if field in material]
+    if len(present) > 1:
+        raise _fail(f"verificationMaterial holds both {present[0]} and {present[1]}")
+    carried = _carried(material)
+    if carried == method:
+        return
+    if carried is None:
+        raise _fail(
+            "the bundle's verificationMaterial carries no public key, certificate chain, or "
+            "Sigstore certificate with a transparency-log entry",
+            fix=_RESIGN,
+        )
+    raise _fail(
+        f"the bundle carries {_CARRIES[carried]}, but it is checked with the {method!r} method",
+        fix=f"verify it with the method it was signed with: {_CONFIGURE[carried]}",
+    )
+
+
+def key_hint(public_key: PublicKeyTypes) -> str:
+    """The bundle's publicKey.hint: hex SHA-256 of the PEM public key (model_signing's). Also
+    the key fingerprint harness reports."""
     pem = public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -147,18 +225,65 @@ def load_public_key(pem: bytes, source: str) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def verify_with_key(bundle: Bundle, key: ec.EllipticCurvePublicKey) -> str:
-    """Step 2, key method. Returns the signer's description."""
-    hint = (bundle.material.get("publicKey") or {}).get("hint")
+KeyMatch = Literal["hint", "raw_bytes"]
+_OTHER_KEY_FIX = (
+    "configure the public key that matches the signing key (model.signature.public_key); "
+    "if the configured key is right, " + TAMPERED[0].lower() + TAMPERED[1:]
+)
+
+
+def _raw_public_key(value: Any) -> PublicKeyTypes:
+    """publicKey.rawBytes: DER SubjectPublicKeyInfo by the Sigstore spec, PEM text as
+    model_signing <= 1.0 wrote it."""
+    raw = _b64(value, "verificationMaterial.publicKey.rawBytes")
+    try:
+        if raw.lstrip().startswith(b"-----BEGIN"):
+            return serialization.load_pem_public_key(raw)
+        return serialization.load_der_public_key(raw)
+    except ValueError:
+        raise _fail(
+            "verificationMaterial.publicKey.rawBytes is not a PEM or DER public key"
+        ) from None
+
+
+def _spki(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def verify_with_key(bundle: Bundle, key: ec.EllipticCurvePublicKey) -> tuple[str, KeyMatch]:
+    """Step 2, key method. Returns the signer's description and how the bundle named its key:
+    by `hint` (model_signing >= 1.1, harness) or by the key itself in `rawBytes` (model_signing
+    <= 1.0, which wrote no hint), compared as a key, not as bytes."""
+    material = bundle.material.get("publicKey")
+    if not isinstance(material, dict):
+        raise _fail("verificationMaterial.publicKey is not an object")
+    hint, raw = material.get("hint") or None, material.get("rawBytes")  # "" names no key
     expected = key_hint(key)
-    if hint != expected:
+    if hint is None and raw is None:
+        raise _fail(
+            "verificationMaterial.publicKey has neither a hint nor rawBytes: the bundle does "
+            "not name the key that signed it",
+            fix=_RESIGN,
+        )
+    if hint is not None and hint != expected:
         raise _fail(
             f"signed with another key: the bundle's key hint is {hint!r}, the configured "
-            f"public key's is {expected}",
-            fix="configure the public key that matches the signing key, or sign again",
+            f"public key's (sha256 of its PEM) is {expected!r}",
+            fix=_OTHER_KEY_FIX,
         )
+    if raw is not None:
+        theirs = _raw_public_key(raw)
+        if _spki(theirs) != _spki(key):
+            raise _fail(
+                f"signed with another key: the bundle's key (publicKey.rawBytes) has "
+                f"fingerprint sha256:{key_hint(theirs)}, the configured public key "
+                f"sha256:{expected} (SHA-256 of each PEM)",
+                fix=_OTHER_KEY_FIX,
+            )
     _verify_dsse(bundle, key, "the configured public key")
-    return f"key:sha256:{expected}"
+    return f"key:sha256:{expected}", "hint" if hint is not None else "raw_bytes"
 
 
 def _verify_dsse(bundle: Bundle, key: ec.EllipticCurvePublicKey, whose: str) -> None:
@@ -176,10 +301,7 @@ def _verify_dsse(bundle: Bundle, key: ec.EllipticCurvePublicKey, whose: str) -> 
 def _bundle_chain(material: dict[str, Any]) -> list[x509.Certificate]:
     entries = (material.get("x509CertificateChain") or {}).get("certificates")
     if not isinstance(entries, list) or not entries:
-        raise _fail(
-            "the bundle carries no certificate chain (signed with a bare key?)",
-            fix="verify with the method the model was signed with, or sign with a certificate",
-        )
+        raise _fail("the bundle's x509CertificateChain holds no certificates", fix=_RESIGN)
     chain = []
     for index, entry in enumerate(entries):
         raw = _b64(
@@ -356,7 +478,10 @@ def parse_statement(payload: bytes) -> Statement:
     if not isinstance(doc, dict) or doc.get("_type") != STATEMENT_TYPE:
         raise _fail("the signed payload is not an in-toto Statement v1")
     if doc.get("predicateType") != PREDICATE_TYPE:
-        raise _fail(f"predicateType {doc.get('predicateType')!r} is not {PREDICATE_TYPE}")
+        raise _fail(
+            f"predicateType {doc.get('predicateType')!r} is not {PREDICATE_TYPE}",
+            fix="sign with model_signing >= 1.0 or harness sign",
+        )
     subjects = doc.get("subject")
     if not isinstance(subjects, list) or len(subjects) != 1 or not isinstance(subjects[0], dict):
         raise _fail("the statement must have exactly one subject")
@@ -401,24 +526,65 @@ def parse_statement(payload: bytes) -> Statement:
     computed = root_digest(resources)
     if root != computed:
         raise _fail(f"the subject digest {root!r} does not match its resources ({computed})")
+    empty_files = None
+    if shard_size is not None:
+        resources, empty_files = _empty_files(resources, predicate.get("empty_files"))
+    elif "empty_files" in predicate:
+        raise _fail("empty_files is only used with the shards serialization")
     return Statement(
         model_name=str(subjects[0].get("name")),
         root_digest=computed,
         method=method,
         resources=resources,
         shard_size=shard_size,
+        empty_files=empty_files,
     )
 
 
+def _empty_files(
+    resources: dict[str, str], listed: Any
+) -> tuple[dict[str, str], frozenset[str] | None]:
+    """Shards: split off the empty files a signer recorded, from harness's `empty_files` (a
+    predicate field model_signing ignores) or as 'name:0:0' shards (earlier harness
+    signatures). None when neither is there: the signer did not record empty files."""
+    names: set[str] = set()
+    if listed is not None:
+        if not isinstance(listed, list) or not all(_safe_name(name) for name in listed):
+            raise _fail("empty_files is not a list of plain relative paths")
+        if len(set(listed)) != len(listed):
+            raise _fail("empty_files lists a file twice")
+        names.update(listed)
+    kept = {}
+    for name, digest in resources.items():
+        file, start, end = _shard_range(name)
+        if start == end == 0:
+            if digest != _EMPTY_SHA256:
+                raise _fail(f"resource {name}: an empty range whose digest is not SHA-256('')")
+            names.add(file)
+        else:
+            kept[name] = digest
+    for name in sorted(names & {_shard_range(n)[0] for n in kept}):
+        raise _fail(f"{name} is recorded as an empty file and also has shards")
+    return kept, frozenset(names) if listed is not None or names else None
+
+
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
 def _shard_size(value: Any) -> int:
-    # model_signing writes it as a JSON number that may be a float (1000000.0)
+    # model_signing writes it as a JSON number that may be a float (1000000.0), and accepts
+    # any positive size; check_sizes keeps a small one from multiplying the work.
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or value != int(value)
-        or not 4096 <= value <= 1 << 40
+        or not 1 <= value <= MAX_SHARD_SIZE
     ):
-        raise _fail(f"shard_size {value!r} is not a whole number of bytes (4 KiB to 1 TiB)")
+        raise _fail(
+            f"shard_size {value!r} is not a whole number of bytes from 1 to {MAX_SHARD_SIZE} "
+            "(1 TiB)",
+            fix=_RESIGN,
+        )
     return int(value)
 
 
@@ -434,12 +600,89 @@ def _shard_file(name: str, shard_size: int) -> str | None:
     return file
 
 
+def _shard_range(name: str) -> tuple[str, int, int]:
+    file, _sep, end = name.rpartition(":")
+    file, _sep, start = file.rpartition(":")
+    return file, int(start), int(end)
+
+
+def check_sizes(statement: Statement, sizes: dict[str, int]) -> tuple[str, ...]:
+    """Shards, before any hashing: each file's size is the one signed (the end of its last
+    shard) and the manifest lists each of its shards, so the work is what was signed, and a
+    small shard size cannot multiply it; each empty file is recorded. Returns the empty files
+    that the signature does not cover (a signer that records none: model_signing)."""
+    assert statement.shard_size is not None
+    shard = statement.shard_size
+    signed: dict[str, int] = {}
+    shards: dict[str, int] = {}
+    for name in statement.resources:
+        file, _start, end = _shard_range(name)
+        signed[file] = max(signed.get(file, 0), end)
+        shards[file] = shards.get(file, 0) + 1
+    empty = statement.empty_files
+    for name in sorted(sizes):
+        size = sizes[name]
+        if size == 0 and name in signed:
+            raise IntegrityError(
+                f"model dir: {name} is empty, but was signed with {signed[name]} bytes",
+                fix=TAMPERED,
+            )
+        if size == 0 and empty is not None and name not in empty:
+            raise IntegrityError(
+                f"model dir: {name} is an empty file that is not in the signed manifest (added "
+                "after signing, or renamed)",
+                fix="remove it, or sign the model again if it belongs there",
+            )
+        if size and empty is not None and name in empty:
+            raise IntegrityError(
+                f"model dir: {name} was signed as an empty file but now has {size} bytes",
+                fix=TAMPERED,
+            )
+        if size and name not in signed:
+            raise IntegrityError(
+                f"model dir: {name} is not in the signed manifest (an extra or renamed file)",
+                fix="remove it, or sign the model again if it belongs there",
+            )
+        if size and size != signed[name]:
+            raise IntegrityError(
+                f"model dir: {name} is {size} bytes, the signed manifest covers {signed[name]}",
+                fix=TAMPERED,
+            )
+        if size and shards[name] != -(-size // shard):
+            raise _fail(
+                f"the signed manifest lists {shards[name]} shards of {name}, whose "
+                f"{size} bytes make {-(-size // shard)} of {shard} bytes"
+            )
+    for name in sorted((signed.keys() | (empty or set())) - sizes.keys()):
+        raise IntegrityError(
+            f"model dir: {name} is in the signed manifest but missing",
+            fix="restore the file, or deploy the model that was signed",
+        )
+    return tuple(n for n in sorted(sizes) if sizes[n] == 0 and empty is None)
+
+
 def root_digest(resources: dict[str, str]) -> str:
-    """SHA-256 over the raw file digests in name order (OMS subject digest)."""
+    """The OMS subject digest: SHA-256 over the raw digests in the order given. A statement's
+    own order is what model_signing hashes when it verifies; `ordered` is the order it signs
+    in."""
     hasher = hashlib.sha256()
-    for name in sorted(resources):
-        hasher.update(bytes.fromhex(resources[name]))
+    for digest in resources.values():
+        hasher.update(bytes.fromhex(digest))
     return hasher.hexdigest()
+
+
+def _order_key(name: str, sharded: bool) -> tuple[list[str], int, int]:
+    if sharded:
+        file, start, end = _shard_range(name)
+        return file.split("/"), start, end
+    return name.split("/"), 0, 0
+
+
+def ordered(digests: dict[str, str], sharded: bool) -> dict[str, str]:
+    """model_signing's resource order: by path components, then shard offsets as numbers (so
+    'a/b' before 'a.txt', and 'f:1000:2000' before 'f:10000:11000'); plain string order
+    differs, and so would the subject digest."""
+    return dict(sorted(digests.items(), key=lambda item: _order_key(item[0], sharded)))
 
 
 def compare_manifest(signed: dict[str, str], actual: dict[str, str]) -> None:
@@ -459,7 +702,7 @@ def compare_manifest(signed: dict[str, str], actual: dict[str, str]) -> None:
             raise IntegrityError(
                 f"model dir: {name}: SHA-256 mismatch: signed {signed[name]}, "
                 f"actual {actual[name]}",
-                fix="the file differs from what was signed: redeploy the signed model",
+                fix="the file differs from what was signed: " + TAMPERED,
             )
 
 
@@ -468,9 +711,13 @@ def statement_for(
     digests: dict[str, str],
     ignore_paths: list[str],
     shard_size: int | None = None,
+    empty_files: list[str] | None = None,
 ) -> bytes:
-    """The statement `harness sign` signs, shaped as model_signing 1.x writes it."""
+    """The statement `harness sign` signs, shaped as model_signing 1.x writes it. With shards,
+    `empty_files` also records the 0-byte files (which have no shard, as in model_signing), so
+    that one added later is refused; model_signing ignores the field."""
     algorithm = "sha256" if shard_size is None else f"sha256-sharded-{shard_size}"
+    digests = ordered(digests, shard_size is not None)
     serialization_: dict[str, Any] = {
         "ignore_paths": ignore_paths,
         "hash_type": "sha256",
@@ -479,17 +726,20 @@ def statement_for(
     }
     if shard_size is not None:
         serialization_["shard_size"] = shard_size
+    predicate: dict[str, Any] = {
+        "serialization": serialization_,
+        "resources": [
+            {"name": name, "digest": digest, "algorithm": algorithm}
+            for name, digest in digests.items()
+        ],
+    }
+    if shard_size is not None:  # OMS v1.0: verifiers ignore predicate fields they do not know
+        predicate["empty_files"] = sorted(empty_files or [])
     doc = {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": model_name, "digest": {"sha256": root_digest(digests)}}],
         "predicateType": PREDICATE_TYPE,
-        "predicate": {
-            "serialization": serialization_,
-            "resources": [
-                {"name": name, "digest": digests[name], "algorithm": algorithm}
-                for name in sorted(digests)
-            ],
-        },
+        "predicate": predicate,
     }
     return json.dumps(doc, separators=(",", ":")).encode()
 

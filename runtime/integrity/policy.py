@@ -92,6 +92,16 @@ def check_listing(entries: Iterable[Entry]) -> list[str]:
     return files
 
 
+def vocab_size(config: Any) -> int | None:
+    """The vocabulary size a model's config.json names (a multimodal model's under
+    text_config), or None."""
+    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
+        value = section.get("vocab_size") if isinstance(section, dict) else None
+        if type(value) is int and 0 < value < 1 << 31:
+            return value
+    return None
+
+
 def check_json(name: str, doc: Any) -> None:
     """Refuse configs that make transformers load code (auto_map)."""
     if isinstance(doc, dict):

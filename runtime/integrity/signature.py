@@ -13,8 +13,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from runtime.errors import IntegrityError
+from runtime.errors import ConfigError, IntegrityError
 from runtime.integrity import model_dir, oms
+
+# `harness sign --shard-size`: a signature lists every shard (about 150 bytes each)
+MAX_SHARDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ class Result:
     method: str
     signature: Path
     identity: str | None = None
+    # key method: how the bundle named its key, "hint" or "raw_bytes" (model_signing <= 1.0)
+    key_match: oms.KeyMatch | None = None
+    # shards signed by a tool that records no empty files (model_signing): the 0-byte files
+    # present, which the signature does not cover
+    unsigned_empty_files: tuple[str, ...] = ()
 
 
 def _read(path: Path, what: str, fix: str) -> bytes:
@@ -80,22 +88,30 @@ def verify_model(
 ) -> Result:
     raw = _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
     bundle = oms.parse_bundle(raw)
-    identity = None
+    method: oms.Method = (
+        "key"
+        if isinstance(trust, KeyTrust)
+        else "certificate"
+        if isinstance(trust, CertificateTrust)
+        else "sigstore"
+    )
+    oms.check_method(bundle, method)
+    identity: str | None = None
+    key_match: oms.KeyMatch | None = None
     if isinstance(trust, KeyTrust):
-        method = "key"
         key = oms.load_public_key(
             _read(trust.public_key, "public key", "point at the signer's PEM public key"),
             str(trust.public_key),
         )
-        signer = oms.verify_with_key(bundle, key)
+        signer, key_match = oms.verify_with_key(bundle, key)
+        if key_match == "raw_bytes":
+            signer += " (key matched by publicKey.rawBytes)"
     elif isinstance(trust, CertificateTrust):
-        method = "certificate"
         trusted = _load_certificates(trust.chain)
         now = datetime.datetime.now(datetime.UTC)  # one `now` per verification
         identities = list(trust.identities) if trust.identities is not None else None
         signer, identity = oms.verify_with_certificates(bundle, trusted, identities, now)
     else:
-        method = "sigstore"
         trusted_root = oms.load_sigstore_root(
             _read(trust.trust_config, "trust config", "point at the trusted_root.json"),
             str(trust.trust_config),
@@ -106,17 +122,33 @@ def verify_model(
         if verified_payload != bundle.payload:  # both parsers must agree on what was signed
             raise IntegrityError(
                 "signature: the bundle's payload reads differently to two parsers",
-                fix="sign the model again with a standard tool; do not edit the bundle",
+                fix=oms.TAMPERED,
             )
     statement = oms.parse_statement(bundle.payload)
+    unsigned_empty: tuple[str, ...] = ()
+
+    def check_sizes(sizes: dict[str, int]) -> None:
+        nonlocal unsigned_empty
+        unsigned_empty = oms.check_sizes(statement, sizes)
+
     verified = model_dir.verify(
         root,
         exclude=_exclude(root, signature),
         shard_size=statement.shard_size,
         progress=progress,
+        check_sizes=check_sizes if statement.shard_size is not None else None,
     )
     oms.compare_manifest(statement.resources, verified.digests)
-    return Result(verified, statement.root_digest, signer, method, signature, identity)
+    return Result(
+        verified,
+        statement.root_digest,
+        signer,
+        method,
+        signature,
+        identity,
+        key_match=key_match,
+        unsigned_empty_files=unsigned_empty,
+    )
 
 
 def _load_certificates(paths: tuple[Path, ...]) -> list[x509.Certificate]:
@@ -159,9 +191,31 @@ def sign_model(
         raise IntegrityError(
             f"private key {private_key}: not an ECDSA key", fix="use an ECDSA P-256/384/521 key"
         )
-    verified = model_dir.verify(root, exclude=_exclude(root, signature), shard_size=shard_size)
+    if shard_size is not None and not 1 <= shard_size <= oms.MAX_SHARD_SIZE:
+        raise ConfigError(
+            f"--shard-size {shard_size}: not a size from 1 byte to 1 TiB",
+            fix="pass --shard-size BYTES, e.g. 1000000000 (model_signing's default)",
+        )
+
+    def check_sizes(sizes: dict[str, int]) -> None:
+        assert shard_size is not None
+        count = sum(-(-size // shard_size) for size in sizes.values())
+        if count > MAX_SHARDS:
+            raise ConfigError(
+                f"--shard-size {shard_size}: the model makes {count} shards, more than "
+                f"{MAX_SHARDS} (the signature would list every one)",
+                fix="pass a larger --shard-size",
+            )
+
+    verified = model_dir.verify(
+        root,
+        exclude=_exclude(root, signature),
+        shard_size=shard_size,
+        check_sizes=check_sizes if shard_size is not None else None,
+    )
+    empty = [name for name, f in verified.files.items() if f.size == 0] if shard_size else None
     statement = oms.statement_for(
-        verified.root.name, verified.digests, sorted(verified.excluded), shard_size
+        verified.root.name, verified.digests, sorted(verified.excluded), shard_size, empty
     )
     certificates = _load_certificates((certificate, *chain)) if certificate else None
     bundle = oms.sign_with_key(statement, key, certificates)
@@ -169,4 +223,4 @@ def sign_model(
     tmp.write_bytes(bundle)
     os.chmod(tmp, 0o644)
     os.replace(tmp, signature)
-    return oms.root_digest(verified.digests)
+    return oms.root_digest(oms.ordered(verified.digests, shard_size is not None))
