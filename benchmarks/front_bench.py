@@ -5,7 +5,7 @@ Unix socket, against the same real vLLM CPU engine, in one run.
                                                [--kinds plain stream] [--max-tokens 16|8-24]
                                                [--pin] [--keep-awake] [--engine vllm|stand-in]
                                                [--stand-in-delay-ms MS]
-                                               [--baselines relay httptools uvicorn]
+                                               [--baselines relay httptools uvicorn vllm-tls]
 
 Non-streamed and streamed completions (16 tokens each, ignore_eos; `--max-tokens 8-24` varies
 the length per request, the same sequence in both paths) at several concurrencies;
@@ -26,11 +26,23 @@ a bare mTLS byte relay (`relay`), HTTP on httptools without ASGI (`httptools`) a
 forwarding through harness's engine client with no controls (`uvicorn`). Each gets its own
 added p50 and ratio against the direct path, so the front's cost splits into the floor, the
 HTTP server and harness's controls.
+`--baselines vllm-tls` adds what a user would run instead of harness: vLLM serving mTLS itself
+(`--ssl-certfile --ssl-keyfile --ssl-ca-certs --ssl-cert-reqs 2`) on a loopback TCP port, a
+second engine with harness's engine's exact argv and environment but for where it listens
+(checked against harness's `engine_start` event) and its clients' keep-alive (the front's),
+and the bench's PKI; the load generator presents the same client certificate. Its row adds
+the front's throughput ratio and added p50/p99 over it (goals: ratio >= 1.0, added p50 <=
+0.5 ms), and the concurrencies default to 1, 8 and 32. Both engines are loaded at once, and
+every run starts once both have gone to sleep (see quiet()), so that neither spins beside
+the other.
+Every row also has each path's CPU per request in the engine's API-server process (the
+process that parses HTTP, and for vllm-tls terminates TLS), next to the front's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -53,9 +65,13 @@ import stand_in_engine  # next to this script
 import uvloop
 from load_client import Client, Target, completion
 
+from runtime import config as config_mod
 from runtime.demo import assets
+from runtime.engine.command import RuntimePaths, build_plan
 
 BODY = {"model": "demo", "prompt": "hello world", "ignore_eos": True}
+# The baseline of vLLM serving mTLS itself (--baselines vllm-tls).
+VLLM_TLS = "vllm-tls"
 # Requests per client through each path before a load shape is timed.
 WARM_UP = 10
 
@@ -84,9 +100,14 @@ async def bench(
     targets: dict[str, Target],
     processes: dict[str, psutil.Process],
     args: argparse.Namespace,
+    api_servers: dict[str, psutil.Process] | None = None,
+    settle: list[psutil.Process] | None = None,
 ) -> dict:
     """`targets`: "direct", "front" and any baselines; `processes`: whose CPU time each path
-    but the direct one costs."""
+    but the direct one costs; `api_servers`: the engine's API-server process each path ends
+    in (vLLM's HTTP side: with vllm-tls it also terminates TLS), counted apart; `settle`:
+    processes that must be quiet before each path's run (see quiet())."""
+    api_servers = api_servers or {}
     results = {}
     for stream in [s == "stream" for s in args.kinds]:
         prepared = [
@@ -102,7 +123,8 @@ async def bench(
             rounds: list[Round] = []
             requests = args.requests or max(10, 3 * concurrency)
             cpu_spent = dict.fromkeys(processes, 0.0)
-            own_cpu = _cpu_seconds(psutil.Process())
+            api_spent = dict.fromkeys(api_servers, 0.0)
+            me, own_cpu = psutil.Process(), 0.0  # the load generator, during the runs only
             names = list(targets)
             for round_ in range(args.rounds):
                 # Rotate which path goes first: the engine's own speed drifts.
@@ -110,15 +132,21 @@ async def bench(
                 order = names[shift:] + names[:shift]
                 this = Round()
                 for name in order:
-                    proc = processes.get(name)
+                    if settle:
+                        await quiet(settle)
+                    proc, api = processes.get(name), api_servers.get(name)
                     cpu = _cpu_seconds(proc) if proc else 0.0
+                    api_cpu = _cpu_seconds(api) if api else 0.0
+                    mine = _cpu_seconds(me)
                     rps, lat = await clients[name].run(prepared, requests, concurrency)
+                    own_cpu += _cpu_seconds(me) - mine
                     if proc:
                         cpu_spent[name] += _cpu_seconds(proc) - cpu
+                    if api:
+                        api_spent[name] += _cpu_seconds(api) - api_cpu
                     this.elapsed[name] = requests / rps
                     this.latencies[name] = lat
                 rounds.append(this)
-            own_cpu = _cpu_seconds(psutil.Process()) - own_cpu
             for client in clients.values():
                 client.close()
             total = requests * args.rounds
@@ -137,17 +165,62 @@ async def bench(
                 "load_generator_cpu_ms_per_request": round(
                     own_cpu / (len(names) * total) * 1000, 3
                 ),
+                "api_server_cpu_ms_per_request": {
+                    name: round(spent / total * 1000, 3) for name, spent in api_spent.items()
+                },
             }
             for name in names[2:]:  # the baselines, against the same direct path
                 (low, high), (p50_low, p50_high) = bootstrap(rounds, other=name)
                 row[name] = {
+                    "rps": round(total / sum(r.elapsed[name] for r in rounds), 1),
                     "throughput_ratio": round(pooled_ratio(rounds, other=name), 3),
                     "throughput_ratio_ci95": f"{low:.3f} to {high:.3f}",
                     "added_p50_ms": round(added(rounds, 50, other=name) * 1000, 3),
                     "added_p50_ms_ci95": f"{p50_low * 1000:.2f} to {p50_high * 1000:.2f}",
-                    "cpu_ms_per_request": round(cpu_spent[name] / total * 1000, 3),
                 }
+                if name in cpu_spent:
+                    row[name]["cpu_ms_per_request"] = round(cpu_spent[name] / total * 1000, 3)
+                if name == VLLM_TLS:  # what a user would run instead: the front against it
+                    row[name].update(front_over(rounds, name))
     return results
+
+
+async def quiet(procs: list[psutil.Process], window_s: float = 0.2, limit_s: float = 5) -> None:
+    """Until `procs` together use under a tenth of a CPU over `window_s` (at most `limit_s`).
+    vLLM's engine core and CPU worker spin on their shared-memory queues (sched_yield) for
+    1 s after their last message (shm_broadcast's busy_loop_s). With two engines on the same
+    compute CPU, the one that served last would spin beside the one now measured, and that
+    penalises whichever path follows the other engine's (always vllm-tls, in this
+    rotation). So every run, of every path, starts with both engines asleep."""
+    deadline = time.monotonic() + limit_s
+    before = sum(_cpu_seconds(p) for p in procs)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(window_s)
+        now = sum(_cpu_seconds(p) for p in procs)
+        if now - before < 0.1 * window_s:
+            return
+        before = now
+
+
+def engine_tree(pid: int) -> list[psutil.Process]:
+    """An engine's API server and everything under it (engine core, CPU worker)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def front_over(rounds: list[Round], base: str) -> dict[str, object]:
+    """The front against `base`: its throughput ratio and added p50/p99, with 95 % intervals
+    from the same bootstrap over rounds."""
+    (low, high), (p50_low, p50_high) = bootstrap(rounds, base=base)
+    ratios = [r.elapsed[base] / r.elapsed["front"] for r in rounds]
+    return {
+        "front_ratio": round(pooled_ratio(rounds, base=base), 3),
+        "front_ratio_ci95": f"{low:.3f} to {high:.3f}",
+        "front_round_ratios": f"{min(ratios):.2f}-{max(ratios):.2f}",
+        "front_added_p50_ms": round(added(rounds, 50, base=base) * 1000, 3),
+        "front_added_p50_ms_ci95": f"{p50_low * 1000:.2f} to {p50_high * 1000:.2f}",
+        "front_added_p99_ms": round(added(rounds, 99, base=base) * 1000, 3),
+    }
 
 
 @dataclasses.dataclass
@@ -223,6 +296,92 @@ def start_baseline(kind: str, port: int, engine_socket: str, demo: Path) -> subp
     raise AssertionError(f"the {kind} baseline did not listen within 30 s")
 
 
+def without_uds(argv: list[str]) -> list[str]:
+    """An engine argv less its `--uds PATH`: where it listens, and nothing else."""
+    at = argv.index("--uds")
+    return argv[:at] + argv[at + 2 :]
+
+
+def vllm_tls_argv(argv: list[str], port: int, cert: str, key: str, client_ca: str) -> list[str]:
+    """harness's engine argv, listening on a loopback TCP port with vLLM's own mTLS instead
+    of the Unix socket: what a user would run without harness. Pure."""
+    return [
+        *without_uds(argv),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ssl-certfile",
+        cert,
+        "--ssl-keyfile",
+        key,
+        "--ssl-ca-certs",
+        client_ca,
+        "--ssl-cert-reqs",
+        str(int(ssl.CERT_REQUIRED)),  # 2: a client certificate, checked against client_ca
+    ]
+
+
+def start_vllm_tls(
+    demo: Path, overrides: list[str], started: dict, port: int
+) -> subprocess.Popen[bytes]:
+    """A second vLLM engine from the same config, serving mTLS on `port` itself; no sandbox,
+    no privilege drop (as a user would run it; the sandbox costs nothing measurable per
+    request, README). `started`: harness's `engine_start` event, whose argv and environment
+    names this one must match, so that both engines run with the same options."""
+    cfg = config_mod.load(demo / assets.CONFIG_NAME, overrides)
+    keepalive_s = cfg.front.keepalive_timeout_s
+    paths = RuntimePaths(demo / VLLM_TLS)
+    for folder in (paths.root, *paths.dirs()):
+        folder.mkdir(mode=0o700)
+    plan = build_plan(cfg, paths, rendezvous_port=free_port())
+    argv = list(plan.argv)
+    # argv[0] (the interpreter) is not in the event.
+    assert without_uds(argv[1:]) == without_uds(started["argv"]), (argv, started["argv"])
+    assert sorted(plan.env) == sorted(started["env_names"]), (plan.env, started["env_names"])
+    pki = demo / "pki"
+    key = assets.secrets_dir(demo) / assets.SERVER_KEY
+    argv = vllm_tls_argv(argv, port, str(pki / "server.pem"), str(key), str(pki / "ca.pem"))
+    # Its clients' idle connections close after the front's keep-alive (5 s, vLLM's default
+    # too), not after the 30 s harness gives its engine for the front's own connections: both
+    # paths then reopen (and pay for) the same connections between runs.
+    env = {**plan.env, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(int(keepalive_s))}
+    with (demo / f"{VLLM_TLS}.log").open("wb") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            argv,
+            env=env,
+            cwd=plan.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: vLLM's engine core goes with it
+        )
+
+
+def wait_listening(child: subprocess.Popen[bytes], port: int, what: str, log: Path) -> None:
+    """Until `child` accepts connections on `port` (uvicorn listens once vLLM is ready)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:]
+            raise AssertionError(f"{what} exited ({child.returncode}):\n{tail}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not listen within 600 s")
+
+
+def stop_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the child's process group, SIGKILL after 60 s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGTERM)
+    try:
+        child.wait(60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait(10)
+
+
 def keep_awake(cores: list[int]) -> list[subprocess.Popen[bytes]]:
     """One SCHED_IDLE busy loop per CPU. A virtual CPU with nothing to run halts, and waking it
     takes the host's scheduling latency (milliseconds on a busy host, when the guest does not
@@ -248,7 +407,12 @@ def main() -> None:
         help="per path and round (default: 3 per client, at least 10: short rounds keep the "
         "engine's drift out of the comparison)",
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        help="clients at once (default: 1 4 8; 1 8 32 with --baselines vllm-tls)",
+    )
     parser.add_argument("--rounds", type=int, default=160)
     parser.add_argument(
         "--kinds",
@@ -287,11 +451,12 @@ def main() -> None:
     parser.add_argument(
         "--baselines",
         nargs="*",
-        choices=("relay", "httptools", "uvicorn"),
+        choices=("relay", "httptools", "uvicorn", VLLM_TLS),
         default=[],
         help="also measure fronts that do less, in the same rounds (benchmarks/baseline_fronts"
         ".py): a bare mTLS byte relay, HTTP on httptools without ASGI, and uvicorn with "
-        "harness's engine client and no controls",
+        "harness's engine client and no controls; and vllm-tls, a second vLLM engine with the "
+        "same options serving mTLS itself (what a user would run instead of harness)",
     )
     parser.add_argument(
         "--stand-in-delay-ms",
@@ -301,10 +466,15 @@ def main() -> None:
         "spaced out, as with a real engine, without a real engine's CPU use",
     )
     args = parser.parse_args()
+    if VLLM_TLS in args.baselines and args.engine != "vllm":
+        parser.error("--baselines vllm-tls compares against vLLM: use it with --engine vllm")
+    if not args.concurrency:
+        args.concurrency = [1, 8, 32] if VLLM_TLS in args.baselines else [1, 4, 8]
     cores = sorted(os.sched_getaffinity(0))
-    serve_args: list[str] = []
+    # The config overrides harness runs with; the vllm-tls engine is built from the same.
+    overrides: list[str] = []
     if args.pin:  # the engine's compute threads on the last CPU, harness on the others
-        serve_args = ["--set", f'engine.cpus="{cores[-1]}"']
+        overrides = [f'engine.cpus="{cores[-1]}"']
     with tempfile.TemporaryDirectory(prefix="front-bench-") as tmp:
         demo = Path(tmp)
         demo.chmod(0o755)  # the engine's non-root uid reads the model from here
@@ -313,7 +483,8 @@ def main() -> None:
         events = demo / "events.jsonl"
         if args.engine == "stand-in":
             engine = stand_in_engine.install(demo, args.stand_in_delay_ms / 1000)
-            serve_args += ["--set", f'engine.python="{engine}"']
+            overrides.append(f'engine.python="{engine}"')
+        serve_args = [arg for value in overrides for arg in ("--set", value)]
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -333,17 +504,25 @@ def main() -> None:
         )
         spinners: list[subprocess.Popen[bytes]] = []
         baselines: list[subprocess.Popen[bytes]] = []
+        vllm_tls: subprocess.Popen[bytes] | None = None
+        tls_port = free_port()
         try:
             sock = None
             deadline = time.monotonic() + 600
             while time.monotonic() < deadline and proc.poll() is None:
                 lines = [json.loads(x) for x in events.read_text().splitlines() if x]
                 starts = [e for e in lines if e["event_type"] == "engine_start"]
+                if starts and VLLM_TLS in args.baselines and vllm_tls is None:
+                    # Started while harness's engine loads: both load at once, in half the
+                    # time, and with the bench's full CPU set, as harness's engine was.
+                    vllm_tls = start_vllm_tls(demo, overrides, starts[0], tls_port)
                 if any(e["event_type"] == "front_listen" for e in lines):
                     sock = starts[0]["socket"]
                     break
                 time.sleep(0.5)
-            assert sock, "harness did not become ready"
+            assert sock, "harness did not become ready:\n" + events.read_text()[-3000:]
+            if vllm_tls is not None:
+                wait_listening(vllm_tls, tls_port, "vLLM with TLS", demo / f"{VLLM_TLS}.log")
             if args.keep_awake:
                 spinners = keep_awake(cores)
             if args.pin:  # this load generator shares the front's CPUs, not the engine's
@@ -354,13 +533,23 @@ def main() -> None:
             )
             targets = {"direct": Target(uds=sock), "front": Target(port=port, ssl=ctx)}
             processes = {"front": psutil.Process(proc.pid)}
+            # Stage 2 execs vLLM: the engine_start pid is its API server (or the stand-in).
+            engine_api = psutil.Process(starts[0]["pid"])
+            api_servers = {"direct": engine_api, "front": engine_api}
+            if vllm_tls is not None:
+                targets[VLLM_TLS] = Target(port=tls_port, ssl=ctx)
+                api_servers[VLLM_TLS] = psutil.Process(vllm_tls.pid)
             for kind in args.baselines:  # started after the pinning: they share its CPUs
+                if kind == VLLM_TLS:
+                    continue
                 baseline_port = free_port()
                 baseline = start_baseline(kind, baseline_port, sock, demo)
                 baselines.append(baseline)
                 targets[kind] = Target(port=baseline_port, ssl=ctx)
                 processes[kind] = psutil.Process(baseline.pid)
-            results = uvloop.run(bench(targets, processes, args))
+            # Two engines share the compute CPU: each run waits for both to be asleep.
+            settle = [*engine_tree(engine_api.pid), *engine_tree(vllm_tls.pid)] if vllm_tls else []
+            results = uvloop.run(bench(targets, processes, args, api_servers, settle))
             print(
                 json.dumps(
                     {
@@ -378,6 +567,8 @@ def main() -> None:
         finally:
             for child in spinners + baselines:
                 child.kill()
+            if vllm_tls is not None:
+                stop_group(vllm_tls)
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
             shutil.rmtree(assets.secrets_dir(demo), ignore_errors=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from runtime import __version__, launcher, otel
 from runtime import config as config_mod
+from runtime.engine import options as engine_options
 from runtime.engine import resources
 from runtime.engine.command import RuntimePaths, build_plan
 from runtime.front import server as front_server
@@ -52,6 +53,12 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "match": "exact raw request target; query string dropped",
             },
             "request_body_limit": {"status": "enforced", "max_bytes": cfg.front.max_body_bytes},
+            "request_model": {
+                "status": "enforced",
+                "vocab_size": weights.vocab_size,
+                "structured_outputs": cfg.limits.structured_outputs.allow,
+                "media_parts": list(cfg.limits.media.parts),
+            },
             "connections": {
                 "status": "enforced",
                 "max_connections": cfg.front.max_connections,
@@ -147,10 +154,10 @@ def _privileges(cfg: config_mod.Config) -> dict[str, Any]:
 def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
     rules = landlock.build(cfg, cfg.engine.runtime_dir / "harness-XXXXXX", list(ports))
     abi = landlock.abi_version()
-    return {
-        **_landlock_rules(rules, abi),
-        "tcp": "connect only to the rendezvous ports" if abi >= 4 else "not restricted",
-    }
+    tcp = "connect only to the rendezvous ports" if abi >= 4 else "not restricted"
+    if engine_options.ranks(cfg.engine.vllm) > 1:
+        tcp = "not restricted: the ranks meet over gloo; served only in the engine's own netns"
+    return {**_landlock_rules(rules, abi), "tcp": tcp}
 
 
 def _front_landlock(cfg: config_mod.Config) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from runtime.engine import options as engine_options
 from runtime.errors import ConfigError
 
 
@@ -123,6 +124,12 @@ class FrontSection(_Section):
     # TLS handshakes in progress at once (~55 KiB each, before anyone is authenticated); past
     # it a new connection is closed as it is accepted.
     max_handshakes: int = Field(default=256, ge=1, le=65536)
+    # Of those, from one client address: bare TCP connects from one address cannot hold every
+    # slot and lock the others out. Unset: 64, or max_handshakes if lower. 64 is a quarter of
+    # the default max_handshakes (four addresses to fill it), and well above what a gateway's
+    # pool has in flight at once, even in a burst: a handshake takes the front about a
+    # millisecond. Clients behind one NAT or gateway address share it.
+    max_handshakes_per_client: int | None = Field(default=None, ge=1, le=65536)
     # Admission: requests in the engine at once, and how many may wait for a slot (429 past it).
     max_concurrency: int = Field(default=16, ge=1, le=4096)
     max_queue: int = Field(default=16, ge=0, le=4096)
@@ -138,6 +145,17 @@ class FrontSection(_Section):
     header_timeout_s: float = Field(default=10.0, gt=0, le=600)
     keepalive_timeout_s: float = Field(default=5.0, gt=0, le=600)
     request_deadline_s: float = Field(default=600.0, gt=0, le=86400)
+    # Slow bodies: a request's whole body must arrive within body_timeout_s of its head, and
+    # from its first second on at min_body_bytes_per_s on average (0: no minimum; Apache's
+    # mod_reqtimeout asks 500), else 408 and the connection is closed. A body trickled a byte
+    # a second held its connection and bytes until request_deadline_s. A larger
+    # max_body_bytes may need a longer body_timeout_s (1 MiB in 30 s is 35 KB/s).
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    min_body_bytes_per_s: int = Field(default=1024, ge=0, le=1 << 30)
+    # Request body bytes the front holds at once, across all connections, from their arrival
+    # until each body is handed to the engine; past it a request gets 503 with Retry-After.
+    # Bounds the front's memory under many slow bodies; at least max_body_bytes.
+    max_buffered_body_bytes: int = Field(default=64 << 20, ge=1024, le=16 << 30)
     # Prometheus scrape endpoint, loopback only (e.g. "127.0.0.1:9464"); empty = off.
     metrics_listen: str = ""
 
@@ -164,6 +182,55 @@ class FrontSection(_Section):
                 raise ValueError(f"{item!r}: identities are exact strings, no wildcards or spaces")
         return value
 
+    @model_validator(mode="after")
+    def _body_budget(self) -> FrontSection:
+        if self.max_buffered_body_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_body_bytes ({self.max_buffered_body_bytes}) is less than "
+                f"max_body_bytes ({self.max_body_bytes}): one request could never be read; "
+                f"raise max_buffered_body_bytes to at least {self.max_body_bytes}"
+            )
+        return self
+
+    @property
+    def handshakes_per_client(self) -> int:
+        """front.max_handshakes_per_client, or its default."""
+        return self.max_handshakes_per_client or min(64, self.max_handshakes)
+
+    @model_validator(mode="after")
+    def _handshakes_per_client(self) -> FrontSection:
+        per_client = self.max_handshakes_per_client
+        if per_client is not None and per_client > self.max_handshakes:
+            raise ValueError(
+                f"max_handshakes_per_client ({per_client}) is more than max_handshakes "
+                f"({self.max_handshakes}): lower it to at most {self.max_handshakes}, or raise "
+                "max_handshakes"
+            )
+        return self
+
+
+class StructuredOutputsSection(_Section):
+    # Grammar-guided decoding through `response_format`. The engine compiles each schema into
+    # a grammar before the first token, on its own CPU (seconds for a schema of a thousand
+    # properties), so it is off unless a model team needs it. "json_object": any JSON object;
+    # "json_schema": that, and JSON schemas within the caps below (their bytes also count in
+    # limits.max_prompt_bytes). `structural_tag`, grammars and regexes are never forwarded.
+    allow: Literal["off", "json_object", "json_schema"] = "off"
+    max_schema_bytes: int = Field(default=8 << 10, ge=64, le=1 << 20)
+    max_schema_depth: int = Field(default=8, ge=2, le=64)
+    max_schema_properties: int = Field(default=64, ge=1, le=4096)  # in all, at every level
+
+
+class MediaSection(_Section):
+    # Media in chat messages: the part types forwarded (empty: none, the default). Only
+    # inline `data:` URLs (base64) are: never http(s) or file URLs, which the engine would
+    # fetch or open itself. Each part's data counts in limits.max_prompt_bytes too.
+    parts: list[Literal["image_url", "audio_url", "video_url", "input_audio"]] = Field(
+        default_factory=list
+    )
+    max_parts: int = Field(default=4, ge=1, le=64)  # media parts per request
+    max_part_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)  # its data: URL
+
 
 class LimitsSection(_Section):
     # Hard cap on generated tokens per request; also passed to vLLM as max_new_tokens.
@@ -178,6 +245,8 @@ class LimitsSection(_Section):
     max_prompt_bytes: int = Field(default=256 << 10, ge=64)  # serialised prompt or messages
     max_stop: int = Field(default=4, ge=0, le=64)  # stop strings, stop_token_ids
     max_json_depth: int = Field(default=32, ge=4, le=256)
+    structured_outputs: StructuredOutputsSection = StructuredOutputsSection()
+    media: MediaSection = MediaSection()
 
 
 class EngineSection(_Section):
@@ -200,6 +269,16 @@ class EngineSection(_Section):
     unsafe_run_as_root: bool = False
     # Extra variables copied from harness's environment into the engine's (allowlist).
     env_passthrough: list[str] = Field(default_factory=list)
+    # vLLM engine options (dtype, quantization, tensor_parallel_size, prefix caching, ...):
+    # the allowlist and each value's check are in runtime/engine/options.py. Options that
+    # load code or reach outside the verified model are refused by name.
+    vllm: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return engine_options.validate(value)
+
     # CPU memory cap: the engine's process tree, summed as PSS (README, Memory caps); over it,
     # the engine is stopped and harness exits 6. "auto": 90% of the memory harness may use
     # (its cgroup's memory.max, else the machine's), so that the engine is stopped with an

@@ -19,7 +19,7 @@ from runtime.config import Config, SignatureSection
 from runtime.engine import liveness, resources, watchdog
 from runtime.engine import process as engine_process
 from runtime.engine.process import Engine
-from runtime.errors import EngineError, IntegrityError, SecretsError
+from runtime.errors import ConfigError, EngineError, IntegrityError, SecretsError
 from runtime.front import metrics, tls
 from runtime.front import server as front_server
 from runtime.front.admission import Admission
@@ -131,6 +131,7 @@ def serve(
                 placement,
                 files,
                 on_ready,
+                weights.vocab_size,
             )
             # From now on the engine must keep answering (engine.liveness_timeout_s, exit 6).
             with liveness.watch(engine, cfg.engine.liveness_timeout_s):
@@ -158,6 +159,11 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
                 "signer": result.signer,
                 "method": result.method,
                 "signature": str(result.signature),
+                # How a key signature's key was matched: its hint, or its raw bytes (bundles
+                # of model_signing 1.0.x carry no hint).
+                "key_match": result.key_match,
+                # Empty files a signature cannot speak for (shards of model_signing).
+                "unsigned_empty_files": list(result.unsigned_empty_files),
             }
         else:
             verified = model_dir.verify(cfg.model.dir)
@@ -183,6 +189,13 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
     if writable:
         telemetry.emit(
             "unsafe_setting", "allowed", setting="model.unsafe_allow_writable", risk=writable
+        )
+    template = cfg.engine.vllm.get("chat_template")
+    if template is not None and template not in verified.files:
+        raise ConfigError(
+            f"engine.vllm.chat_template {template!r}: not a file of the verified model dir",
+            fix=f"put the template in {cfg.model.dir} (signed with the weights) and name it "
+            "relative to that dir",
         )
     seconds = verified.seconds
     telemetry.emit(
@@ -287,6 +300,7 @@ async def _serve_front(
     placement: resources.CpuPlacement | None,
     files: dict[str, int],
     on_ready: Callable[[Config], None] | None,
+    vocab_size: int | None,
 ) -> int:
     front_sandbox.serving()  # the loop runs: uvloop's io_uring probe is behind us
     state = FrontState(engine_ready=True)
@@ -297,6 +311,7 @@ async def _serve_front(
         limits=cfg.limits,
         served_name=cfg.model.served_name,
         admission=admission,
+        vocab_size=vocab_size,
     )
     server = front_server.build_server(cfg.front, app, state, tls_material, connections)
     died: list[int] = []

@@ -19,7 +19,15 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-from front_bench import Round, added, bootstrap, pooled_ratio, token_counts  # noqa: E402
+from front_bench import (  # noqa: E402
+    Round,
+    added,
+    bootstrap,
+    front_over,
+    pooled_ratio,
+    token_counts,
+    vllm_tls_argv,
+)
 from load_client import Client, Target, completion  # noqa: E402
 
 
@@ -88,6 +96,43 @@ def test_ratio_pools_time_and_the_interval_covers_paired_rounds() -> None:
     # Whole rounds are resampled, so the drift stays paired and the ratio stays 1/1.1.
     assert abs(low - 1 / 1.1) < 1e-9 and abs(high - 1 / 1.1) < 1e-9
     assert abs(p50_low - 0.002) < 1e-9 and abs(p50_high - 0.002) < 1e-9
+
+
+def test_the_front_against_vllm_tls_comes_from_the_same_paired_rounds() -> None:
+    # vLLM's own TLS costs 5 % and 1 ms in each round; the front 10 % and 2 ms over direct.
+    rounds = [
+        Round(
+            elapsed={"direct": t, "front": t * 1.10, "vllm-tls": t * 1.05},
+            latencies={
+                "direct": [t / 100] * 5,
+                "front": [t / 100 + 0.002] * 5,
+                "vllm-tls": [t / 100 + 0.001] * 5,
+            },
+        )
+        for t in (1.0, 3.0) * 10
+    ]
+    row = front_over(rounds, "vllm-tls")
+    assert row["front_ratio"] == round(1.05 / 1.10, 3)
+    assert row["front_added_p50_ms"] == 1.0 and row["front_added_p99_ms"] == 1.0
+    assert row["front_ratio_ci95"] == f"{1.05 / 1.10:.3f} to {1.05 / 1.10:.3f}"
+
+
+def test_vllm_tls_serves_harness_engine_argv_with_its_own_mtls() -> None:
+    argv = ["-I", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--uds", "/s"]
+    argv += ["--max-num-seqs", "16", "--enforce-eager"]
+    tls = vllm_tls_argv(argv, 8443, "cert.pem", "key.pem", "ca.pem")
+    # The engine's own options stay as harness gave them; only where it listens changes.
+    assert tls[:7] == [*argv[:5], "--max-num-seqs", "16"] and "--enforce-eager" in tls
+    assert "--uds" not in tls and "/s" not in tls
+    flags = dict(zip(tls[8::2], tls[9::2], strict=True))
+    assert flags == {
+        "--host": "127.0.0.1",
+        "--port": "8443",
+        "--ssl-certfile": "cert.pem",
+        "--ssl-keyfile": "key.pem",
+        "--ssl-ca-certs": "ca.pem",
+        "--ssl-cert-reqs": "2",  # ssl.CERT_REQUIRED: the client must present a certificate
+    }
 
 
 def test_token_counts_are_a_fixed_shuffle_of_the_range() -> None:

@@ -124,3 +124,38 @@ def test_place_front_moves_every_thread_and_later_ones_follow() -> None:
     report = os.read(read, 4096).decode()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, report
+
+
+@pytest.mark.parametrize(
+    ("cpus", "ranks", "groups"),
+    [
+        ({0, 1}, 2, ["0", "1"]),
+        ({0, 1, 2, 3, 4}, 2, ["0-2", "3-4"]),
+        ({2, 5, 6, 9}, 3, ["2,5", "6", "9"]),
+        ({0, 1, 2, 3}, 1, ["0-3"]),
+    ],
+)
+def test_engine_cpus_are_split_one_group_per_rank(
+    cpus: set[int], ranks: int, groups: list[str]
+) -> None:
+    split = resources.split_cpus(cpus, ranks)
+    assert [config.format_cpu_list(g) for g in split] == groups
+    assert set().union(*split) == cpus
+
+
+def test_more_ranks_than_cpus_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        resources.split_cpus({0, 1}, 4)
+    assert "tensor_parallel_size" in info.value.message
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")
+def test_each_rank_of_a_parallel_engine_gets_its_own_cpus() -> None:
+    """vLLM's CPU workers bind to their rank's list ("a|b"); without one they ask NUMA."""
+    cpus = sorted(os.sched_getaffinity(0))
+    paths = RuntimePaths(Path("/run/h"))
+    plan = build_plan(_cfg(vllm={"tensor_parallel_size": 2}), paths, {})
+    ranks = plan.env["VLLM_CPU_OMP_THREADS_BIND"].split("|")
+    assert len(ranks) == 2
+    assert set().union(*(config.parse_cpu_list(r) for r in ranks)) == set(cpus)
+    assert not config.parse_cpu_list(ranks[0]) & config.parse_cpu_list(ranks[1])

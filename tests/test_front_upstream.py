@@ -209,6 +209,28 @@ def test_an_oversized_response_head_is_refused(tmp_path: Path) -> None:
     run(tmp_path, handler, scenario)
 
 
+def test_a_response_header_line_that_never_ends_is_refused(tmp_path: Path) -> None:
+    """One endless line is never handed to on_header: it is cut by its raw bytes, before the
+    parser's joining of its pieces takes the front's CPU."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-endless: ")
+        for _ in range(upstream.MAX_HEAD_BYTES // 4096 + 4):
+            writer.write(b"a" * 4096)
+            await writer.drain()
+            await asyncio.sleep(0.001)  # separate reads, as a trickling engine sends them
+        await asyncio.sleep(5)
+
+    async def scenario(client: EngineClient) -> None:
+        with pytest.raises(EngineUnavailable, match="response head is over"):
+            await asyncio.wait_for(
+                client.request("POST", "/v1/completions", JSON_HEADERS, BODY), timeout=4
+            )
+
+    run(tmp_path, handler, scenario)
+
+
 def test_no_engine_listening_is_engine_unavailable(tmp_path: Path) -> None:
     async def main() -> None:
         client = EngineClient(str(tmp_path / "missing.sock"))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.config import LimitsSection
+from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection
 from runtime.front.limits import Rejected, _depth, check
 from tests.support import json_values
 
@@ -23,6 +23,8 @@ LIMITS = LimitsSection(
     max_stop=2,
     max_json_depth=8,
 )
+VOCAB = 1000  # the model's vocab_size
+SCHEMAS = StructuredOutputsSection(allow="json_schema", max_schema_depth=64)
 CHAT = b"/v1/chat/completions"
 COMPLETIONS = b"/v1/completions"
 JSON = b"application/json"
@@ -36,9 +38,15 @@ def _chat(**extra: Any) -> dict[str, Any]:
     return {"model": "demo", "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-def _check(route: bytes, body: Any, limits: LimitsSection = LIMITS, ctype: bytes = JSON):
+def _check(
+    route: bytes,
+    body: Any,
+    limits: LimitsSection = LIMITS,
+    ctype: bytes = JSON,
+    vocab_size: int | None = VOCAB,
+):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return check(route, ctype, raw, limits, "demo")
+    return check(route, ctype, raw, limits, "demo", vocab_size)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +79,7 @@ def _check(route: bytes, body: Any, limits: LimitsSection = LIMITS, ctype: bytes
             "limit_exceeded",
             "messages",
         ),
-        (CHAT, _chat(messages=[]), 400, "invalid_type", "messages"),
+        (CHAT, _chat(messages=[]), 400, "invalid_value", "messages"),
         (COMPLETIONS, _completion(prompt={"a": 1}), 400, "invalid_type", "prompt"),
         (COMPLETIONS, _completion(stop=["a", "b", "c"]), 400, "limit_exceeded", "stop"),
         (COMPLETIONS, _completion(stop="x" * 300), 400, "limit_exceeded", "stop"),
@@ -108,9 +116,15 @@ def _check(route: bytes, body: Any, limits: LimitsSection = LIMITS, ctype: bytes
         (COMPLETIONS, _completion(seed=1.5), 400, "invalid_type", "seed"),
         (COMPLETIONS, _completion(ignore_eos=1), 400, "invalid_type", "ignore_eos"),
         (CHAT, _chat(response_format="json"), 400, "invalid_type", "response_format"),
-        (COMPLETIONS, _completion(stop_token_ids=["2"]), 400, "invalid_type", "stop_token_ids"),
-        (COMPLETIONS, _completion(logit_bias={"1": "x"}), 400, "invalid_type", "logit_bias"),
-        (CHAT, _chat(messages=["hi"]), 400, "invalid_type", "messages"),
+        (
+            COMPLETIONS,
+            _completion(stop_token_ids=["2"]),
+            400,
+            "invalid_type",
+            "stop_token_ids[0]",
+        ),
+        (COMPLETIONS, _completion(logit_bias={"1": "x"}), 400, "invalid_type", "logit_bias.1"),
+        (CHAT, _chat(messages=["hi"]), 400, "invalid_value", "messages[0]"),
         (
             COMPLETIONS,
             b'{"model": "demo", "prompt": "a", "prompt": "b"}',
@@ -245,16 +259,23 @@ def test_depth_counts_every_level_of_nesting(value: dict[str, Any] | list[Any]) 
 
 @pytest.mark.parametrize("depth", [7, 8, 9])
 def test_the_depth_cap_is_exact(depth: int) -> None:
-    """max_json_depth=8 here: a body nested 8 deep passes, 9 deep is refused."""
+    """max_json_depth=8 here: a body nested 8 deep passes, 9 deep is refused (a JSON schema
+    is the one place where a request may nest at will)."""
+    limits = LIMITS.model_copy(update={"structured_outputs": SCHEMAS})
     nested: Any = "x"
-    for _ in range(depth - 2):  # the body itself, and the string at the bottom, are two levels
+    while True:
+        body = _chat(
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": nested}}
+        )
+        if _nesting(body) >= depth:
+            break
         nested = {"a": nested}
-    body = json.dumps({"model": "demo", "prompt": "hi", "stream_options": nested}).encode()
+    assert _nesting(body) == depth
     if depth <= 8:
-        assert check(COMPLETIONS, b"application/json", body, LIMITS, "demo").body
+        assert _check(CHAT, body, limits).body
     else:
         with pytest.raises(Rejected) as err:
-            check(COMPLETIONS, b"application/json", body, LIMITS, "demo")
+            _check(CHAT, body, limits)
         assert err.value.code == "json_too_deep"
 
 
@@ -281,6 +302,7 @@ def test_every_typed_parameter_passes_with_its_type_or_null() -> None:
         suffix="s",
         seed=1,
         top_k=-1,
+        stream=True,
         stream_options={"include_usage": True},
         temperature=1,
         top_p=0.9,
@@ -297,8 +319,498 @@ def test_every_typed_parameter_passes_with_its_type_or_null() -> None:
         logit_bias={"1": -100},
     )
     sent = json.loads(_check(COMPLETIONS, body).body)
-    assert {k: v for k, v in sent.items() if k != "max_tokens"} == body
+    # null is unset: it is not forwarded, and the engine's default applies
+    assert {k: v for k, v in sent.items() if k != "max_tokens"} == {
+        k: v for k, v in body.items() if v is not None
+    }
     chat = _chat(response_format={"type": "json_object"}, seed=None, stream=None)
-    checked = _check(CHAT, chat)
+    checked = _check(CHAT, chat, LIMITS.model_copy(update={"structured_outputs": SCHEMAS}))
     assert json.loads(checked.body)["response_format"] == {"type": "json_object"}
     assert checked.stream is False  # null: not streamed, as vLLM reads it
+
+
+# -- the positive model: what a request may contain, at every level -------------------------
+MEDIA = LIMITS.model_copy(
+    update={
+        "max_prompt_bytes": 1 << 20,
+        "media": MediaSection(parts=["image_url", "input_audio"], max_parts=2, max_part_bytes=2048),
+    }
+)
+STRUCTURED = LIMITS.model_copy(
+    update={
+        "max_prompt_bytes": 4096,
+        "max_json_depth": 32,
+        "structured_outputs": StructuredOutputsSection(
+            allow="json_schema", max_schema_bytes=512, max_schema_depth=5, max_schema_properties=4
+        ),
+    }
+)
+PNG = "data:image/png;base64," + "iVBORw0KGgo" + "A" * 49  # 60 base64 characters
+
+
+def _user(*parts: dict[str, Any]) -> dict[str, Any]:
+    return _chat(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}, *parts]}])
+
+
+def _image(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _schema(schema: Any) -> dict[str, Any]:
+    return _chat(
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "limits", "code", "param"),
+    [
+        # numbers: JSON's, finite, in vLLM's ranges
+        (
+            COMPLETIONS,
+            b'{"model":"demo","prompt":"a","temperature":NaN}',
+            LIMITS,
+            "invalid_json",
+            None,
+        ),
+        (
+            COMPLETIONS,
+            b'{"model":"demo","prompt":"a","top_p":Infinity}',
+            LIMITS,
+            "invalid_json",
+            None,
+        ),
+        (
+            COMPLETIONS,
+            b'{"model":"demo","prompt":"a","top_p":-Infinity}',
+            LIMITS,
+            "invalid_json",
+            None,
+        ),
+        (COMPLETIONS, b'{"model":"demo","prompt":"a","min_p":1e400}', LIMITS, "invalid_json", None),
+        (
+            COMPLETIONS,
+            b'{"model":"demo","prompt":"a","seed":' + b"9" * 4000 + b"}",
+            LIMITS,
+            "invalid_value",
+            "seed",
+        ),
+        (
+            COMPLETIONS,
+            b'{"model":"demo","prompt":"a","seed":' + b"9" * 5000 + b"}",
+            LIMITS,
+            "invalid_json",
+            None,
+        ),
+        (COMPLETIONS, _completion(seed=1 << 64), LIMITS, "invalid_value", "seed"),
+        (COMPLETIONS, _completion(min_p=-5), LIMITS, "invalid_value", "min_p"),
+        (
+            COMPLETIONS,
+            _completion(presence_penalty=1e308),
+            LIMITS,
+            "invalid_value",
+            "presence_penalty",
+        ),
+        (
+            COMPLETIONS,
+            _completion(frequency_penalty=-2.5),
+            LIMITS,
+            "invalid_value",
+            "frequency_penalty",
+        ),
+        (COMPLETIONS, _completion(temperature=2.01), LIMITS, "invalid_value", "temperature"),
+        (COMPLETIONS, _completion(top_p=0), LIMITS, "invalid_value", "top_p"),
+        (COMPLETIONS, _completion(top_k=-2), LIMITS, "invalid_value", "top_k"),
+        (
+            COMPLETIONS,
+            _completion(repetition_penalty=0),
+            LIMITS,
+            "invalid_value",
+            "repetition_penalty",
+        ),
+        (COMPLETIONS, _completion(logit_bias={"1": 101}), LIMITS, "invalid_value", "logit_bias.1"),
+        (
+            COMPLETIONS,
+            _completion(stream_options={"include_usage": 1}),
+            LIMITS,
+            "invalid_type",
+            "stream_options.include_usage",
+        ),
+        (
+            COMPLETIONS,
+            _completion(stream_options={"x": True}),
+            LIMITS,
+            "unsupported_parameter",
+            "stream_options.x",
+        ),
+        # token ids: integers (never booleans) of the model's vocabulary
+        (COMPLETIONS, _completion(prompt=[-1]), LIMITS, "invalid_value", "prompt"),
+        (COMPLETIONS, _completion(prompt=[10**30]), LIMITS, "invalid_value", "prompt"),
+        (COMPLETIONS, _completion(prompt=[VOCAB]), LIMITS, "invalid_value", "prompt"),
+        (COMPLETIONS, _completion(prompt=[[1, True]]), LIMITS, "invalid_type", "prompt"),
+        (COMPLETIONS, _completion(prompt=[True]), LIMITS, "invalid_type", "prompt"),
+        (COMPLETIONS, _completion(prompt=[[]]), LIMITS, "invalid_type", "prompt"),
+        (
+            COMPLETIONS,
+            _completion(stop_token_ids=[-1]),
+            LIMITS,
+            "invalid_value",
+            "stop_token_ids[0]",
+        ),
+        (
+            COMPLETIONS,
+            _completion(stop_token_ids=[VOCAB]),
+            LIMITS,
+            "invalid_value",
+            "stop_token_ids",
+        ),
+        (COMPLETIONS, _completion(logit_bias={"-5": 1}), LIMITS, "invalid_value", "logit_bias"),
+        (COMPLETIONS, _completion(logit_bias={"abc": 1}), LIMITS, "invalid_value", "logit_bias"),
+        (COMPLETIONS, _completion(logit_bias={"01": 1}), LIMITS, "invalid_value", "logit_bias"),
+        (
+            COMPLETIONS,
+            _completion(logit_bias={str(VOCAB): 1}),
+            LIMITS,
+            "invalid_value",
+            "logit_bias",
+        ),
+        # strings: text, never a lone surrogate, escaped or raw
+        (COMPLETIONS, b'{"model":"demo","prompt":"a\\ud800"}', LIMITS, "invalid_string", None),
+        (
+            CHAT,
+            b'{"model":"demo","messages":[{"role":"user","content":"\\udfff"}]}',
+            LIMITS,
+            "invalid_string",
+            None,
+        ),
+        (COMPLETIONS, b'{"model":"demo","prompt":"a\xed\xa0\x80"}', LIMITS, "invalid_json", None),
+        # messages: known roles and keys only
+        (
+            CHAT,
+            _chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]),
+            LIMITS,
+            "invalid_value",
+            "messages[0]",
+        ),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": "x", "tool_calls": []}]),
+            LIMITS,
+            "unsupported_parameter",
+            "messages[0].tool_calls",
+        ),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": "x", "x": 1}]),
+            LIMITS,
+            "unsupported_parameter",
+            "messages[0].x",
+        ),
+        (CHAT, _chat(messages=[{"role": "user"}]), LIMITS, "invalid_value", "messages[0].content"),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": None}]),
+            LIMITS,
+            "invalid_value",
+            "messages[0].content",
+        ),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": []}]),
+            LIMITS,
+            "invalid_value",
+            "messages[0].content",
+        ),
+        (
+            CHAT,
+            _chat(messages=[{"role": "user", "content": "x", "name": "n" * 65}]),
+            LIMITS,
+            "invalid_value",
+            "messages[0].name",
+        ),
+        (
+            CHAT,
+            _user({"type": "text", "text": "x", "cache": 1}),
+            LIMITS,
+            "unsupported_parameter",
+            "messages[0].content[1].cache",
+        ),
+        # media: off by default; when on, inline data of the right kind, within caps
+        (CHAT, _user(_image(PNG)), LIMITS, "media_not_allowed", "messages[0].content[1]"),
+        (
+            CHAT,
+            _user({"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,AAAA"}}),
+            MEDIA,
+            "media_not_allowed",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user({"type": "image_embeds", "image_embeds": "AAAA"}),
+            MEDIA,
+            "invalid_value",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user({"type": "file", "file": {"file_data": "AAAA"}}),
+            MEDIA,
+            "invalid_value",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("http://169.254.169.254/latest/meta-data")),
+            MEDIA,
+            "media_url_not_allowed",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("file:///etc/passwd")),
+            MEDIA,
+            "media_url_not_allowed",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("data:text/html;base64,AAAA")),
+            MEDIA,
+            "media_url_not_allowed",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("data:image/png,notbase64")),
+            MEDIA,
+            "media_url_not_allowed",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("data:image/png;base64,A*AA")),
+            MEDIA,
+            "invalid_value",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image("data:image/png;base64," + "A" * 4096)),
+            MEDIA,
+            "limit_exceeded",
+            "messages[0].content[1]",
+        ),
+        (
+            CHAT,
+            _user(_image(PNG), _image(PNG), _image(PNG)),
+            MEDIA,
+            "limit_exceeded",
+            "messages[0].content[3]",
+        ),
+        (
+            CHAT,
+            _user({"type": "image_url", "image_url": {"url": PNG, "x": 1}}),
+            MEDIA,
+            "unsupported_parameter",
+            "messages[0].content[1].image_url.x",
+        ),
+        (
+            CHAT,
+            _chat(messages=[{"role": "system", "content": [_image(PNG)]}]),
+            MEDIA,
+            "invalid_value",
+            "messages[0].content[0]",
+        ),
+        # structured outputs: off by default; when on, bounded schemas and no regexes
+        (
+            CHAT,
+            _chat(response_format={"type": "json_object"}),
+            LIMITS,
+            "structured_outputs_not_allowed",
+            "response_format",
+        ),
+        (
+            CHAT,
+            _schema({"type": "object"}),
+            LIMITS.model_copy(
+                update={"structured_outputs": StructuredOutputsSection(allow="json_object")}
+            ),
+            "structured_outputs_not_allowed",
+            "response_format",
+        ),
+        (
+            CHAT,
+            _chat(response_format={"type": "structural_tag", "format": {}}),
+            STRUCTURED,
+            "invalid_value",
+            "response_format.type",
+        ),
+        (
+            CHAT,
+            _chat(response_format={"type": "json_schema"}),
+            STRUCTURED,
+            "invalid_value",
+            "response_format.json_schema",
+        ),
+        (
+            CHAT,
+            _chat(
+                response_format={"type": "json_object", "json_schema": {"name": "s", "schema": {}}}
+            ),
+            STRUCTURED,
+            "invalid_value",
+            "response_format.json_schema",
+        ),
+        (
+            CHAT,
+            _chat(
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": {}, "x": 1},
+                }
+            ),
+            STRUCTURED,
+            "unsupported_parameter",
+            "response_format.json_schema.x",
+        ),
+        (
+            CHAT,
+            _schema({"type": "string", "pattern": "(a+)+$"}),
+            STRUCTURED,
+            "structured_outputs_not_allowed",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"type": "object", "patternProperties": {"^a": {}}}),
+            STRUCTURED,
+            "structured_outputs_not_allowed",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"items": [{"pattern": "x"}]}),
+            STRUCTURED,
+            "structured_outputs_not_allowed",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"properties": {f"p{i}": {} for i in range(5)}}),
+            STRUCTURED,
+            "limit_exceeded",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"$defs": {"a": {"properties": {f"p{i}": {} for i in range(5)}}}}),
+            STRUCTURED,
+            "limit_exceeded",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"a": {"b": {"c": {"d": {"e": 1}}}}}),
+            STRUCTURED,
+            "limit_exceeded",
+            "response_format.json_schema.schema",
+        ),
+        (
+            CHAT,
+            _schema({"description": "x" * 600}),
+            STRUCTURED,
+            "limit_exceeded",
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+def test_what_the_model_of_a_request_does_not_hold_is_refused(
+    route: bytes, body: Any, limits: LimitsSection, code: str, param: str | None
+) -> None:
+    with pytest.raises(Rejected) as info:
+        _check(route, body, limits)
+    assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
+    assert info.value.message
+
+
+def test_token_ids_are_refused_when_the_model_names_no_vocabulary() -> None:
+    for body in (_completion(prompt=[1, 2]), _completion(stop_token_ids=[1])):
+        with pytest.raises(Rejected) as info:
+            _check(COMPLETIONS, body, vocab_size=None)
+        assert "names no vocab_size" in info.value.message
+    assert _check(COMPLETIONS, _completion(prompt="text"), vocab_size=None).body
+
+
+def test_refusals_of_a_switched_off_feature_name_the_switch() -> None:
+    with pytest.raises(Rejected) as info:
+        _check(CHAT, _user(_image(PNG)))
+    assert "limits.media.parts" in info.value.message
+    with pytest.raises(Rejected) as info:
+        _check(CHAT, _schema({"type": "object"}))
+    assert "limits.structured_outputs.allow" in info.value.message
+
+
+def test_what_the_model_holds_is_forwarded_as_strict_json() -> None:
+    accepted = [
+        (COMPLETIONS, _completion(prompt=[0, VOCAB - 1], logit_bias={"0": -100, "999": 100.0})),
+        (
+            COMPLETIONS,
+            _completion(prompt=[[1, 2], [3]], stop_token_ids=[VOCAB - 1], seed=-(1 << 63)),
+        ),
+        (COMPLETIONS, _completion(prompt="\U0001f600 \u2028 é", suffix="end", top_k=0)),
+        (
+            CHAT,
+            _chat(
+                messages=[
+                    {"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": "\U0001f600", "name": "u"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+                ]
+            ),
+        ),
+        (
+            CHAT,
+            _user(
+                _image(PNG),
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+            ),
+        ),
+        (
+            CHAT,
+            _schema(
+                {
+                    "type": "object",
+                    "properties": {
+                        "pattern": {"type": "string"},
+                        "b": {"type": "integer", "maximum": 10},
+                    },
+                }
+            ),
+        ),
+        (
+            CHAT,
+            _chat(
+                response_format={"type": "text"},
+                stream=True,
+                stream_options={"include_usage": True},
+            ),
+        ),
+    ]
+    limits = STRUCTURED.model_copy(update={"media": MEDIA.media, "max_prompt_bytes": 1 << 20})
+    for route, body in accepted:
+        sent = _check(route, body, limits).body
+        strict = json.loads(sent, parse_constant=lambda name: pytest.fail(name))
+        assert {k: v for k, v in strict.items() if not k.startswith("max_")} == body
+        sent.decode("utf-8")  # raises on a lone surrogate
+    # A surrogate pair, escaped, is one character: it passes, forwarded as UTF-8.
+    sent = _check(COMPLETIONS, b'{"model":"demo","prompt":"\\ud83d\\ude00"}').body
+    assert json.loads(sent)["prompt"] == "\U0001f600" and "\U0001f600".encode() in sent
+
+
+def test_the_schema_counts_in_the_prompt_budget() -> None:
+    schema = {"type": "object", "description": "x" * 350}
+    small = STRUCTURED.model_copy(update={"max_prompt_bytes": 400})
+    assert _check(CHAT, _schema(schema), STRUCTURED).body
+    with pytest.raises(Rejected) as info:
+        _check(CHAT, _schema(schema), small)
+    assert (info.value.code, info.value.param) == ("limit_exceeded", "messages")

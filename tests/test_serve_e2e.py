@@ -17,6 +17,7 @@ import pytest
 from runtime import config
 from runtime.demo import assets
 from runtime.sandbox.front import ENGINE_SHM
+from tests.conftest import Servers
 from tests.container import Container
 from tests.support import Harness, client_context, openai_client, process_group, raw_request
 
@@ -76,6 +77,32 @@ def test_max_tokens_over_the_cap_is_rejected_and_the_default_is_the_cap(
     assert event["status"] == 200
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="other", prompt="hello", max_tokens=4)
+
+
+def test_token_ids_are_checked_against_the_verified_model_s_vocabulary(
+    target: Harness | Container, demo_dir: Path
+) -> None:
+    """The vocabulary size comes from the verified config.json; vLLM itself parses and serves
+    what the front forwards."""
+    from runtime.demo.model import VOCAB
+
+    api = openai_client(target.url, _client_ctx(demo_dir))
+    result = api.completions.create(
+        model="demo", prompt=[0, 1, VOCAB - 1], max_tokens=4, logit_bias={str(VOCAB - 1): -100}
+    )
+    assert result.usage is not None and result.usage.prompt_tokens == 3
+    with pytest.raises(openai.BadRequestError) as info:
+        api.completions.create(model="demo", prompt=[0, VOCAB], max_tokens=4)
+    assert info.value.body["param"] == "prompt"  # type: ignore[index]
+    assert f"0 to {VOCAB - 1}" in info.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        api.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=4,
+            response_format={"type": "json_object"},
+        )
+    assert info.value.body["code"] == "structured_outputs_not_allowed"  # type: ignore[index]
 
 
 def _get(url: str, ctx: ssl.SSLContext) -> httpx.Response:
@@ -561,3 +588,24 @@ def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
         server.should_exit = True
         thread.join(15)
         listener.close()
+
+
+def test_a_tensor_parallel_engine_serves_inside_the_sandbox(
+    servers: Servers, demo_dir: Path
+) -> None:
+    """engine.vllm.tensor_parallel_size = 2 with the real vLLM CPU build: two worker ranks,
+    each bound to its own CPUs, meeting over TCP inside the engine's own network namespace,
+    under the shipped profile (recorded with this workload too) and Landlock. Served, and not
+    one syscall refused."""
+    harness = servers.start(["engine.vllm.tensor_parallel_size=2"])
+    try:
+        harness.wait_ready()
+        api = openai_client(harness.url, _client_ctx(demo_dir))
+        result = api.completions.create(model="demo", prompt="hello", max_tokens=8)
+        assert result.usage is not None and 0 < result.usage.completion_tokens <= 8
+        [start] = harness.events("engine_start")
+        assert "--tensor-parallel-size" in start["argv"]
+        assert harness.events("namespaces")[-1]["isolated"] is True
+        assert harness.events("seccomp_violation") == []
+    finally:
+        harness.kill()

@@ -55,7 +55,9 @@ def test_a_client_that_leaves_makes_the_engine_stop_generating(
     """A completion that is not streamed sends nothing until it is whole. When its client
     leaves, the front closes the engine connection and vLLM aborts the generation: the engine
     took the prompt but generated fewer than the 64 tokens asked (ignore_eos). Tried again if
-    the engine finished first, or the front had not forwarded it yet. It reads the engine's
+    the engine finished first, or the front had not forwarded it yet: the tiny model makes
+    64 tokens in a few milliseconds, so the client leaves after a different delay on each
+    try, sweeping the window between forwarded and finished. It reads the engine's
     /metrics through its socket, which puts a route outside the allowlist into the engine's
     access log, so it runs here, on the server that the next test ends."""
     harness = servers.shared()
@@ -67,7 +69,7 @@ def test_a_client_that_leaves_makes_the_engine_stop_generating(
         f"content-length: {len(body)}\r\n\r\n{body}"
     ).encode()
     outcomes = []
-    for _ in range(5):
+    for delay_ms in (20, 10, 5, 2, 15, 8, 4, 1, 12, 6, 3, 0):
         before = _engine_counters(harness)
         seen = len(harness.events("request"))
         with (
@@ -77,7 +79,7 @@ def test_a_client_that_leaves_makes_the_engine_stop_generating(
             # Or Nagle holds the request behind the handshake's last flight until the close.
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls.sendall(request)
-            time.sleep(0.02)  # forwarded within a millisecond; 64 tokens take far longer
+            time.sleep(delay_ms / 1000)
         deadline = time.monotonic() + 10
         while len(harness.events("request")) == seen:
             assert time.monotonic() < deadline, "no request event"

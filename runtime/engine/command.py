@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.config import SECRET_LIKE, Config, format_cpu_list
-from runtime.engine.resources import MemoryCaps, cpu_placement
+from runtime.engine import options as engine_options
+from runtime.engine.resources import MemoryCaps, cpu_placement, split_cpus
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM asks for a few ports from VLLM_PORT up (torch.distributed's store, data parallel).
@@ -97,7 +98,7 @@ def build_argv(cfg: Config, paths: RuntimePaths, caps: MemoryCaps | None = None)
         argv += ["--kv-cache-memory-bytes", str(eng.kv_cache_memory_bytes)]
     if caps is not None:
         argv += caps.argv()  # engine.gpu_memory_limit as --gpu-memory-utilization
-    return argv
+    return argv + engine_options.argv(eng.vllm, cfg.model.dir)  # [engine.vllm]
 
 
 def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> dict[str, str]:
@@ -138,8 +139,14 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S),
     }
     placement = cpu_placement(eng, os.sched_getaffinity(0))
-    if placement is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = format_cpu_list(placement.engine)
+    ranks = engine_options.ranks(eng.vllm)
+    if eng.device == "cpu" and (placement is not None or ranks > 1):
+        # One CPU list per rank ("0-3|4-7"): vLLM's CPU workers bind their OpenMP threads to
+        # their own list, and without one each it asks NUMA, which a one-node machine fails.
+        cpus = placement.engine if placement is not None else os.sched_getaffinity(0)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
+            format_cpu_list(group) for group in split_cpus(cpus, ranks)
+        )
     for name in eng.env_passthrough:
         # Config validation already refuses secret-like names; check again at the boundary.
         if name in parent_env and not SECRET_LIKE.search(name) and name not in env:

@@ -8,6 +8,7 @@ vLLM's own children (EngineCore, workers).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -28,6 +29,7 @@ import httpx
 
 from runtime import telemetry
 from runtime.config import Config
+from runtime.engine import options as engine_options
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
 from runtime.engine.output import Relay
 from runtime.engine.reaper import Reaper
@@ -157,6 +159,25 @@ class Engine:
     def socket(self) -> Path:
         return self.plan.socket
 
+    def _landlock(self) -> landlock.LandlockPlan:
+        rules = landlock.build(self.cfg, self.paths.root, list(self.plan.tcp_ports))
+        if engine_options.ranks(self.cfg.engine.vllm) == 1:
+            return rules
+        # vLLM's workers (tensor/pipeline parallel) meet over gloo, on TCP ports each of them
+        # picks. In the engine's own network namespace (lo only, no process but the engine's)
+        # every port is the engine's own; outside it they would be the host's.
+        assert self.spaces is not None
+        if "net" not in self.spaces.fds:
+            reason = self.spaces.report.get("reason", "sandbox.namespaces is off")
+            raise SandboxError(
+                "engine.vllm tensor_parallel_size x pipeline_parallel_size > 1: vLLM's workers "
+                "talk over TCP on ports of their choosing, which harness allows only inside "
+                f"the engine's own network namespace, and there is none ({reason})",
+                fix="allow unprivileged user namespaces (and `unshare` in the container's "
+                "seccomp profile; the shipped one does), or serve with one rank",
+            )
+        return dataclasses.replace(rules, restrict_tcp=False)
+
     def start(self) -> None:
         """Start stage 2 (runtime.sandbox.exec), which sandboxes itself and execs vLLM."""
         self.started_at = time.monotonic()
@@ -173,9 +194,7 @@ class Engine:
             "cwd": str(self.plan.cwd),
             "namespaces": self.spaces.stage2(),
             "privileges": drop.to_json(),
-            "landlock": landlock.build(
-                self.cfg, self.paths.root, list(self.plan.tcp_ports)
-            ).to_json(),
+            "landlock": self._landlock().to_json(),
             "seccomp": self.seccomp_plan(),
         }
         out_r, out_w = os.pipe()

@@ -175,6 +175,25 @@ def cpu_placement(engine: EngineSection, available: set[int]) -> CpuPlacement | 
     return CpuPlacement(engine=wanted, front=front)
 
 
+def split_cpus(cpus: frozenset[int] | set[int], ranks: int) -> list[frozenset[int]]:
+    """`cpus` in `ranks` contiguous groups of as equal a size as can be, one per engine rank
+    (tensor x pipeline parallel). Pure."""
+    ordered = sorted(cpus)
+    if len(ordered) < ranks:
+        raise ConfigError(
+            f"{ranks} engine ranks (engine.vllm tensor_parallel_size x pipeline_parallel_size) "
+            f"need a CPU each; the engine may use CPU {format_cpu_list(frozenset(ordered))}",
+            fix="lower the parallel sizes, or give the engine more CPUs (engine.cpus)",
+        )
+    size, extra = divmod(len(ordered), ranks)
+    groups, start = [], 0
+    for rank in range(ranks):
+        end = start + size + (1 if rank < extra else 0)
+        groups.append(frozenset(ordered[start:end]))
+        start = end
+    return groups
+
+
 def place_front(placement: CpuPlacement) -> None:
     """Move every thread of harness onto the front's CPUs; threads started later inherit it.
     Called once the engine has been started, so that the engine keeps the full set and can

@@ -1,65 +1,31 @@
 """Request limits, enforced on the parsed body before anything reaches the engine. Pure.
 
 vLLM has no body limit and clamps max_tokens silently, and its extensions include parameters
-that multiply work (n, best_of, beam search, prompt logprobs, grammar-guided decoding). The
-front therefore lets through only known parameters, within caps, and forwards its own
-re-serialisation of what it checked, so the engine parses exactly what was validated.
+that multiply work (n, best_of, beam search, prompt logprobs, grammar-guided decoding) or
+reach outside (media URLs). The front therefore lets through only requests that fit the
+positive model in request_model.py, within the caps of `[limits]` and the model's vocabulary,
+and forwards its own strict re-serialisation of what it checked, so the engine parses exactly
+what was validated.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.config import LimitsSection
+from pydantic import ValidationError
 
-# OpenAI parameters, plus vLLM sampling extensions that cannot multiply work beyond the caps.
-_COMMON = frozenset(
-    {
-        "model", "stream", "stream_options", "temperature", "top_p", "frequency_penalty",
-        "presence_penalty", "seed", "stop", "user", "n", "logit_bias", "max_tokens",
-        # vLLM sampling extensions, bounded by the caps below
-        "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-        "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
-    }
-)  # fmt: skip
-ALLOWED_PARAMS: dict[bytes, frozenset[str]] = {
-    b"/v1/completions": _COMMON | {"prompt", "best_of", "echo", "logprobs", "suffix"},
-    b"/v1/chat/completions": _COMMON
-    | {"messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format"},
-}
-# The JSON type of each parameter whose value the caps below do not look at; null is always
-# allowed (some clients send it for "unset"). The engine then parses only shapes it expects.
-_STRING = ((str,), "a string")
-_INTEGER = ((int,), "an integer")
-_NUMBER = ((int, float), "a number")
-_BOOLEAN = ((bool,), "a boolean")
-_OBJECT = ((dict,), "an object")
-_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "model": _STRING,
-    "user": _STRING,
-    "suffix": _STRING,
-    "seed": _INTEGER,
-    "top_k": _INTEGER,
-    "stream_options": _OBJECT,
-    "response_format": _OBJECT,
-    "temperature": _NUMBER,
-    "top_p": _NUMBER,
-    "frequency_penalty": _NUMBER,
-    "presence_penalty": _NUMBER,
-    "min_p": _NUMBER,
-    "repetition_penalty": _NUMBER,
-    "stream": _BOOLEAN,
-    "ignore_eos": _BOOLEAN,
-    "echo": _BOOLEAN,
-    "skip_special_tokens": _BOOLEAN,
-    "spaces_between_special_tokens": _BOOLEAN,
-    "include_stop_str_in_output": _BOOLEAN,
-}
+from runtime.config import LimitsSection
+from runtime.front.request_model import ALLOWED_PARAMS, MODELS, first_error
+
 MAX_STOP_BYTES = 256
 MAX_LOGIT_BIAS = 300
-_COMPACT = json.JSONEncoder(separators=(",", ":"))  # built once: json.dumps builds one per call
+# Built once (json.dumps builds one per call). Not ASCII-escaped, so that a lone surrogate
+# (valid in a JSON escape, never in text) fails the UTF-8 encoding of what is forwarded.
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 @dataclass(frozen=True)
@@ -100,7 +66,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates)  # json.loads builds one per call
+def _no_constant(name: str) -> Any:
+    raise _bad(f"{name} is not a JSON number", "invalid_json")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Python reads it as infinity, JSON cannot say it
+        raise _bad(f"{text[:32]} is out of range for a number", "invalid_json")
+    return value
+
+
+_DECODER = json.JSONDecoder(  # json.loads builds one per call
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite
+)
 
 
 def _depth(value: dict[str, Any] | list[Any]) -> int:
@@ -138,8 +117,8 @@ def _parse(content_type: bytes | None, raw: bytes, limits: LimitsSection) -> dic
         raise Rejected(415, "Content-Type must be application/json", "unsupported_media_type")
     try:
         # What json.loads does with bytes (UTF-8, -16 or -32, a UTF-8 BOM skipped), with
-        # the decoder built once.
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        # the decoder built once; but strict, where json.loads lets encoded surrogates through.
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw)))
     except RecursionError:
         raise _bad("JSON is nested too deeply", "json_too_deep") from None
     except (UnicodeDecodeError, ValueError):
@@ -152,13 +131,25 @@ def _parse(content_type: bytes | None, raw: bytes, limits: LimitsSection) -> dic
 
 
 def check(
-    route: bytes, content_type: bytes | None, raw: bytes, limits: LimitsSection, served: str
+    route: bytes,
+    content_type: bytes | None,
+    raw: bytes,
+    limits: LimitsSection,
+    served: str,
+    vocab_size: int | None = None,
 ) -> Checked:
+    """`vocab_size`: the verified model's (config.json); token ids must be below it. None:
+    the model names none, and requests that carry token ids are refused."""
     body = _parse(content_type, raw, limits)
     unknown = sorted(body.keys() - ALLOWED_PARAMS[route])
-    if unknown:
+    if unknown:  # before the model: its error would name only the first, in its own order
         raise _bad(f"Unsupported parameter '{unknown[0]}'", "unsupported_parameter", unknown[0])
-    _check_types(body)
+    try:
+        MODELS[route].model_validate(body)
+    except ValidationError as err:
+        raise _bad(*first_error(err)) from None
+    # null means unset; vLLM types some of these parameters as non-nullable: leave them out.
+    body = {name: value for name, value in body.items() if value is not None}
     if body.get("model") != served:
         raise Rejected(
             404,
@@ -167,20 +158,21 @@ def check(
             "model",
         )
     stream = body.get("stream") is True  # its type is checked above; null is not streamed
+    if body.get("stream_options") is not None and not stream:
+        raise _bad(
+            "'stream_options' goes with stream = true only", "invalid_value", "stream_options"
+        )
     asked, allowed = _tokens(route, body, limits)
     _check_caps(route, body, limits, allowed)
-    return Checked(_COMPACT.encode(body).encode(), stream, asked, allowed)
-
-
-def _check_types(body: dict[str, Any]) -> None:
-    for name, value in body.items():
-        expected = _TYPES.get(name)
-        if expected is None or value is None:
-            continue
-        kinds, described = expected
-        # true is an int to Python, but never a number to JSON
-        if not isinstance(value, kinds) or (isinstance(value, bool) and expected is not _BOOLEAN):
-            raise _bad(f"'{name}' must be {described} or null", "invalid_type", name)
+    _check_token_ids(body, vocab_size)
+    try:
+        forwarded = _COMPACT.encode(body).encode()
+    except UnicodeEncodeError:
+        raise _bad(
+            "A string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+            "invalid_string",
+        ) from None
+    return Checked(forwarded, stream, asked, allowed)
 
 
 def _tokens(route: bytes, body: dict[str, Any], limits: LimitsSection) -> tuple[int | None, int]:
@@ -221,21 +213,15 @@ def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allow
                 "limit_exceeded",
                 "prompt",
             )
-        size = len(json.dumps(prompt).encode())
+        size = len(json.dumps(prompt).encode()) + len(json.dumps(body.get("suffix")).encode())
+        param = "prompt"
     else:
-        if not isinstance(body.get("logprobs", False), bool):
-            raise _bad("'logprobs' must be a boolean", "invalid_type", "logprobs")
         _int(body, "top_logprobs", 0, limits.max_logprobs)
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(isinstance(m, dict) for m in messages)
-        ):
-            raise _bad("'messages' must be a non-empty list of objects", "invalid_type", "messages")
-        size = len(json.dumps(messages).encode())
+        param = "messages"
+        # The schema is prompt too: the engine compiles it before the first token.
+        size = len(json.dumps(body["messages"]).encode()) + _check_response_format(body, limits)
+        _check_media(body["messages"], limits)
     if size > limits.max_prompt_bytes:
-        param = "prompt" if route == b"/v1/completions" else "messages"
         raise _bad(
             f"The prompt is {size} bytes; this server allows at most {limits.max_prompt_bytes}",
             "limit_exceeded",
@@ -243,27 +229,25 @@ def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allow
         )
     _check_stop(body, limits)
     bias = body.get("logit_bias")
-    if bias is not None and (not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS):
+    if bias is not None and len(bias) > MAX_LOGIT_BIAS:
         raise _bad(
             f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} entries",
             "limit_exceeded",
             "logit_bias",
         )
-    if bias and not all(
-        isinstance(v, int | float) and not isinstance(v, bool) for v in bias.values()
-    ):
-        raise _bad("'logit_bias' values must be numbers", "invalid_type", "logit_bias")
 
 
 def _prompt_count(prompt: Any) -> int:
+    if prompt == "":
+        raise _bad("'prompt' is empty", "invalid_value", "prompt")  # vLLM refuses it too
     if isinstance(prompt, str):
         return 1
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return len(prompt)
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if all(type(t) is int for t in prompt):  # exactly int: true is not a token
             return 1  # one prompt as token ids
-        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
             return len(prompt)
     raise _bad(
         "'prompt' must be a string, a list of strings, or token ids", "invalid_type", "prompt"
@@ -275,6 +259,8 @@ def _check_stop(body: dict[str, Any], limits: LimitsSection) -> None:
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise _bad("'stop' must be a string or a list of strings", "invalid_type", "stop")
+    if not all(stops):
+        raise _bad("'stop' holds an empty string", "invalid_value", "stop")  # as vLLM says
     if len(stops) > limits.max_stop or any(len(s.encode()) > MAX_STOP_BYTES for s in stops):
         raise _bad(
             f"at most {limits.max_stop} stop strings of {MAX_STOP_BYTES} bytes each",
@@ -282,7 +268,183 @@ def _check_stop(body: dict[str, Any], limits: LimitsSection) -> None:
             "stop",
         )
     ids = body.get("stop_token_ids")
-    if ids is not None and (not isinstance(ids, list) or len(ids) > limits.max_stop):
+    if ids is not None and len(ids) > limits.max_stop:
         raise _bad(f"at most {limits.max_stop} stop_token_ids", "limit_exceeded", "stop_token_ids")
-    if ids and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise _bad("'stop_token_ids' must be integers", "invalid_type", "stop_token_ids")
+
+
+def _check_token_ids(body: dict[str, Any], vocab_size: int | None) -> None:
+    """Token ids in the prompt, stop_token_ids and logit_bias's keys name tokens of the
+    model's vocabulary: [0, vocab_size). Types are checked already."""
+    prompt = body.get("prompt")
+    named: list[tuple[str, list[int]]] = []
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
+        rows = prompt if isinstance(prompt[0], list) else [prompt]
+        named += [("prompt", row) for row in rows]
+    if body.get("stop_token_ids"):
+        named.append(("stop_token_ids", body["stop_token_ids"]))
+    if body.get("logit_bias"):
+        keys = list(body["logit_bias"])
+        if not all(_TOKEN_KEY.fullmatch(key) for key in keys):
+            raise _bad(
+                "'logit_bias' keys must be token ids written as decimal integers",
+                "invalid_value",
+                "logit_bias",
+            )
+        named.append(("logit_bias", [int(key) for key in keys]))
+    for param, ids in named:
+        if vocab_size is None:
+            raise _bad(
+                "This model's config.json names no vocab_size, so token ids are not accepted",
+                "invalid_value",
+                param,
+            )
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            bad = next(i for i in ids if not 0 <= i < vocab_size)
+            raise _bad(
+                f"'{param}' holds token id {bad}; this model's token ids are 0 to {vocab_size - 1}",
+                "invalid_value",
+                param,
+            )
+
+
+_TOKEN_KEY = re.compile(r"0|[1-9][0-9]{0,9}")
+# JSON-schema keywords whose value is a regex: the engine would compile it into the grammar.
+_REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
+# Keywords whose value is a map of names to schemas: its keys are names, not keywords.
+_NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
+
+
+def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
+    """What `response_format` may ask of the engine (limits.structured_outputs); returns the
+    bytes of the schema, counted in the prompt budget."""
+    form = body.get("response_format")
+    kind = form["type"] if form else "text"
+    if form and form.get("json_schema") is not None and kind != "json_schema":
+        raise _bad(
+            "'response_format.json_schema' goes with type json_schema only",
+            "invalid_value",
+            "response_format.json_schema",
+        )
+    if kind == "text":
+        return 0
+    policy = limits.structured_outputs
+    if policy.allow == "off" or (kind == "json_schema" and policy.allow != "json_schema"):
+        raise _bad(
+            f"response_format {kind} is not enabled on this server "
+            f"(limits.structured_outputs.allow = {policy.allow!r})",
+            "structured_outputs_not_allowed",
+            "response_format",
+        )
+    if kind == "json_object":
+        return 0
+    spec = form.get("json_schema")
+    if spec is None:
+        raise _bad(
+            "response_format json_schema needs 'json_schema' with a 'name' and a 'schema'",
+            "invalid_value",
+            "response_format.json_schema",
+        )
+    schema = spec["schema"]
+    size = len(_COMPACT.encode(schema).encode(errors="surrogatepass"))
+    where = "response_format.json_schema.schema"
+    if size > policy.max_schema_bytes:
+        raise _bad(
+            f"The schema is {size} bytes; this server allows at most {policy.max_schema_bytes} "
+            "(limits.structured_outputs.max_schema_bytes)",
+            "limit_exceeded",
+            where,
+        )
+    if _depth(schema) > policy.max_schema_depth:
+        raise _bad(
+            f"The schema is nested deeper than {policy.max_schema_depth} "
+            "(limits.structured_outputs.max_schema_depth)",
+            "limit_exceeded",
+            where,
+        )
+    properties = 0
+    stack: list[Any] = [schema]
+    while stack:  # every schema object, at every level
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _REGEX_KEYWORDS:
+                raise _bad(
+                    f"The schema uses '{key}': regular expressions are not accepted here",
+                    "structured_outputs_not_allowed",
+                    where,
+                )
+            if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                properties += len(value) if key == "properties" else 0
+                stack.extend(value.values())  # the named schemas, not their names
+            else:
+                stack.append(value)
+    if properties > policy.max_schema_properties:
+        raise _bad(
+            f"The schema has {properties} properties; this server allows at most "
+            f"{policy.max_schema_properties} (limits.structured_outputs.max_schema_properties)",
+            "limit_exceeded",
+            where,
+        )
+    return size
+
+
+# data:<type>/<subtype>[;param=value]*;base64,<base64>: the media inline, nothing fetched.
+_DATA_URL = re.compile(r"data:([a-z]+)/[a-z0-9.+-]+(?:;[a-z0-9-]+=[a-z0-9.+-]+)*;base64,")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_MEDIA_KIND = {"image_url": "image", "audio_url": "audio", "video_url": "video"}
+
+
+def _check_media(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
+    """Media parts (the model typed them; user messages only) under limits.media."""
+    policy = limits.media
+    count = 0
+    for i, message in enumerate(messages):
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        for j, part in enumerate(content):
+            kind = part["type"]
+            if kind == "text":
+                continue
+            where = f"messages[{i}].content[{j}]"
+            if kind not in policy.parts:
+                raise _bad(
+                    f"'{kind}' content parts are not accepted by this server "
+                    f"(limits.media.parts = {policy.parts!r})",
+                    "media_not_allowed",
+                    where,
+                )
+            count += 1
+            if count > policy.max_parts:
+                raise _bad(
+                    f"more than {policy.max_parts} media parts (limits.media.max_parts)",
+                    "limit_exceeded",
+                    where,
+                )
+            if kind == "input_audio":
+                data, prefix = part["input_audio"]["data"], None
+            else:
+                url = part[kind]["url"]
+                found = _DATA_URL.match(url)
+                if found is None or found.group(1) != _MEDIA_KIND[kind]:
+                    raise _bad(
+                        f"'{kind}' must be a data:{_MEDIA_KIND[kind]}/...;base64, URL: this "
+                        "server fetches and opens nothing on a request's behalf",
+                        "media_url_not_allowed",
+                        where,
+                    )
+                data, prefix = url[found.end() :], found
+            size = len(data) + (prefix.end() if prefix else 0)
+            if size > policy.max_part_bytes:
+                raise _bad(
+                    f"a media part of {size} bytes; this server allows at most "
+                    f"{policy.max_part_bytes} (limits.media.max_part_bytes)",
+                    "limit_exceeded",
+                    where,
+                )
+            if not _BASE64.fullmatch(data) or len(data) % 4:
+                raise _bad(f"'{kind}' data is not base64", "invalid_value", where)

@@ -100,8 +100,9 @@ class FrontMetrics:
             Gauge(name, text, registry=self.registry).set_function(getattr(gauges, field))
         self.connections_refused = Counter(
             "harness_connections_refused",
-            "Connections closed before HTTP (failed or timed-out handshake, handshake cap, "
-            "identity, connection cap, header timeout)",
+            "Connections closed before a request reached the app (failed or timed-out "
+            "handshake, handshake cap, identity, connection cap, header timeout, and requests "
+            "refused for their framing: malformed, oversized head, absolute-form target...)",
             ["reason"],
             registry=self.registry,
         )

@@ -9,6 +9,7 @@ client's bytes, and the query string is dropped.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import time
@@ -36,6 +37,7 @@ FORWARDED: dict[bytes, frozenset[str]] = {
     b"/v1/chat/completions": frozenset({"POST"}),
 }
 LOCAL = frozenset({b"/healthz", b"/readyz"})
+LOCAL_METHODS = frozenset({"GET", "HEAD"})
 
 # Only these request headers reach the engine; nothing the client sends about hosts,
 # forwarding, auth or encodings does.
@@ -46,6 +48,22 @@ REQUEST_HEADERS = frozenset({b"content-type", b"accept"})
 RESPONSE_HEADERS = frozenset({b"content-type", b"content-length"})
 IDENTITY_KEY = "harness.identity"
 WATCH_KEY = "harness.watch"
+# Set by the front's protocol: a refusal of the request's framing found while the app reads
+# its body (a Rejected, for the app to raise), and for a request with a body, what to call
+# when answering before the body is whole (the connection then ends: `connection: close`).
+REFUSED_KEY = "harness.refused"
+LAST_RESPONSE_KEY = "harness.last_response"
+BODY_KEY = "harness.body"  # the request's share of the body budget
+# The minimum body rate (front.min_body_bytes_per_s) is an average from the body's start,
+# after this long: a body's first bytes may trail its head by a round trip or two.
+BODY_RATE_GRACE_S = 1.0
+# After request bodies held at least this much at once, the memory freed when they (and
+# their connections' TLS buffers) are gone is handed back to the system with malloc_trim, a
+# second after the last one, at most every TRIM_EVERY_S: glibc keeps it otherwise (a flood
+# of 100 slow 1 MB bodies left the RSS 115 MB up), and the front shares the pod's
+# memory limit with the engine. A trim takes ~0.1 ms, ~10 ms after a 200 MB flood.
+TRIM_AFTER_BYTES = 1 << 20
+TRIM_EVERY_S = 10.0
 
 
 class RequestWatch:
@@ -77,6 +95,78 @@ class RequestWatch:
         """The request is answered: from here on nothing ends it."""
         self._timer.cancel()
         self._task = None
+
+
+class BodyBudget:
+    """Request body bytes held by the front across all connections, each from its arrival
+    until the body is handed to the engine or its request ends in any way (refused, timed
+    out, its client gone). Without it, slow clients each holding an unfinished body could
+    take the front's memory (150 connections with ~1 MB each took it from 208 to 360 MB).
+    Past front.max_buffered_body_bytes a request is refused: 503 with Retry-After."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._peak = 0  # the most held at once since memory was last handed back
+        self._trim: asyncio.TimerHandle | None = None
+        self._trimmed_at = -TRIM_EVERY_S
+
+    def _released(self, size: int) -> None:
+        self.held -= size
+        if not self.held and self._peak >= TRIM_AFTER_BYTES and self._trim is None:
+            # A second later: the requests and connections that held the bodies are gone.
+            loop = asyncio.get_running_loop()
+            delay = max(1.0, self._trimmed_at + TRIM_EVERY_S - loop.time())
+            self._trim = loop.call_later(delay, self._trim_now)
+
+    def _trim_now(self) -> None:
+        self._trim = None
+        if self.held:  # busy again: once they are gone
+            return
+        self._peak = 0
+        self._trimmed_at = asyncio.get_running_loop().time()
+        if _malloc_trim is not None:
+            _malloc_trim(0)
+
+
+class BodyHold:
+    """One request's share of the BodyBudget; `release` gives it all back (once), and the
+    request's task ending gives back what is left."""
+
+    __slots__ = ("_budget", "size")
+
+    def __init__(self, budget: BodyBudget) -> None:
+        self._budget = budget
+        self.size = 0
+
+    def take(self, size: int) -> bool:
+        budget = self._budget
+        if budget.held + size > budget.limit:
+            return False
+        if not self.size:
+            task = asyncio.current_task()
+            if task is not None:
+                task.add_done_callback(lambda _task: self.release())
+        self.size += size
+        budget.held += size
+        budget._peak = max(budget._peak, budget.held)
+        return True
+
+    def release(self) -> None:
+        if self.size:
+            size, self.size = self.size, 0
+            self._budget._released(size)
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, found once (before the front's sandbox); None elsewhere (musl)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (AttributeError, OSError):
+        return None
+
+
+_malloc_trim = _libc_malloc_trim()
 
 
 @dataclass
@@ -118,6 +208,7 @@ class FrontApp:
         limits: LimitsSection,
         served_name: str,
         admission: Admission | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.engine_socket = engine_socket
         self.state = state
@@ -125,6 +216,10 @@ class FrontApp:
         self.deadline_s = front.request_deadline_s
         self.limits = limits
         self.served_name = served_name
+        self.vocab_size = vocab_size  # token ids in requests must be below it
+        self.body_timeout_s = front.body_timeout_s
+        self.min_body_rate = front.min_body_bytes_per_s
+        self.bodies = BodyBudget(front.max_buffered_body_bytes)
         self.admission = admission or Admission.from_config(front)
         self.client: EngineClient | None = None
 
@@ -213,10 +308,16 @@ class FrontApp:
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, raw_path: Any, audit: dict[str, Any]
     ) -> int | None:
+        refused = scope.get(REFUSED_KEY)
+        if refused is not None:  # the protocol refused the body's framing before we ran
+            raise refused
         # Exact match on the raw target; the decoded `path` must agree (defence in depth).
         if scope.get("root_path") or not isinstance(raw_path, bytes):
             raise Rejected(404, "Not found", "route_not_allowed")
         if raw_path in LOCAL and scope["path"].encode() == raw_path:
+            if scope["method"] not in LOCAL_METHODS:
+                raise Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
+            _no_body(scope)
             await self._local(raw_path, send)
             return None
         methods = FORWARDED.get(raw_path)
@@ -224,12 +325,19 @@ class FrontApp:
             raise Rejected(404, "Not found", "route_not_allowed")
         if scope["method"] not in methods:
             raise Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
+        if scope["method"] == "GET":
+            _no_body(scope)
         if self.state.draining:
             raise Rejected(503, "The server is shutting down", "draining")
         body = await self._read_body(scope, receive)
         if scope["method"] == "POST":
             checked = request_limits.check(
-                raw_path, _header(scope, b"content-type"), body, self.limits, self.served_name
+                raw_path,
+                _header(scope, b"content-type"),
+                body,
+                self.limits,
+                self.served_name,
+                self.vocab_size,
             )
             audit.update(
                 stream=checked.stream,
@@ -254,35 +362,82 @@ class FrontApp:
             await _respond(send, 503, json.dumps({"status": status}).encode())
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        try:
+            return await self._read_whole_body(scope, receive)
+        except BaseException:
+            _last_response(scope)  # what is left of the body is not read
+            raise
+
+    async def _read_whole_body(self, scope: Scope, receive: Receive) -> bytes:
         limit = self.max_body_bytes
         for name, value in scope["headers"]:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
                 raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+        hold = scope[BODY_KEY] = BodyHold(self.bodies)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                # Not reached in the front: its protocol tells the watch before uvicorn marks
-                # the request disconnected. Elsewhere (the app alone), nothing to answer.
-                raise asyncio.CancelledError
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:  # counted while it streams in, not after
-                raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        # Slow bodies: the whole body within front.body_timeout_s, and (past a short grace)
+        # at front.min_body_bytes_per_s on average; each part that arrives moves the deadline.
+        now = asyncio.get_running_loop().time()
+        hard, rated = now + self.body_timeout_s, now + BODY_RATE_GRACE_S
+        try:
+            async with asyncio.timeout_at(self._body_due(hard, rated, 0)) as timer:
+                while True:
+                    message = await receive()
+                    refused = scope.get(REFUSED_KEY)
+                    if refused is not None:  # the protocol refused the body's framing
+                        raise refused
+                    if message["type"] == "http.disconnect":
+                        # Not reached in the front: its protocol tells the watch before uvicorn
+                        # marks the request disconnected. Elsewhere (the app alone), nothing to
+                        # answer.
+                        raise asyncio.CancelledError
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:  # counted while it streams in, not after
+                        raise Rejected(
+                            413, f"Request body is larger than {limit} bytes", "body_too_large"
+                        )
+                    if chunk and not hold.take(len(chunk)):
+                        raise Rejected(
+                            503,
+                            "The server holds too many request bodies at once; retry shortly",
+                            "body_buffer_full",
+                            retry_after=1,
+                        )
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+                    timer.reschedule(self._body_due(hard, rated, size))
+        except TimeoutError:
+            hold.release()
+            if self._body_due(hard, rated, size) < hard:
+                raise Rejected(408, "The request body came too slowly", "body_too_slow") from None
+            raise Rejected(408, "The request body took too long", "body_timeout") from None
+        except BaseException:
+            hold.release()
+            raise
+
+    def _body_due(self, hard: float, rated: float, size: int) -> float:
+        """When a body of which `size` bytes are in is too late (loop time)."""
+        if self.min_body_rate <= 0:
+            return hard
+        return min(hard, rated + size / self.min_body_rate)
 
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, route: bytes, body: bytes, request_id: str
     ) -> int:
         assert self.client is not None, "lifespan startup did not run"
-        headers = [(k, v) for k, v in scope["headers"] if k in REQUEST_HEADERS]
+        first: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:
+            if name in REQUEST_HEADERS:  # the first of each: a repeated `accept` goes once
+                first.setdefault(name, value)
         if body:  # the checked body is always JSON, whatever the client declared
-            headers = [(k, v) for k, v in headers if k != b"content-type"]
-            headers.append((b"content-type", b"application/json"))
-        headers.append((b"x-request-id", request_id.encode()))
+            first[b"content-type"] = b"application/json"
+        headers = [*first.items(), (b"x-request-id", request_id.encode())]
+        hold = scope.get(BODY_KEY)
+        if hold is not None:  # handed to the engine: no longer the body budget's
+            hold.release()
         try:
             upstream = await self.client.request(scope["method"], route.decode(), headers, body)
         except EngineUnavailable:
@@ -308,6 +463,22 @@ class FrontApp:
         # Chunk by chunk: a server-sent-event stream is never buffered whole.
         async for chunk, more in upstream.chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+
+
+def _no_body(scope: Scope) -> None:
+    """GET and HEAD carry no body: one was forwarded, relabelled application/json, and
+    intermediaries disagree on whether a GET has one. The answer is the connection's last."""
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip(b"0 ")):
+            _last_response(scope)
+            method = scope["method"]
+            raise Rejected(400, f"A {method} request carries no body", "body_not_allowed")
+
+
+def _last_response(scope: Scope) -> None:
+    last = scope.get(LAST_RESPONSE_KEY)
+    if last is not None:
+        last()
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -49,6 +49,7 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[None] | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.raw_head_bytes = 0  # what arrived before the head was whole
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.paused = False
@@ -66,6 +67,19 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
+            if self.head is not None and not self.head.done():
+                # Counted in raw bytes too: llhttp hands a header over only once its line
+                # ends, and joins the pieces of an unfinished one at a cost that grows with
+                # its square (one endless line from a hostile engine would take the CPU).
+                self.raw_head_bytes += len(data)
+                if self.raw_head_bytes > MAX_HEAD_BYTES:
+                    raise EngineBrokeOff(
+                        f"the engine's response head is over {MAX_HEAD_BYTES} bytes"
+                    )
+        except EngineBrokeOff as exc:
+            self._fail(exc)
+            assert self.transport is not None
+            self.transport.abort()
         except httptools.HttpParserError as exc:
             # An exception in a callback arrives wrapped, with the callback's as its context.
             cause = exc.__context__ if isinstance(exc.__context__, EngineBrokeOff) else None
@@ -124,7 +138,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self.head = asyncio.get_running_loop().create_future()
         self.headers = []
-        self.head_bytes = 0
+        self.head_bytes = self.raw_head_bytes = 0
         self.complete = self.keep_alive = False
         self.transport.write(request)
         return self.head

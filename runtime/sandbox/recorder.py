@@ -296,15 +296,15 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
                 "op": "SCMP_CMP_MASKED_EQ",
             },
         ]
-        comment = f"{_DOMAINS_ALLOWED[domain]}, {_SOCKET_TYPES.get(kind, kind)}"
+        pair = f"{_DOMAINS_ALLOWED[domain]}, {_SOCKET_TYPES.get(kind, kind)}"
         # An INET stream socket is TCP only: its protocol picks others (IPPROTO_MPTCP connects
         # past Landlock's TCP rules, IPPROTO_SCTP is stream-capable too).
         protocols = [("0", 0), ("IPPROTO_TCP", 6)] if domain in _INET else [("", None)]
         for label, protocol in protocols:
-            rule = {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "comment": comment}
+            rule = {"names": ["socket"], "action": "SCMP_ACT_ALLOW", "comment": pair}
             rule["args"] = list(args)
             if protocol is not None:
-                rule["comment"] = f"{comment}, protocol {label}"
+                rule["comment"] = f"{pair}, protocol {label}"
                 rule["args"].append({"index": 2, "value": protocol, "op": "SCMP_CMP_EQ"})
             rules.append(rule)
     rules.append(

@@ -1,0 +1,184 @@
+"""`[engine.vllm]`: every allowlisted option reaches vLLM's command line as a flag that vLLM's
+own argument parser accepts with that value; every refused or unknown one is a config error
+(exit 2) naming it and saying why. vLLM's parser is the installed vLLM's (CPU build); no
+engine is started."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime import config as config_mod
+from runtime.engine import options
+from runtime.engine.command import RuntimePaths, build_argv
+from runtime.errors import ConfigError
+
+VALID: dict[str, Any] = {
+    "dtype": "bfloat16",
+    "quantization": "awq",
+    "kv_cache_dtype": "fp8",
+    "tensor_parallel_size": 2,
+    "pipeline_parallel_size": 1,
+    "enable_prefix_caching": False,
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 4096,
+    "block_size": 32,
+    "seed": 7,
+    "max_logprobs": 5,
+    "tokenizer_mode": "mistral",
+    "reasoning_parser": "deepseek_r1",
+    "limit_mm_per_prompt": {"image": 2, "video": 0},
+    "chat_template": "templates/chat.jinja",
+}
+INVALID: dict[str, Any] = {
+    "dtype": "bf16",
+    "quantization": "gguf",
+    "kv_cache_dtype": "int3",
+    "tensor_parallel_size": 0,
+    "pipeline_parallel_size": "2",
+    "enable_prefix_caching": "yes",
+    "enable_chunked_prefill": 1,
+    "max_num_batched_tokens": 1,
+    "block_size": 24,
+    "seed": -1,
+    "max_logprobs": True,
+    "tokenizer_mode": "custom",
+    "reasoning_parser": "my.module:Parser",
+    "limit_mm_per_prompt": {"image": 1000},
+    "chat_template": "../elsewhere/chat.jinja",
+}
+
+
+def _config(tmp_path: Path, vllm: dict[str, Any]) -> config_mod.Config:
+    return config_mod.Config.model_validate(
+        {
+            "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
+            "front": {
+                "allowed_identities": ["spiffe://x/y"],
+                "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
+            },
+            "engine": {"vllm": vllm},
+        }
+    )
+
+
+def test_the_tables_cover_each_other() -> None:
+    assert VALID.keys() == INVALID.keys() == options.OPTIONS.keys()
+    assert not options.OPTIONS.keys() & options.REFUSED.keys()
+    assert not options.OPTIONS.keys() & options.OWN.keys()
+
+
+@pytest.mark.parametrize("name", sorted(options.OPTIONS))
+def test_each_allowlisted_option_becomes_its_flag(name: str, tmp_path: Path) -> None:
+    cfg = _config(tmp_path, {name: VALID[name]})
+    argv = build_argv(cfg, RuntimePaths(tmp_path / "run"))
+    flag = options.OPTIONS[name].flag
+    if options.OPTIONS[name].switch:
+        assert (flag if VALID[name] else "--no-" + flag[2:]) in argv
+    else:
+        value = argv[argv.index(flag) + 1]
+        if name == "chat_template":
+            assert value == str(tmp_path / VALID[name])  # inside the verified model dir
+        else:
+            assert value.strip('{}"').replace('"', "")  # something was passed
+
+
+@pytest.mark.parametrize("name", sorted(options.OPTIONS))
+def test_each_allowlisted_option_refuses_a_bad_value_by_name(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, name, INVALID[name])
+    assert f"{name}:" in info.value.message and "engine.vllm" in info.value.message
+
+
+@pytest.mark.parametrize("name", sorted(options.REFUSED) + sorted(options.OWN) + ["foo"])
+def test_options_that_load_code_or_are_not_allowlisted_are_refused(
+    name: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, name, True)
+    message = info.value.message
+    assert f"{name}:" in message
+    if name in options.REFUSED:
+        assert "refused" in message and options.REFUSED[name] in message
+    elif name in options.OWN:
+        assert options.OWN[name] in message
+    else:
+        assert "not an option harness passes" in message
+
+
+def _load(tmp_path: Path, name: str, value: Any) -> config_mod.Config:
+    """Through the config file loader and its --set overrides, as `harness check` reads it."""
+    base = tmp_path / "harness.toml"
+    base.write_text(
+        f'[model]\ndir = "{tmp_path}"\nserved_name = "demo"\nunsafe_unsigned = true\n'
+        '[front]\nallowed_identities = ["spiffe://x/y"]\n'
+        '[front.tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
+    )
+    return config_mod.load(base, [f"engine.vllm.{name}={_toml(value)}"])
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def test_vllm_s_own_parser_accepts_every_flag_harness_passes(tmp_path: Path) -> None:
+    """All options at once, through vLLM's serve argument parser and engine arguments."""
+    from vllm.engine import arg_utils
+    from vllm.entrypoints.launchers import cli_args
+    from vllm.utils import argparse_utils as utils
+
+    cfg = _config(tmp_path, VALID)
+    argv = build_argv(cfg, RuntimePaths(tmp_path / "run"))
+    parser = cli_args.make_arg_parser(utils.FlexibleArgumentParser())
+    args = parser.parse_args(argv[argv.index("--model") :])
+    engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
+    assert engine.dtype == "bfloat16" and engine.tensor_parallel_size == 2
+    assert engine.enable_prefix_caching is False and engine.block_size == 32
+    assert engine.limit_mm_per_prompt == {"image": 2, "video": 0}
+    assert args.chat_template == str(tmp_path / "templates/chat.jinja")
+    assert args.reasoning_parser == "deepseek_r1"
+
+
+def test_quantizations_and_parsers_named_are_vllm_s_built_in_ones() -> None:
+    from vllm import reasoning
+    from vllm.model_executor.layers import quantization
+
+    assert set(options.QUANTIZATIONS) <= set(quantization.QUANTIZATION_METHODS)
+    assert "deepseek_r1" in reasoning.ReasoningParserManager.list_registered()
+
+
+def test_the_example_of_a_real_model_layout_is_a_valid_config() -> None:
+    """examples/llama-70b-tp2.toml: validated as `harness check` reads it (not served: the
+    weights are not here), and its options reach vLLM's command line."""
+    example = Path(__file__).parent.parent / "examples" / "llama-70b-tp2.toml"
+    cfg = config_mod.load(example)
+    argv = build_argv(cfg, RuntimePaths(Path("/run/harness/x")))
+    joined = " ".join(argv)
+    for flag in ("--dtype bfloat16", "--tensor-parallel-size 2", "--enable-prefix-caching"):
+        assert flag in joined
+    assert cfg.limits.structured_outputs.allow == "json_schema"
+
+
+def test_a_parallel_engine_without_its_own_network_namespace_is_refused(
+    demo_dir: Path, open_tmp: Path
+) -> None:
+    """vLLM's ranks meet over TCP on ports they pick: allowed only inside the engine's own
+    network namespace. Without one, harness refuses to start the engine (exit 5), saying why
+    (the stand-in engine; nothing is served)."""
+    from tests.support import stand_in_harness
+
+    harness = stand_in_harness(
+        demo_dir, open_tmp, 'sandbox.namespaces="off"', "engine.vllm.tensor_parallel_size=2"
+    )
+    try:
+        assert harness.proc.wait(timeout=60) == 5
+    finally:
+        harness.kill()
+    [shutdown] = harness.events("shutdown")
+    assert "network namespace" in shutdown["message"]
+    assert not harness.events("engine_ready")
