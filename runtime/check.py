@@ -23,7 +23,8 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
     seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     files = front_server.open_files(cfg.front, apply=False)  # room for the connections, or 2
-    weights, evidence = launcher.verify_weights(cfg)  # step 2, or exit 3
+    verified = launcher.verify_weights(cfg)  # step 2, or exit 3
+    weights, evidence = verified.model, verified.evidence
     # Step 3, or exit 4. The engine's reach as serve would have it where Landlock is there;
     # its own /dev/shm counted only where namespaces are required (auto may fall back).
     landlocked = cfg.sandbox.landlock != "off" and landlock.abi_version() > 0
@@ -37,6 +38,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
         "harness_version": __version__,
         "config": str(cfg.source),
         "model": {"dir": str(cfg.model.dir), "served_name": cfg.model.served_name},
+        "served_names": list(cfg.served_names),
         "controls": {
             "front_tls": {
                 "status": "enforced",
@@ -98,6 +100,16 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "tensors": weights.tensors,
                 "seconds": round(weights.seconds, 3),
                 **{k: v for k, v in evidence.items() if k in ("root_digest", "signer")},
+                # LoRA adapters and the draft model: each verified the same way.
+                "others": {
+                    label: {
+                        "dir": str(section.dir),
+                        "signature": str(section.signature.path) if section.signature else None,
+                        "files": len(verified.others[label].files),
+                        "bytes": verified.others[label].total_bytes,
+                    }
+                    for label, section in cfg.artifacts()[1:]
+                },
             },
             "secrets": {
                 "status": "enforced",

@@ -67,6 +67,7 @@ def _verify(args: argparse.Namespace) -> int:
         Path(args.signature),
         trust,
         progress=_progress_bar if sys.stderr.isatty() and not args.json else None,
+        kind=None,  # a model or a LoRA adapter
     )
     verified = result.verified
     report = {

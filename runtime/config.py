@@ -43,6 +43,15 @@ SECRET_LIKE = re.compile(
     re.IGNORECASE,
 )
 
+# Engine variables that would load code or adapters past verification, whatever
+# `env_passthrough` says.
+ENGINE_ENV_REFUSED = {
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "lets the engine load unverified adapters at run time",
+    "VLLM_PLUGINS": "loads Python plugins into the engine",
+    "VLLM_LORA_RESOLVER_CACHE_DIR": "lets the engine load unverified adapters at run time",
+    "VLLM_USE_MODELSCOPE": "makes the engine download from ModelScope",
+}
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,25 +92,48 @@ class SignatureSection(_Section):
         return self
 
 
-class ModelSection(_Section):
+SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+
+
+class ArtifactSection(_Section):
+    """A folder of weights the engine loads: the model, a LoRA adapter, a draft model. Each
+    is verified the same way (signature, SHA-256 of every file, the model-dir policy)."""
+
     dir: ConfigPath
-    served_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
     signature: SignatureSection | None = None
     # Development only: serve weights nobody signed (still policy- and header-checked).
     unsafe_unsigned: bool = False
-    # Development only: serve from a model dir that harness's uid could modify.
+    # Development only: serve from a folder that harness's uid could modify.
     unsafe_allow_writable: bool = False
 
     @model_validator(mode="after")
-    def _signed(self) -> ModelSection:
+    def _signed(self) -> ArtifactSection:
         if self.signature is None and not self.unsafe_unsigned:
             raise ValueError(
-                "[model.signature] is missing: harness serves only signed weights (sign with "
-                "`harness sign`); for development only, set model.unsafe_unsigned = true"
+                "[signature] is missing: harness serves only signed weights (sign with "
+                "`harness sign`); for development only, set unsafe_unsigned = true"
             )
         if self.signature is not None and self.unsafe_unsigned:
-            raise ValueError("set either [model.signature] or unsafe_unsigned, not both")
+            raise ValueError("set either [signature] or unsafe_unsigned, not both")
         return self
+
+
+class ModelSection(ArtifactSection):
+    served_name: str = Field(pattern=SERVED_NAME)
+
+
+class LoraSection(ArtifactSection):
+    """[[engine.lora]]: a LoRA adapter (PEFT: adapter_config.json + safetensors), loaded at
+    start and served under `name`, which requests then name as their `model`."""
+
+    name: str = Field(pattern=SERVED_NAME)
+
+
+class DraftSection(ArtifactSection):
+    """[engine.draft]: a smaller model with the same vocabulary, proposing tokens that the
+    model checks (vLLM's speculative decoding, method "draft_model")."""
+
+    num_speculative_tokens: int = Field(default=3, ge=1, le=16)
 
 
 class TLSSection(_Section):
@@ -273,11 +305,35 @@ class EngineSection(_Section):
     # the allowlist and each value's check are in runtime/engine/options.py. Options that
     # load code or reach outside the verified model are refused by name.
     vllm: dict[str, Any] = Field(default_factory=dict)
+    # LoRA adapters loaded at start, each verified like the weights; none loads at run time.
+    lora: list[LoraSection] = Field(default_factory=list, max_length=64)
+    # A draft model for speculative decoding, verified like the weights.
+    draft: DraftSection | None = None
 
     @field_validator("vllm")
     @classmethod
     def _vllm_options(cls, value: dict[str, Any]) -> dict[str, Any]:
         return engine_options.validate(value)
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_names(cls, value: list[LoraSection]) -> list[LoraSection]:
+        seen: set[str] = set()
+        for adapter in value:
+            if adapter.name in seen:
+                raise ValueError(f"two adapters are named {adapter.name!r}; names must differ")
+            seen.add(adapter.name)
+        return value
+
+    @model_validator(mode="after")
+    def _lora_options(self) -> EngineSection:
+        given = sorted(engine_options.LORA_OPTIONS & self.vllm.keys())
+        if given and not self.lora:
+            raise ValueError(
+                f"engine.vllm.{given[0]} is set but no [[engine.lora]] adapter is: "
+                "add an adapter or remove the option"
+            )
+        return self
 
     # CPU memory cap: the engine's process tree, summed as PSS (README, Memory caps); over it,
     # the engine is stopped and harness exits 6. "auto": 90% of the memory harness may use
@@ -345,6 +401,8 @@ class EngineSection(_Section):
                 raise ValueError(f"{name!r} is not an environment variable name")
             if SECRET_LIKE.search(name):
                 raise ValueError(f"{name!r} looks like a secret; the engine never gets secrets")
+            if name in ENGINE_ENV_REFUSED:
+                raise ValueError(f"{name!r} is refused: it {ENGINE_ENV_REFUSED[name]}")
         return value
 
 
@@ -474,6 +532,29 @@ class Config(_Section):
     sandbox: SandboxSection = SandboxSection()
     telemetry: TelemetrySection = TelemetrySection()
     source: Path = Path("<memory>")
+
+    @model_validator(mode="after")
+    def _served_names(self) -> Config:
+        for adapter in self.engine.lora:
+            if adapter.name == self.model.served_name:
+                raise ValueError(
+                    f"engine.lora {adapter.name!r}: the model is served under that name; "
+                    "give the adapter a name of its own"
+                )
+        return self
+
+    def artifacts(self) -> list[tuple[str, ArtifactSection]]:
+        """Every folder of weights the engine loads, with the config key that names it."""
+        named: list[tuple[str, ArtifactSection]] = [("model", self.model)]
+        named += [(f"engine.lora[{a.name}]", a) for a in self.engine.lora]
+        if self.engine.draft is not None:
+            named.append(("engine.draft", self.engine.draft))
+        return named
+
+    @property
+    def served_names(self) -> tuple[str, ...]:
+        """What requests may name as `model`: the model's name, then each adapter's."""
+        return (self.model.served_name, *(a.name for a in self.engine.lora))
 
 
 def split_listen(value: str) -> tuple[str, int]:

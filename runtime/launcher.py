@@ -10,12 +10,13 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from runtime import config as config_mod
 from runtime import otel, secrets, telemetry
-from runtime.config import Config, SignatureSection
+from runtime.config import ArtifactSection, Config, SignatureSection
 from runtime.engine import liveness, resources, watchdog
 from runtime.engine import process as engine_process
 from runtime.engine.process import Engine
@@ -25,7 +26,8 @@ from runtime.front import server as front_server
 from runtime.front.admission import Admission
 from runtime.front.proxy import FrontApp, FrontState
 from runtime.front.server import ServerState
-from runtime.integrity import model_dir, signature
+from runtime.integrity import adapters, model_dir, signature
+from runtime.integrity.policy import ArtifactKind
 from runtime.sandbox import _linux, landlock, namespaces, privileges, seccomp
 from runtime.sandbox import front as front_sandbox
 
@@ -66,7 +68,8 @@ def serve(
 
         # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir
         #    policy, strict safetensors headers; each file fingerprinted (exit 3).
-        weights, _evidence = verify_weights(cfg)
+        #    Each LoRA adapter and the draft model likewise.
+        weights = verify_weights(cfg)
 
         # 3. Secrets: none in the environment; the secrets dir in memory, its files private and
         #    out of the engine's reach; held by the front only (exit 4). The collector's
@@ -131,7 +134,7 @@ def serve(
                 placement,
                 files,
                 on_ready,
-                weights.vocab_size,
+                weights.model.vocab_size,
             )
             # From now on the engine must keep answering (engine.liveness_timeout_s, exit 6).
             with liveness.watch(engine, cfg.engine.liveness_timeout_s):
@@ -147,12 +150,47 @@ def serve(
     return code
 
 
-def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
-    """Step 2: signature, manifest, SHA-256, model-dir policy, strict headers (exit 3)."""
-    sig = cfg.model.signature
+@dataclass(frozen=True)
+class Weights:
+    """Step 2's result: every folder of weights the engine loads, verified."""
+
+    model: model_dir.Verified
+    evidence: dict[str, object]  # how the model's signature was checked
+    # The LoRA adapters and the draft model, by config key (engine.lora[NAME], engine.draft).
+    others: dict[str, model_dir.Verified] = field(default_factory=dict)
+
+    def all(self) -> dict[str, model_dir.Verified]:
+        return {"model": self.model, **self.others}
+
+
+def verify_weights(cfg: Config) -> Weights:
+    """Step 2 for the model, each LoRA adapter and the draft model: signature, manifest,
+    SHA-256, policy, strict headers (exit 3); then what the engine would refuse a minute
+    later (an adapter's rank, a draft's vocabulary) is refused now (exit 2)."""
+    model, evidence = verify_artifact("model", cfg.model)
+    others = {
+        label: verify_artifact(label, section, "adapter" if label != "engine.draft" else "model")[0]
+        for label, section in cfg.artifacts()[1:]
+    }
+    template = cfg.engine.vllm.get("chat_template")
+    if template is not None and template not in model.files:
+        raise ConfigError(
+            f"engine.vllm.chat_template {template!r}: not a file of the verified model dir",
+            fix=f"put the template in {cfg.model.dir} (signed with the weights) and name it "
+            "relative to that dir",
+        )
+    adapters.check(cfg, model, others)
+    return Weights(model, evidence, others)
+
+
+def verify_artifact(
+    label: str, section: ArtifactSection, kind: ArtifactKind = "model"
+) -> tuple[model_dir.Verified, dict[str, object]]:
+    """One folder of weights, `label` naming its config key in events and errors."""
+    sig = section.signature
     try:
         if sig is not None:
-            result = signature.verify_model(cfg.model.dir, sig.path, _trust(sig))
+            result = signature.verify_model(section.dir, sig.path, _trust(sig), kind=kind)
             verified = result.verified
             evidence = {
                 "root_digest": result.root_digest,
@@ -166,42 +204,41 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
                 "unsigned_empty_files": list(result.unsigned_empty_files),
             }
         else:
-            verified = model_dir.verify(cfg.model.dir)
+            verified = model_dir.verify(section.dir, kind=kind)
             evidence = {"signature": None}
             telemetry.emit(
                 "unsafe_setting",
                 "allowed",
-                setting="model.unsafe_unsigned",
+                setting=f"{label}.unsafe_unsigned",
                 risk="weights are served without a signature",
             )
         writable = model_dir.writable_reason(verified.root)
-        if writable and not cfg.model.unsafe_allow_writable:
+        if writable and not section.unsafe_allow_writable:
             raise IntegrityError(
-                f"model.dir: {writable}: the weights could change after verification",
-                fix="mount the model read-only (Kubernetes: readOnly: true); for development "
-                "only, set model.unsafe_allow_writable = true",
+                f"{label}.dir: {writable}: the weights could change after verification",
+                fix="mount it read-only (Kubernetes: readOnly: true); for development only, "
+                f"set {label}.unsafe_allow_writable = true",
             )
     except IntegrityError as exc:
+        exc = _relabel(exc, label)
         telemetry.emit(
-            "weight_integrity_check", "blocked", model=str(cfg.model.dir), error=exc.message
+            "weight_integrity_check",
+            "blocked",
+            model=str(section.dir),
+            artifact=label,
+            error=exc.message,
         )
-        raise
+        raise exc from None
     if writable:
         telemetry.emit(
-            "unsafe_setting", "allowed", setting="model.unsafe_allow_writable", risk=writable
-        )
-    template = cfg.engine.vllm.get("chat_template")
-    if template is not None and template not in verified.files:
-        raise ConfigError(
-            f"engine.vllm.chat_template {template!r}: not a file of the verified model dir",
-            fix=f"put the template in {cfg.model.dir} (signed with the weights) and name it "
-            "relative to that dir",
+            "unsafe_setting", "allowed", setting=f"{label}.unsafe_allow_writable", risk=writable
         )
     seconds = verified.seconds
     telemetry.emit(
         "weight_integrity_check",
         "ok",
         model=str(verified.root),
+        artifact=label,
         files=len(verified.files),
         bytes=verified.total_bytes,
         tensors=verified.tensors,
@@ -210,6 +247,18 @@ def verify_weights(cfg: Config) -> tuple[model_dir.Verified, dict[str, object]]:
         **evidence,
     )
     return verified, evidence
+
+
+def _relabel(exc: IntegrityError, label: str) -> IntegrityError:
+    """The integrity modules speak of the model (model dir, model.signature.*); for an
+    adapter or the draft, the error names its own config key instead."""
+    if label == "model":
+        return exc
+    message = exc.message.removeprefix("model dir: ").replace(
+        "model.signature", label + ".signature"
+    )
+    fix = exc.fix.replace("model.signature", label + ".signature") if exc.fix else exc.fix
+    return IntegrityError(f"{label}: {message}", fix=fix)
 
 
 def engine_reach(
@@ -269,25 +318,29 @@ def _trust(sig: SignatureSection) -> signature.Trust:
     return signature.SigstoreTrust(sig.trust_config, tuple(sig.identities), sig.issuer)
 
 
-def recheck_weights(weights: model_dir.Verified) -> None:
-    try:
-        model_dir.recheck(weights)
-    except IntegrityError as exc:
+def recheck_weights(weights: Weights) -> None:
+    """Step 6: every file the engine loaded is the one verified (same inode, size, times)."""
+    for label, verified in weights.all().items():
+        try:
+            model_dir.recheck(verified)
+        except IntegrityError as exc:
+            telemetry.emit(
+                "weight_integrity_check",
+                "blocked",
+                model=str(verified.root),
+                artifact=label,
+                stage="after_load",
+                error=exc.message,
+            )
+            raise
         telemetry.emit(
             "weight_integrity_check",
-            "blocked",
-            model=str(weights.root),
+            "ok",
+            model=str(verified.root),
+            artifact=label,
             stage="after_load",
-            error=exc.message,
+            files=len(verified.files),
         )
-        raise
-    telemetry.emit(
-        "weight_integrity_check",
-        "ok",
-        model=str(weights.root),
-        stage="after_load",
-        files=len(weights.files),
-    )
 
 
 async def _serve_front(
@@ -309,7 +362,7 @@ async def _serve_front(
         state,
         front=cfg.front,
         limits=cfg.limits,
-        served_name=cfg.model.served_name,
+        served_names=cfg.served_names,
         admission=admission,
         vocab_size=vocab_size,
     )

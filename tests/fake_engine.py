@@ -2,7 +2,8 @@
 (through the real stage 2: namespace, privilege drop, exec). The real engine takes ~50 s to
 start, too slow for the fast tier; the engine tier runs it.
 
-It answers `/health`, `/v1/models` and `/v1/completions` on the `--uds` socket. With
+It answers `/health`, `/v1/models` (the model and each `--lora-modules` adapter whose
+adapter_config.json it can read) and `/v1/completions` on the `--uds` socket. With
 HARNESS_FAKE_ENGINE_MB in its environment (through `engine.env_passthrough`), its first
 `/v1/models` request makes it and a child it forks each hold that many MB of touched memory.
 With HARNESS_FAKE_ENGINE_HOSTILE=1 it writes what a hostile engine would to its stdout and
@@ -25,6 +26,20 @@ argv = sys.argv
 uds = argv[argv.index("--uds") + 1]
 served = argv[argv.index("--served-model-name") + 1]
 hog_mb = int(os.environ.get("HARNESS_FAKE_ENGINE_MB", "0"))
+# As vLLM does at start: each adapter's config is read from its folder (a LoRA adapter the
+# engine cannot read is not listed).
+adapters = []
+modules = argv[argv.index("--lora-modules") + 1 :] if "--lora-modules" in argv else []
+for arg in modules:
+    if arg.startswith("--"):
+        break
+    module = json.loads(arg)
+    try:
+        with open(os.path.join(module["path"], "adapter_config.json"), "rb") as f:
+            f.read()
+        adapters.append(module["name"])
+    except OSError as exc:
+        print(f"cannot load adapter {module['name']}: {exc}", file=sys.stderr)
 held = []
 
 
@@ -63,7 +78,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/models":
             if hog_mb and not held:
                 hog()
-            self.reply({"object": "list", "data": [{"id": served, "object": "model"}]})
+            names = [served, *adapters]
+            self.reply({"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
         else:
             self.reply({})
 
@@ -100,8 +116,11 @@ server.serve_forever()
 
 
 def install(folder: Path, name: str = "fake-engine") -> Path:
-    """Write the executable script into `folder` (which the engine's uid must traverse)."""
-    path = folder / name
+    """Write the executable script into `folder`/bin (which the engine's uid must traverse).
+    Not `folder` itself: Landlock lets the engine read `engine.python`'s grandparent (a
+    venv's root), which for /tmp/x/fake-engine would be all of /tmp."""
+    (folder / "bin").mkdir(mode=0o755, exist_ok=True)
+    path = folder / "bin" / name
     # The base interpreter, not the venv's: the script needs only the standard library, and
     # Landlock lets the engine read what the system and `engine.python` (this script) need.
     python = os.path.realpath(sys.executable)

@@ -300,3 +300,29 @@ def list_models(harness: Harness, demo_dir: Path) -> httpx.Response:
     ctx = client_context(pki / "ca.pem", pki / "client.pem", pki / "client-key.pem")
     with httpx.Client(verify=ctx, timeout=30) as client:
         return client.get(f"{harness.url}/v1/models")
+
+
+# The demo's LoRA adapter and draft model (runtime/demo/assets.py), signed with the model's
+# key; their folders are as writable as the demo model's.
+_DEMO_SIGNATURE = 'method="key", public_key="signing-key.pub"'
+LORA_NAME = "demo-lora"
+LORA = (
+    f'engine.lora=[{{name="{LORA_NAME}", dir="adapter", unsafe_allow_writable=true, '
+    f'signature={{path="adapter.sig", {_DEMO_SIGNATURE}}}}}]'
+)
+DRAFT = (
+    'engine.draft={dir="draft", unsafe_allow_writable=true, num_speculative_tokens=3, '
+    f'signature={{path="draft.sig", {_DEMO_SIGNATURE}}}}}'
+)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The real `harness` entry point, in a clean environment, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "runtime", *args],
+        cwd=REPO,
+        env=clean_environ(),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )

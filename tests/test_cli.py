@@ -16,18 +16,11 @@ import pytest
 
 from runtime.demo import assets
 from tests import fake_engine
-from tests.support import REPO, Harness, clean_environ, client_context, free_port
+from tests.support import REPO, Harness, clean_environ, client_context, free_port, run_cli
 
 
 def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime", *args],
-        cwd=REPO,
-        env=clean_environ(),
-        text=True,
-        capture_output=True,
-        timeout=timeout,
-    )
+    return run_cli(*args, timeout=timeout)
 
 
 def _events(stdout: str) -> list[dict]:

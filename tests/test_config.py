@@ -48,7 +48,7 @@ def test_unsigned_model_must_be_said_explicitly(tmp_path: Path) -> None:
     unsigned = VALID.replace(
         '[model.signature]\npath = "model.sig"\npublic_key = "signer.pub"\n', ""
     )
-    with pytest.raises(ConfigError, match=r"\[model.signature\] is missing"):
+    with pytest.raises(ConfigError, match=r"\[signature\] is missing"):
         config.load(_write(tmp_path, unsigned))
     cfg = config.load(_write(tmp_path, unsigned), ["model.unsafe_unsigned=true"])
     assert cfg.model.signature is None and cfg.model.unsafe_unsigned

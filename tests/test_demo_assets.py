@@ -39,10 +39,15 @@ def test_model_is_deterministic_and_servable_shape(tmp_path: Path) -> None:
 
 def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path) -> None:
     made = assets.ensure(tmp_path)
-    assert len(made) == 5
+    assert len(made) == 9
     for name in (
         "model/model.safetensors",
         "model.sig",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter.sig",
+        "draft/model.safetensors",
+        "draft.sig",
         "signing-key.pub",
         "signing-key.pem",
         "pki/ca.pem",
@@ -65,6 +70,18 @@ def test_ensure_builds_the_demo_contract_and_only_what_is_missing(tmp_path: Path
         f"demo: signed {tmp_path / 'model'} -> {tmp_path / 'model.sig'}",
     ]
     assert (tmp_path / "pki" / "ca.pem").read_bytes() == before
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    assert assets.ensure(tmp_path) == [
+        f"demo: wrote the demo adapter to {tmp_path / 'adapter'}",
+        f"demo: signed {tmp_path / 'adapter'} -> {tmp_path / 'adapter.sig'}",
+    ]
+    for name in ("adapter", "draft"):
+        signature.verify_model(
+            tmp_path / name,
+            tmp_path / f"{name}.sig",
+            signature.KeyTrust(tmp_path / "signing-key.pub"),
+            kind="adapter" if name == "adapter" else "model",
+        )
     result = signature.verify_model(
         tmp_path / "model", tmp_path / "model.sig", signature.KeyTrust(tmp_path / "signing-key.pub")
     )

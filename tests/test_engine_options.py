@@ -32,6 +32,9 @@ VALID: dict[str, Any] = {
     "reasoning_parser": "deepseek_r1",
     "limit_mm_per_prompt": {"image": 2, "video": 0},
     "chat_template": "templates/chat.jinja",
+    "max_lora_rank": 32,
+    "max_loras": 2,
+    "max_cpu_loras": 4,
 }
 INVALID: dict[str, Any] = {
     "dtype": "bf16",
@@ -49,10 +52,15 @@ INVALID: dict[str, Any] = {
     "reasoning_parser": "my.module:Parser",
     "limit_mm_per_prompt": {"image": 1000},
     "chat_template": "../elsewhere/chat.jinja",
+    "max_lora_rank": 24,
+    "max_loras": 0,
+    "max_cpu_loras": 100,
 }
 
 
-def _config(tmp_path: Path, vllm: dict[str, Any]) -> config_mod.Config:
+def _config(tmp_path: Path, vllm: dict[str, Any], **engine: Any) -> config_mod.Config:
+    if options.LORA_OPTIONS & vllm.keys():  # they go with an adapter
+        engine.setdefault("lora", [{"name": "a", "dir": str(tmp_path), "unsafe_unsigned": True}])
     return config_mod.Config.model_validate(
         {
             "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
@@ -60,7 +68,7 @@ def _config(tmp_path: Path, vllm: dict[str, Any]) -> config_mod.Config:
                 "allowed_identities": ["spiffe://x/y"],
                 "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
             },
-            "engine": {"vllm": vllm},
+            "engine": {"vllm": vllm, **engine},
         }
     )
 
@@ -117,7 +125,12 @@ def _load(tmp_path: Path, name: str, value: Any) -> config_mod.Config:
         '[front]\nallowed_identities = ["spiffe://x/y"]\n'
         '[front.tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
     )
-    return config_mod.load(base, [f"engine.vllm.{name}={_toml(value)}"])
+    adapter = f'engine.lora=[{{name="a", dir="{tmp_path}", unsafe_unsigned=true}}]'
+    return config_mod.load(
+        base,
+        [f"engine.vllm.{name}={_toml(value)}"]
+        + ([adapter] if name in options.LORA_OPTIONS else []),
+    )
 
 
 def _toml(value: Any) -> str:
@@ -132,12 +145,28 @@ def test_vllm_s_own_parser_accepts_every_flag_harness_passes(tmp_path: Path) -> 
     from vllm.entrypoints.launchers import cli_args
     from vllm.utils import argparse_utils as utils
 
-    cfg = _config(tmp_path, VALID)
+    adapters = [
+        {"name": "support", "dir": str(tmp_path / "a"), "unsafe_unsigned": True},
+        {"name": "legal.v2", "dir": str(tmp_path / "b=c"), "unsafe_unsigned": True},
+    ]
+    draft = {"dir": str(tmp_path / "draft"), "unsafe_unsigned": True, "num_speculative_tokens": 4}
+    cfg = _config(tmp_path, VALID, lora=adapters, draft=draft)
     argv = build_argv(cfg, RuntimePaths(tmp_path / "run"))
     parser = cli_args.make_arg_parser(utils.FlexibleArgumentParser())
     args = parser.parse_args(argv[argv.index("--model") :])
     engine = arg_utils.AsyncEngineArgs.from_cli_args(args)
     assert engine.dtype == "bfloat16" and engine.tensor_parallel_size == 2
+    assert engine.enable_lora and engine.max_lora_rank == 32 and engine.max_loras == 2
+    # Paths with "=" in them stay whole (the modules are passed as JSON).
+    assert [(m.name, m.path) for m in args.lora_modules] == [
+        ("support", str(tmp_path / "a")),
+        ("legal.v2", str(tmp_path / "b=c")),
+    ]
+    assert engine.speculative_config == {
+        "method": "draft_model",
+        "model": str(tmp_path / "draft"),
+        "num_speculative_tokens": 4,
+    }
     assert engine.enable_prefix_caching is False and engine.block_size == 32
     assert engine.limit_mm_per_prompt == {"image": 2, "video": 0}
     assert args.chat_template == str(tmp_path / "templates/chat.jinja")

@@ -177,7 +177,7 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
             state,
             front=cfg.front,
             limits=cfg.limits,
-            served_name="demo",
+            served_names=("demo",),
             vocab_size=vocab_size,
         )
         listener = front_server.bind(cfg.front)

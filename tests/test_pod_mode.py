@@ -13,7 +13,7 @@ import pytest
 
 from runtime import config
 from runtime.demo import assets
-from tests.support import POD, list_models, process_group, stand_in_harness
+from tests.support import LORA, LORA_NAME, POD, list_models, process_group, stand_in_harness
 
 UID = 10001
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to uid 10001 needs root")
@@ -42,7 +42,9 @@ def test_in_a_pod_the_engine_gets_every_namespace_and_serves(
     demo_dir: Path, open_tmp: Path, pod_secrets: Path
 ) -> None:
     """sandbox.namespaces = required as uid 10001: a user namespace of its own, then mount,
-    network and IPC; no capability anywhere; harness not dumpable; a request served."""
+    network and IPC; no capability anywhere; harness not dumpable; a request served. A
+    signed LoRA adapter is verified as uid 10001 and readable to the engine through its
+    own root and Landlock (the stand-in lists it only once it read its config)."""
     runtime = open_tmp / "run"
     runtime.mkdir()
     os.chown(runtime, UID, UID)
@@ -53,11 +55,16 @@ def test_in_a_pod_the_engine_gets_every_namespace_and_serves(
         f'secrets.dir="{pod_secrets}"',
         f'engine.runtime_dir="{runtime}"',
         'sandbox.namespaces="required"',
+        LORA,
         prefix=POD,
     )
     try:
         harness.wait_ready()
-        assert list_models(harness, demo_dir).status_code == 200
+        models = list_models(harness, demo_dir)
+        assert models.status_code == 200
+        assert [m["id"] for m in models.json()["data"]] == ["demo", LORA_NAME]
+        checks = harness.events("weight_integrity_check")
+        assert {e["artifact"] for e in checks} == {"model", f"engine.lora[{LORA_NAME}]"}
         event = harness.events("namespaces")[0]
         assert event["isolated"] is True and event["mode"] == "required"
         assert event["namespaces"] == ["user", "mount", "network", "ipc"]

@@ -46,7 +46,7 @@ def _check(
     vocab_size: int | None = VOCAB,
 ):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return check(route, ctype, raw, limits, "demo", vocab_size)
+    return check(route, ctype, raw, limits, ("demo",), vocab_size)
 
 
 @pytest.mark.parametrize(

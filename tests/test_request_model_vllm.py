@@ -141,7 +141,7 @@ def test_what_the_front_forwards_vllm_parses_and_accepts(route_body: tuple[bytes
     body["model"] = "demo"
     try:
         checked = check(
-            route, b"application/json", json.dumps(body).encode(), LIMITS, "demo", VOCAB
+            route, b"application/json", json.dumps(body).encode(), LIMITS, ("demo",), VOCAB
         )
     except Rejected as rej:
         assert rej.status == 400 and rej.code and rej.message

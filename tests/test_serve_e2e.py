@@ -19,7 +19,16 @@ from runtime.demo import assets
 from runtime.sandbox.front import ENGINE_SHM
 from tests.conftest import Servers
 from tests.container import Container
-from tests.support import Harness, client_context, openai_client, process_group, raw_request
+from tests.support import (
+    DRAFT,
+    LORA,
+    LORA_NAME,
+    Harness,
+    client_context,
+    openai_client,
+    process_group,
+    raw_request,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -181,6 +190,8 @@ FORBIDDEN = [
     "/v1/%2e%2e/pause",
     "/tokenize",
     "/v1/completions/../../pause",
+    "/v1/load_lora_adapter",  # runtime LoRA loading: adapters are verified at start only
+    "/v1/unload_lora_adapter",
 ]
 
 
@@ -570,7 +581,7 @@ def test_clamp_policy_gives_a_completion_of_at_most_the_cap(
         state,
         front=cfg.front,
         limits=cfg.limits,
-        served_name="demo",
+        served_names=("demo",),
     )
     listener = front_server.bind(cfg.front)
     server = front_server.build_server(cfg.front, app, state, RotatingContext(cfg.front.tls))
@@ -609,3 +620,37 @@ def test_a_tensor_parallel_engine_serves_inside_the_sandbox(
         assert harness.events("seccomp_violation") == []
     finally:
         harness.kill()
+
+
+def test_a_signed_lora_adapter_and_a_draft_model_serve_inside_the_sandbox(
+    servers: Servers, harness: Harness, demo_dir: Path
+) -> None:
+    """The demo's signed LoRA adapter ([[engine.lora]]) and one-layer draft model
+    ([engine.draft]) with the real vLLM CPU build, under the shipped profile and Landlock:
+    both verified before the engine starts and re-checked after it is ready; the adapter
+    answers under its name and changes what greedy decoding gives (vLLM applied it); the
+    draft model leaves greedy output as the model alone gives it (it only proposes)."""
+    prompt = "hello world the model serves"
+
+    def greedy(target: Harness, model: str) -> str:
+        api = openai_client(target.url, _client_ctx(demo_dir))
+        result = api.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
+        return result.choices[0].text
+
+    base = greedy(harness, "demo")  # the shared server: no adapter, no draft
+    served = servers.start([LORA, DRAFT])
+    try:
+        served.wait_ready()
+        assert greedy(served, "demo") == base
+        assert greedy(served, LORA_NAME) != base
+        [start] = served.events("engine_start")
+        assert "--enable-lora" in start["argv"] and "--speculative-config" in start["argv"]
+        checks = [(e["artifact"], e.get("stage")) for e in served.events("weight_integrity_check")]
+        artifacts = ["model", f"engine.lora[{LORA_NAME}]", "engine.draft"]
+        assert checks == [(a, None) for a in artifacts] + [(a, "after_load") for a in artifacts]
+        assert served.events("seccomp_violation") == []
+        with httpx.Client(verify=_client_ctx(demo_dir), timeout=30) as client:
+            listed = client.get(f"{served.url}/v1/models").json()["data"]
+        assert {m["id"] for m in listed} == {"demo", LORA_NAME}
+    finally:
+        served.kill()

@@ -2,6 +2,8 @@
 
     model/               tiny Llama, safetensors, served as "demo" (deterministic)
     model.sig            its OMS v1.0 signature, made with signing-key.pem
+    adapter/, adapter.sig  a tiny LoRA adapter for it (PEFT, safetensors), signed likewise
+    draft/, draft.sig    a one-layer draft model for speculative decoding, signed likewise
     signing-key.pub      the public key demo.toml trusts (private: signing-key.pem)
     pki/ca.pem           demo CA (its key: pki/ca-key.pem)
     pki/server.pem       front certificate for localhost/127.0.0.1/::1; its key is a secret,
@@ -81,17 +83,20 @@ seed = 0
 
 def ensure(root: Path, *, force: bool = False) -> list[str]:
     """Create what is missing under `root`; return one line per part built."""
+    # Imported here: numpy starts its BLAS threads on import, and `harness demo serve` must
+    # still be single-threaded when it confines itself (sandbox.front).
+    from runtime.demo.model import write_adapter, write_model
+
     root.mkdir(parents=True, exist_ok=True)
     made: list[str] = []
+    # What to sign again: what was written now (or everything, under a new key).
+    written: set[str] = set()
     model = root / "model"
     if force or not (model / "model.safetensors").is_file():
-        # Imported here: numpy starts its BLAS threads on import, and `harness demo serve`
-        # must still be single-threaded when it confines itself (sandbox.front).
-        from runtime.demo.model import write_model
-
         write_model(model)
+        written.add("model")
         made.append(f"demo: wrote tiny Llama to {model}")
-    key, public, sig = root / "signing-key.pem", root / "signing-key.pub", root / "model.sig"
+    key, public = root / "signing-key.pem", root / "signing-key.pub"
     if force or not (key.is_file() and public.is_file()):
         signing_key = ec.generate_private_key(ec.SECP256R1())
         pki.write_private_key(signing_key, key)
@@ -100,10 +105,24 @@ def ensure(root: Path, *, force: bool = False) -> list[str]:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+        written.add("key")
         made.append(f"demo: wrote signing key pair {key} and {public}")
-    if made or not sig.is_file():
-        sign_model(model, key, sig)
-        made.append(f"demo: signed {model} -> {sig}")
+    # The adapter and the draft model are not in demo.toml (README, "What `make demo`
+    # proves", shows how to serve them): every test server would load them.
+    extras = {
+        "adapter": (write_adapter, "adapter_model.safetensors"),
+        "draft": (lambda path: write_model(path, seed=2, layers=1), "model.safetensors"),
+    }
+    for name, (write, weights) in extras.items():
+        if force or not (root / name / weights).is_file():
+            write(root / name)
+            written.add(name)
+            made.append(f"demo: wrote the demo {name} to {root / name}")
+    for name in ("model", *extras):
+        signature = root / f"{name}.sig"
+        if name in written or "key" in written or not signature.is_file():
+            sign_model(root / name, key, signature)
+            made.append(f"demo: signed {root / name} -> {signature}")
     pki_dir, secrets = root / "pki", secrets_dir(root)
     if force or _pki_needs_rebuild(pki_dir):
         write_pki(pki_dir, secrets)

@@ -6,10 +6,12 @@ head_dim must be >= 32 for vLLM's CPU attention, hence hidden 256 with 4 heads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +62,14 @@ def build_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def build_weights(seed: int = 0) -> dict[str, np.ndarray]:
+def build_weights(seed: int = 0, layers: int = LAYERS) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
 
     def normal(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
     tensors = {"model.embed_tokens.weight": normal(VOCAB, HIDDEN)}
-    for i in range(LAYERS):
+    for i in range(layers):
         prefix = f"model.layers.{i}"
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             tensors[f"{prefix}.self_attn.{proj}.weight"] = normal(HIDDEN, HIDDEN)
@@ -81,7 +83,7 @@ def build_weights(seed: int = 0) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _config(tokenizer: Tokenizer) -> dict[str, object]:
+def _config(tokenizer: Tokenizer, layers: int = LAYERS) -> dict[str, object]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -89,7 +91,7 @@ def _config(tokenizer: Tokenizer) -> dict[str, object]:
         "intermediate_size": INTERMEDIATE,
         "num_attention_heads": HEADS,
         "num_key_value_heads": HEADS,
-        "num_hidden_layers": LAYERS,
+        "num_hidden_layers": layers,
         "vocab_size": VOCAB,
         "max_position_embeddings": MAX_POSITIONS,
         "rms_norm_eps": 1e-5,
@@ -107,12 +109,10 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def write_model(target: Path, seed: int = 0) -> Path:
-    """Write the model into `target` (replaced atomically) and return it."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
-    try:
+def write_model(target: Path, seed: int = 0, layers: int = LAYERS) -> Path:
+    """Write the model into `target` (replaced atomically) and return it. A draft model for
+    speculative decoding is the same with one layer: same tokenizer, same vocabulary."""
+    with _staging(target) as staging:
         tokenizer = build_tokenizer()
         tokenizer.save(str(staging / "tokenizer.json"))
         _write_json(
@@ -126,8 +126,74 @@ def write_model(target: Path, seed: int = 0) -> Path:
                 "chat_template": CHAT_TEMPLATE,
             },
         )
-        _write_json(staging / "config.json", _config(tokenizer))
-        save_file(build_weights(seed), str(staging / "model.safetensors"), {"format": "pt"})
+        _write_json(staging / "config.json", _config(tokenizer, layers))
+        save_file(build_weights(seed, layers), str(staging / "model.safetensors"), {"format": "pt"})
+    return target
+
+
+# The LoRA adapter: every linear layer of every block, strong enough that greedy decoding
+# with it differs from the base model (a test tells an applied adapter from an ignored one).
+ADAPTER_RANK = 8
+ADAPTER_TARGETS = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+
+
+def build_adapter(seed: int = 1) -> dict[str, np.ndarray]:
+    """PEFT's tensor names and shapes: lora_A (rank, in), lora_B (out, rank)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for i in range(LAYERS):
+        for module, (out_features, in_features) in ADAPTER_TARGETS.items():
+            name = f"base_model.model.model.layers.{i}.{module}"
+            shape_a, shape_b = (ADAPTER_RANK, in_features), (out_features, ADAPTER_RANK)
+            tensors[f"{name}.lora_A.weight"] = (rng.standard_normal(shape_a) * 0.1).astype(
+                np.float32
+            )
+            tensors[f"{name}.lora_B.weight"] = (rng.standard_normal(shape_b) * 0.1).astype(
+                np.float32
+            )
+    return tensors
+
+
+def write_adapter(target: Path, seed: int = 1) -> Path:
+    """A PEFT LoRA adapter for the demo model, as a trainer saves it (safetensors)."""
+    with _staging(target) as staging:
+        _write_json(
+            staging / "adapter_config.json",
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "base_model_name_or_path": "demo",
+                "r": ADAPTER_RANK,
+                "lora_alpha": 2 * ADAPTER_RANK,
+                "lora_dropout": 0.0,
+                "bias": "none",
+                "fan_in_fan_out": False,
+                "target_modules": sorted(m.split(".")[1] for m in ADAPTER_TARGETS),
+                "modules_to_save": None,
+                "use_rslora": False,
+                "use_dora": False,
+            },
+        )
+        save_file(build_adapter(seed), str(staging / "adapter_model.safetensors"), {"format": "pt"})
+    return target
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A folder next to `target`, filled by the caller, then put in its place atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
+    try:
+        yield staging
         for path in staging.iterdir():
             path.chmod(0o644)
         staging.chmod(0o755)
@@ -137,4 +203,3 @@ def write_model(target: Path, seed: int = 0) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target

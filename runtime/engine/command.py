@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.config import SECRET_LIKE, Config, format_cpu_list
+from runtime.config import ENGINE_ENV_REFUSED, SECRET_LIKE, Config, format_cpu_list
 from runtime.engine import options as engine_options
 from runtime.engine.resources import MemoryCaps, cpu_placement, split_cpus
 
@@ -98,6 +98,22 @@ def build_argv(cfg: Config, paths: RuntimePaths, caps: MemoryCaps | None = None)
         argv += ["--kv-cache-memory-bytes", str(eng.kv_cache_memory_bytes)]
     if caps is not None:
         argv += caps.argv()  # engine.gpu_memory_limit as --gpu-memory-utilization
+    if eng.lora:
+        # Loaded at start from verified folders; nothing loads at run time (the environment
+        # never sets VLLM_ALLOW_RUNTIME_LORA_UPDATING, and the front refuses those routes).
+        # One flag for all (a repeated --lora-modules replaces the one before), each adapter
+        # as JSON (a path may hold "=").
+        argv += ["--enable-lora", "--lora-modules"]
+        for adapter in eng.lora:
+            module = {"name": adapter.name, "path": str(adapter.dir)}
+            argv.append(json.dumps(module, separators=(",", ":")))
+    if eng.draft is not None:
+        draft = {
+            "method": "draft_model",
+            "model": str(eng.draft.dir),
+            "num_speculative_tokens": eng.draft.num_speculative_tokens,
+        }
+        argv += ["--speculative-config", json.dumps(draft, separators=(",", ":"))]
     return argv + engine_options.argv(eng.vllm, cfg.model.dir)  # [engine.vllm]
 
 
@@ -149,7 +165,12 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
         )
     for name in eng.env_passthrough:
         # Config validation already refuses secret-like names; check again at the boundary.
-        if name in parent_env and not SECRET_LIKE.search(name) and name not in env:
+        if (
+            name in parent_env
+            and not SECRET_LIKE.search(name)
+            and name not in ENGINE_ENV_REFUSED
+            and name not in env
+        ):
             env[name] = parent_env[name]
     return env
 

@@ -104,7 +104,15 @@ OPTIONS: dict[str, Option] = {
     "reasoning_parser": Option("--reasoning-parser", _parser_name),
     "limit_mm_per_prompt": Option("--limit-mm-per-prompt", _media_limits),
     "chat_template": Option("--chat-template", _model_file),
+    # LoRA: the largest adapter rank (each adapter's is checked against it at start), adapters
+    # in one batch, adapters kept in CPU memory. Only with [[engine.lora]].
+    "max_lora_rank": Option("--max-lora-rank", _one_of(1, 8, 16, 32, 64, 128, 256, 320, 512)),
+    "max_loras": Option("--max-loras", _integer(1, 64)),
+    "max_cpu_loras": Option("--max-cpu-loras", _integer(1, 64)),
 }
+LORA_OPTIONS = frozenset({"max_lora_rank", "max_loras", "max_cpu_loras"})
+# vLLM's default max_lora_rank.
+DEFAULT_MAX_LORA_RANK = 16
 
 # Options a user might reach for that harness never passes, and why.
 _LOADS_CODE = "loads Python code into the engine"
@@ -130,9 +138,7 @@ REFUSED: dict[str, str] = {
     "hf_token": _REACHES_OUT + " (and puts a credential in the engine)",
     "allowed_local_media_path": _REACHES_OUT + " (local files named by requests)",
     "allowed_media_domains": _REACHES_OUT + " (URLs named by requests)",
-    "enable_lora": "adapters must be verified like the weights; not available yet",
-    "lora_modules": "adapters must be verified like the weights; not available yet",
-    "speculative_config": "a draft model must be verified like the weights; not available yet",
+    "lora_extra_vocab_size": "adapters that add tokens change the verified vocabulary",
     "enable_auto_tool_choice": "the front forwards no `tools`, so there are no tool calls to parse",
     "tool_call_parser": "the front forwards no `tools`, so there are no tool calls to parse",
 }
@@ -150,6 +156,9 @@ OWN = {
     "generation_config": "limits.max_tokens",
     "override_generation_config": "limits.max_tokens",
     "enforce_eager": "engine.device",
+    "enable_lora": "[[engine.lora]] (adapters verified like the weights)",
+    "lora_modules": "[[engine.lora]] (adapters verified like the weights)",
+    "speculative_config": "[engine.draft] (a draft model verified like the weights)",
 }
 
 

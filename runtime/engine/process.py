@@ -184,7 +184,9 @@ class Engine:
         if self.spaces is None:
             self.spaces = prepare_namespaces(self.cfg, self.paths)
         drop = privileges.build(self.cfg.engine, os.geteuid())
-        privileges.check_reachable(self.cfg.engine, drop, self.cfg.model.dir)
+        privileges.check_reachable(
+            self.cfg.engine, drop, *(section.dir for _label, section in self.cfg.artifacts())
+        )
         if drop.uid is not None:  # the engine's private runtime dir becomes the engine's
             for path in (self.paths.root, *self.paths.dirs()):
                 os.chown(path, drop.uid, drop.gid if drop.gid is not None else -1)

@@ -135,10 +135,11 @@ def check(
     content_type: bytes | None,
     raw: bytes,
     limits: LimitsSection,
-    served: str,
+    served: tuple[str, ...],
     vocab_size: int | None = None,
 ) -> Checked:
-    """`vocab_size`: the verified model's (config.json); token ids must be below it. None:
+    """`served`: the names a request may give as `model` (the model's, each LoRA adapter's).
+    `vocab_size`: the verified model's (config.json); token ids must be below it. None:
     the model names none, and requests that carry token ids are refused."""
     body = _parse(content_type, raw, limits)
     unknown = sorted(body.keys() - ALLOWED_PARAMS[route])
@@ -150,10 +151,11 @@ def check(
         raise _bad(*first_error(err)) from None
     # null means unset; vLLM types some of these parameters as non-nullable: leave them out.
     body = {name: value for name, value in body.items() if value is not None}
-    if body.get("model") != served:
+    if body.get("model") not in served:  # a tuple: never a substring match
         raise Rejected(
             404,
-            f"The model '{body.get('model')}' does not exist; this server serves '{served}'",
+            f"The model '{body.get('model')}' does not exist; this server serves "
+            + ", ".join(f"'{name}'" for name in served),
             "model_not_found",
             "model",
         )

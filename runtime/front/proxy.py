@@ -206,7 +206,7 @@ class FrontApp:
         *,
         front: FrontSection,
         limits: LimitsSection,
-        served_name: str,
+        served_names: tuple[str, ...],
         admission: Admission | None = None,
         vocab_size: int | None = None,
     ) -> None:
@@ -215,7 +215,7 @@ class FrontApp:
         self.max_body_bytes = front.max_body_bytes
         self.deadline_s = front.request_deadline_s
         self.limits = limits
-        self.served_name = served_name
+        self.served_names = served_names
         self.vocab_size = vocab_size  # token ids in requests must be below it
         self.body_timeout_s = front.body_timeout_s
         self.min_body_rate = front.min_body_bytes_per_s
@@ -336,7 +336,7 @@ class FrontApp:
                 _header(scope, b"content-type"),
                 body,
                 self.limits,
-                self.served_name,
+                self.served_names,
                 self.vocab_size,
             )
             audit.update(

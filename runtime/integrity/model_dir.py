@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime.errors import IntegrityError
 from runtime.integrity import policy
@@ -49,9 +50,17 @@ class Verified:
     vocab_size: int | None = None
 
 
+def _unreadable(exc: OSError) -> None:
+    # os.walk skips a folder it cannot list: a model would look empty, or smaller.
+    raise IntegrityError(
+        f"model dir: {exc.filename}: cannot list: {exc.strerror}",
+        fix="make the folder readable by harness's uid (and within its Landlock rules)",
+    )
+
+
 def _entries(root: Path) -> list[policy.Entry]:
     entries = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_unreadable, followlinks=False):
         for name in dirnames + filenames:
             path = Path(dirpath, name)
             mode = path.lstat().st_mode
@@ -80,6 +89,7 @@ def verify(
     shard_size: int | None = None,
     progress: Callable[[int, int, int], None] | None = None,
     check_sizes: Callable[[dict[str, int]], None] | None = None,
+    kind: policy.ArtifactKind | None = "model",
 ) -> Verified:
     """Policy, strict headers, JSON checks, then SHA-256 of every file - or, with
     `shard_size`, of every shard `name:start:end` (OMS "shards"), so one large file is hashed
@@ -89,11 +99,15 @@ def verify(
     `exclude`: relative names to leave out (a signature file kept inside the model dir).
     `progress(parts_done, parts_total, bytes_done)` is called as each part completes.
     `check_sizes({name: size})` is called before any hashing: a caller that knows what was
-    signed refuses a mismatch there, before a small shard size multiplies the work."""
+    signed refuses a mismatch there, before a small shard size multiplies the work.
+    `kind`: a model (config.json) or a LoRA adapter (adapter_config.json); None: either,
+    as its files say (signing)."""
     started = time.monotonic()
     root = _root(root)
     entries = [e for e in _entries(root) if not (e.kind == "file" and e.name in exclude)]
-    names = policy.check_listing(entries)
+    if kind is None:
+        kind = policy.kind_of(e.name for e in entries if e.kind == "file")
+    names = policy.check_listing(entries, kind)
     workers = max(1, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hash") as pool:
         looked = dict(zip(names, pool.map(lambda n: _inspect(root, n), names), strict=True))
@@ -125,7 +139,10 @@ def verify(
         total_bytes=sum(fingerprint.size for fingerprint, _t in looked.values()),
         tensors=sum(tensors for _f, tensors in looked.values()),
         seconds=time.monotonic() - started,
-        vocab_size=_vocab_size(root, looked["config.json"][0]) if "config.json" in looked else None,
+        # config.json's vocab_size (a multimodal model's is its text_config's)
+        vocab_size=policy.vocab_size(_read_json(root, "config.json", looked["config.json"][0]))
+        if "config.json" in looked
+        else None,
     )
 
 
@@ -189,20 +206,23 @@ def _hash_range(root: Path, name: str, begin: int, end: int, expected: Fingerpri
         os.close(fd)
 
 
-def _vocab_size(root: Path, expected: Fingerprint) -> int | None:
-    """config.json's vocab_size (a multimodal model's is its text_config's), read from the
-    file just verified: the same inode, unchanged."""
-    fd = _open(root, "config.json")
+def read_json(verified: Verified, name: str) -> Any:
+    """A JSON file of a verified folder, read from the file verified: the same inode,
+    unchanged (its contents were parsed and checked by `verify`)."""
+    return _read_json(verified.root, name, verified.files[name])
+
+
+def _read_json(root: Path, name: str, expected: Fingerprint) -> Any:
+    fd = _open(root, name)
     try:
         if Fingerprint.of(os.fstat(fd)) != expected:
             raise IntegrityError(
-                "model dir: config.json: changed while being checked",
+                f"model dir: {name}: changed while being checked",
                 fix="something is writing to the model dir: mount it read-only",
             )
-        doc = json.loads(os.pread(fd, MAX_JSON_BYTES + 1, 0))
+        return json.loads(os.pread(fd, MAX_JSON_BYTES + 1, 0))
     finally:
         os.close(fd)
-    return policy.vocab_size(doc)
 
 
 def _check_json(name: str, data: bytes) -> None:

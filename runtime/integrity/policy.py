@@ -14,6 +14,19 @@ from typing import Any, Literal
 from runtime.errors import IntegrityError
 
 Kind = Literal["file", "dir", "symlink", "other"]
+# What a folder holds: a model (config.json) or a LoRA adapter (PEFT's adapter_config.json).
+ArtifactKind = Literal["model", "adapter"]
+CONFIG_FILE: dict[ArtifactKind, str] = {"model": "config.json", "adapter": "adapter_config.json"}
+
+
+def kind_of(names: Iterable[str]) -> ArtifactKind:
+    """An adapter when it has adapter_config.json and no config.json (for `harness sign`,
+    which signs either; serving names the kind it expects)."""
+    present = set(names)
+    if "adapter_config.json" in present and "config.json" not in present:
+        return "adapter"
+    return "model"
+
 
 ALLOWED_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".jinja", ".model", ".md"})
 ALLOWED_NAMES = frozenset({"LICENSE", "NOTICE"})
@@ -48,7 +61,7 @@ def _fail(name: str, what: str, fix: str) -> IntegrityError:
     return IntegrityError(f"model dir: {name}: {what}", fix=fix)
 
 
-def check_listing(entries: Iterable[Entry]) -> list[str]:
+def check_listing(entries: Iterable[Entry], kind: ArtifactKind = "model") -> list[str]:
     """Check every entry; return the files (sorted). Raises on the first violation."""
     files = []
     for entry in sorted(entries, key=lambda e: e.name):
@@ -87,8 +100,13 @@ def check_listing(entries: Iterable[Entry]) -> list[str]:
             "model dir: no .safetensors weights (an empty model is refused)",
             fix="point model.dir at the folder that holds the model's *.safetensors files",
         )
-    if "config.json" not in files:
-        raise IntegrityError("model dir: config.json is missing", fix="add the model's config.json")
+    wanted = CONFIG_FILE[kind]
+    if wanted not in files:
+        raise IntegrityError(
+            f"model dir: {wanted} is missing",
+            fix=f"add the {kind}'s {wanted}"
+            + (" (a LoRA adapter goes in [[engine.lora]])" if kind == "model" else ""),
+        )
     return files
 
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from runtime.errors import ConfigError, IntegrityError
 from runtime.integrity import model_dir, oms
+from runtime.integrity.policy import ArtifactKind
 
 # `harness sign --shard-size`: a signature lists every shard (about 150 bytes each)
 MAX_SHARDS = 1_000_000
@@ -85,7 +86,9 @@ def verify_model(
     signature: Path,
     trust: Trust,
     progress: Callable[[int, int, int], None] | None = None,
+    kind: ArtifactKind | None = "model",
 ) -> Result:
+    """`kind`: what the folder must be (a model or a LoRA adapter); None: as its files say."""
     raw = _read(signature, "signature", "sign the model (harness sign) and point at model.sig")
     bundle = oms.parse_bundle(raw)
     method: oms.Method = (
@@ -137,6 +140,7 @@ def verify_model(
         shard_size=statement.shard_size,
         progress=progress,
         check_sizes=check_sizes if statement.shard_size is not None else None,
+        kind=kind,
     )
     oms.compare_manifest(statement.resources, verified.digests)
     return Result(
@@ -212,6 +216,7 @@ def sign_model(
         exclude=_exclude(root, signature),
         shard_size=shard_size,
         check_sizes=check_sizes if shard_size is not None else None,
+        kind=None,  # a model or a LoRA adapter, as its files say
     )
     empty = [name for name, f in verified.files.items() if f.size == 0] if shard_size else None
     statement = oms.statement_for(

@@ -151,7 +151,8 @@ def gpu_devices() -> tuple[str, ...]:
 def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan:
     """The engine's rules. Pure apart from resolving the interpreter's real location."""
     python = Path(cfg.engine.python)
-    read = [*SYSTEM_READ, str(cfg.model.dir)]
+    # The model, each LoRA adapter and the draft model: every folder of verified weights.
+    read = [*SYSTEM_READ, *(str(section.dir) for _label, section in cfg.artifacts())]
     venv = python.parent.parent
     if (venv / "pyvenv.cfg").is_file():
         read.append(str(venv))
@@ -196,10 +197,11 @@ def build_front(cfg: Config, runtime_root: Path, engine_shm: str | None = None) 
         *(str(Path(p).parent) for p in (tls.cert, tls.key, tls.client_ca)),
         *(str(p) for p in (cfg.secrets.dir, otlp.otlp_ca, otlp.otlp_client_cert) if p),
     ]
-    sig = cfg.model.signature
-    if sig is not None:
-        front_only += [str(sig.path), *(str(p) for p in sig.certificate_chain)]
-        front_only += [str(p) for p in (sig.public_key, sig.trust_config) if p is not None]
+    for _label, section in cfg.artifacts():
+        sig = section.signature
+        if sig is not None:
+            front_only += [str(sig.path), *(str(p) for p in sig.certificate_chain)]
+            front_only += [str(p) for p in (sig.public_key, sig.trust_config) if p is not None]
     if cfg.sandbox.seccomp != "off":
         front_only.append(str(seccomp.profile_path(cfg)))
     return LandlockPlan(

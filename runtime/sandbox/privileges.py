@@ -118,11 +118,12 @@ def _allowed(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
     return bool(st.st_mode & bit)
 
 
-def check_reachable(engine: EngineSection, plan: PrivilegePlan, model_dir: Path) -> None:
+def check_reachable(engine: EngineSection, plan: PrivilegePlan, *weights: Path) -> None:
+    """The engine's uid can run its interpreter and read every folder of weights."""
     if plan.uid is None:
         return
     assert plan.gid is not None
-    problem = first_unreachable([Path(engine.python), model_dir], plan.uid, plan.gid)
+    problem = first_unreachable([Path(engine.python), *weights], plan.uid, plan.gid)
     if problem:
         raise SandboxError(
             f"the engine runs as uid {plan.uid}, and {problem}",
