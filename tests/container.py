@@ -59,6 +59,12 @@ device = "cpu"
 runtime_dir = "/run/harness"
 max_model_len = 256
 kv_cache_memory_bytes = 67108864
+
+[engine.vllm]
+# As demo.toml: the demo model is float32, and vLLM's CPU build serves it as bfloat16 by
+# default, whose first forward pass kills the worker on this kind of machine (no sandbox
+# needed to see it).
+dtype = "float32"
 """
 
 # Every process in the container, from inside it: pid, process group, /proc/PID/status.
