@@ -60,6 +60,8 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
                 "vocab_size": weights.vocab_size,
                 "structured_outputs": cfg.limits.structured_outputs.allow,
                 "media_parts": list(cfg.limits.media.parts),
+                "tools": cfg.limits.tools.allow,
+                "tool_call_parser": cfg.engine.vllm.get("tool_call_parser"),
             },
             "connections": {
                 "status": "enforced",

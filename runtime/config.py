@@ -264,6 +264,19 @@ class MediaSection(_Section):
     max_part_bytes: int = Field(default=1 << 20, ge=1024, le=64 << 20)  # its data: URL
 
 
+class ToolsSection(_Section):
+    # Function calling in chat requests: `tools`, `tool_choice`, `parallel_tool_calls`, and
+    # the assistant `tool_calls` and `tool` messages of a conversation. Off by default.
+    # Each tool's `parameters` is a JSON schema held to the caps of limits.structured_outputs;
+    # the chat template writes the tools into the prompt (their bytes count in
+    # limits.max_prompt_bytes). Any tool_choice but "none" ("auto" is the default with tools)
+    # needs the engine's parser: engine.vllm.enable_auto_tool_choice and tool_call_parser.
+    # tool_choice "required", a named function, and tools with `strict: true` make the engine
+    # compile the schemas into a grammar: they need structured_outputs.allow = "json_schema".
+    allow: bool = False
+    max_tools: int = Field(default=16, ge=1, le=128)  # tools per request
+
+
 class LimitsSection(_Section):
     # Hard cap on generated tokens per request; also passed to vLLM as max_new_tokens.
     max_tokens: int = Field(default=256, ge=1, le=1 << 20)
@@ -279,6 +292,7 @@ class LimitsSection(_Section):
     max_json_depth: int = Field(default=32, ge=4, le=256)
     structured_outputs: StructuredOutputsSection = StructuredOutputsSection()
     media: MediaSection = MediaSection()
+    tools: ToolsSection = ToolsSection()
 
 
 class EngineSection(_Section):
@@ -541,6 +555,27 @@ class Config(_Section):
                     f"engine.lora {adapter.name!r}: the model is served under that name; "
                     "give the adapter a name of its own"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tool_parsing(self) -> Config:
+        vllm = self.engine.vllm
+        auto, parser = vllm.get("enable_auto_tool_choice", False), "tool_call_parser" in vllm
+        if auto and not parser:
+            raise ValueError(
+                "engine.vllm.enable_auto_tool_choice needs engine.vllm.tool_call_parser "
+                "(the parser for this model's tool-call format)"
+            )
+        if parser and not auto:
+            raise ValueError(
+                "engine.vllm.tool_call_parser is used only with "
+                "engine.vllm.enable_auto_tool_choice = true"
+            )
+        if auto and not self.limits.tools.allow:
+            raise ValueError(
+                "engine.vllm.enable_auto_tool_choice: the front forwards `tools` only with "
+                "limits.tools.allow = true"
+            )
         return self
 
     def artifacts(self) -> list[tuple[str, ArtifactSection]]:

@@ -365,6 +365,7 @@ async def _serve_front(
         served_names=cfg.served_names,
         admission=admission,
         vocab_size=vocab_size,
+        tool_parser=cfg.engine.vllm.get("enable_auto_tool_choice", False),
     )
     server = front_server.build_server(cfg.front, app, state, tls_material, connections)
     died: list[int] = []

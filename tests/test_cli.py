@@ -100,6 +100,9 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     ]
     assert controls["landlock"]["write_existing_files"] == []  # /proc only for device cuda
     assert controls["seccomp"]["clone_namespace_flags_refused"] == "0x7e020000"
+    # Function calling is off unless configured, and so is the engine's tool-call parser.
+    assert controls["request_model"]["tools"] is False
+    assert controls["request_model"]["tool_call_parser"] is None
 
 
 def test_check_with_unreadable_tls_file_exits_2(tmp_path: Path) -> None:

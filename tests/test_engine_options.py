@@ -35,6 +35,8 @@ VALID: dict[str, Any] = {
     "max_lora_rank": 32,
     "max_loras": 2,
     "max_cpu_loras": 4,
+    "enable_auto_tool_choice": True,
+    "tool_call_parser": "hermes",
 }
 INVALID: dict[str, Any] = {
     "dtype": "bf16",
@@ -55,12 +57,20 @@ INVALID: dict[str, Any] = {
     "max_lora_rank": 24,
     "max_loras": 0,
     "max_cpu_loras": 100,
+    "enable_auto_tool_choice": "yes",
+    "tool_call_parser": "my.module:Parser",
 }
+# Set together, with the front forwarding tools (cross-checked at load).
+TOOL_OPTIONS = {"enable_auto_tool_choice": True, "tool_call_parser": "hermes"}
 
 
 def _config(tmp_path: Path, vllm: dict[str, Any], **engine: Any) -> config_mod.Config:
     if options.LORA_OPTIONS & vllm.keys():  # they go with an adapter
         engine.setdefault("lora", [{"name": "a", "dir": str(tmp_path), "unsafe_unsigned": True}])
+    limits = {}
+    if TOOL_OPTIONS.keys() & vllm.keys():
+        vllm = {**TOOL_OPTIONS, **vllm}
+        limits = {"tools": {"allow": True}}
     return config_mod.Config.model_validate(
         {
             "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
@@ -69,6 +79,7 @@ def _config(tmp_path: Path, vllm: dict[str, Any], **engine: Any) -> config_mod.C
                 "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
             },
             "engine": {"vllm": vllm, **engine},
+            "limits": limits,
         }
     )
 
@@ -171,14 +182,48 @@ def test_vllm_s_own_parser_accepts_every_flag_harness_passes(tmp_path: Path) -> 
     assert engine.limit_mm_per_prompt == {"image": 2, "video": 0}
     assert args.chat_template == str(tmp_path / "templates/chat.jinja")
     assert args.reasoning_parser == "deepseek_r1"
+    assert args.enable_auto_tool_choice and args.tool_call_parser == "hermes"
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates/chat.jinja").write_text("{{ messages }}")
+    cli_args.validate_parsed_serve_args(args)  # vLLM's own cross-checks, before loading
 
 
 def test_quantizations_and_parsers_named_are_vllm_s_built_in_ones() -> None:
-    from vllm import reasoning
+    from vllm import reasoning, tool_parsers
     from vllm.model_executor.layers import quantization
 
     assert set(options.QUANTIZATIONS) <= set(quantization.QUANTIZATION_METHODS)
-    assert "deepseek_r1" in reasoning.ReasoningParserManager.list_registered()
+    # Equal, not a subset: a vLLM upgrade that adds or drops one shows here.
+    assert tuple(reasoning.ReasoningParserManager.list_registered()) == options.REASONING_PARSERS
+    assert tuple(tool_parsers.ToolParserManager.list_registered()) == options.TOOL_PARSERS
+
+
+@pytest.mark.parametrize(
+    ("vllm", "tools", "expected"),
+    [
+        ({"enable_auto_tool_choice": True}, True, "needs engine.vllm.tool_call_parser"),
+        ({"tool_call_parser": "hermes"}, True, "only with engine.vllm.enable_auto_tool_choice"),
+        (
+            {"enable_auto_tool_choice": False, "tool_call_parser": "hermes"},
+            True,
+            "only with engine.vllm.enable_auto_tool_choice",
+        ),
+        (TOOL_OPTIONS, False, "only with limits.tools.allow = true"),
+    ],
+)
+def test_tool_call_parsing_is_set_whole_or_not_at_all(
+    vllm: dict[str, Any], tools: bool, expected: str, tmp_path: Path
+) -> None:
+    base = tmp_path / "harness.toml"
+    base.write_text(
+        f'[model]\ndir = "{tmp_path}"\nserved_name = "demo"\nunsafe_unsigned = true\n'
+        '[front]\nallowed_identities = ["spiffe://x/y"]\n'
+        '[front.tls]\ncert = "c.pem"\nkey = "k.pem"\nclient_ca = "ca.pem"\n'
+    )
+    overrides = [f"engine.vllm.{k}={_toml(v)}" for k, v in vllm.items()]
+    with pytest.raises(ConfigError) as info:
+        config_mod.load(base, [*overrides, f"limits.tools.allow={_toml(tools)}"])
+    assert expected in info.value.message
 
 
 def test_the_example_of_a_real_model_layout_is_a_valid_config() -> None:
@@ -188,9 +233,18 @@ def test_the_example_of_a_real_model_layout_is_a_valid_config() -> None:
     cfg = config_mod.load(example)
     argv = build_argv(cfg, RuntimePaths(Path("/run/harness/x")))
     joined = " ".join(argv)
-    for flag in ("--dtype bfloat16", "--tensor-parallel-size 2", "--enable-prefix-caching"):
+    for flag in (
+        "--dtype bfloat16",
+        "--tensor-parallel-size 2",
+        "--enable-prefix-caching",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser llama3_json",
+        "--enable-lora",
+        "--max-lora-rank 64",
+    ):
         assert flag in joined
-    assert cfg.limits.structured_outputs.allow == "json_schema"
+    assert cfg.limits.structured_outputs.allow == "json_schema" and cfg.limits.tools.allow
+    assert cfg.served_names == ("llama-70b-instruct", "support-v3")
 
 
 def test_a_parallel_engine_without_its_own_network_namespace_is_refused(

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection
+from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection, ToolsSection
 from runtime.front.limits import Rejected, _depth, check
 from tests.support import json_values
 
@@ -487,7 +487,7 @@ def _schema(schema: Any) -> dict[str, Any]:
         # messages: known roles and keys only
         (
             CHAT,
-            _chat(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]),
+            _chat(messages=[{"role": "function", "content": "x", "name": "f"}]),
             LIMITS,
             "invalid_value",
             "messages[0]",
@@ -814,3 +814,230 @@ def test_the_schema_counts_in_the_prompt_budget() -> None:
     with pytest.raises(Rejected) as info:
         _check(CHAT, _schema(schema), small)
     assert (info.value.code, info.value.param) == ("limit_exceeded", "messages")
+
+
+# -- function calling: limits.tools --------------------------------------------------------
+TOOLS = STRUCTURED.model_copy(
+    update={"tools": ToolsSection(allow=True, max_tools=2), "max_prompt_bytes": 2048}
+)
+NO_GRAMMAR = TOOLS.model_copy(update={"structured_outputs": StructuredOutputsSection()})
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+def _tool(name: str, parameters: Any = None) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def _called(arguments: str = '{"city": "Oslo"}', answers: str = "call_1") -> dict[str, Any]:
+    """A conversation in which the model called a tool and the tool answered."""
+    return _chat(
+        messages=[
+            {"role": "user", "content": "weather in Oslo?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "content": "12 C, rain", "tool_call_id": answers},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+    )
+
+
+def _nested(levels: int) -> str:
+    return '{"a":' * levels + "1" + "}" * levels
+
+
+@pytest.mark.parametrize(
+    ("body", "limits", "code", "param"),
+    [
+        # off unless limits.tools.allow, whichever part of it a request uses
+        (_chat(tools=[WEATHER], tool_choice="none"), STRUCTURED, "tools_not_allowed", "tools"),
+        (_chat(tool_choice="none"), STRUCTURED, "tools_not_allowed", "tool_choice"),
+        (_called(), STRUCTURED, "tools_not_allowed", "tools"),
+        (
+            {**_called(), "tools": None, "tool_choice": None},
+            STRUCTURED,
+            "tools_not_allowed",
+            "messages[1]",
+        ),
+        # the tools
+        (_chat(tools=[]), TOOLS, "invalid_value", "tools"),
+        (_chat(tools=[WEATHER] * 3, tool_choice="none"), TOOLS, "limit_exceeded", "tools"),
+        (
+            _chat(tools=[WEATHER, WEATHER], tool_choice="none"),
+            TOOLS,
+            "invalid_value",
+            "tools[1].function.name",
+        ),
+        (_chat(tools=[_tool("get weather")]), TOOLS, "invalid_value", "tools[0].function.name"),
+        (
+            _chat(tools=[{"type": "custom", "function": {"name": "f"}}]),
+            TOOLS,
+            "invalid_value",
+            "tools[0].type",
+        ),
+        (
+            _chat(tools=[{**WEATHER, "defer_loading": True}]),
+            TOOLS,
+            "unsupported_parameter",
+            "tools[0].defer_loading",
+        ),
+        (
+            _chat(tools=[_tool("f", {"type": "string", "pattern": "(a+)+$"})], tool_choice="none"),
+            TOOLS,
+            "structured_outputs_not_allowed",
+            "tools[0].function.parameters",
+        ),
+        (
+            _chat(tools=[_tool("f", json.loads(_nested(6)))], tool_choice="none"),
+            TOOLS,
+            "limit_exceeded",
+            "tools[0].function.parameters",
+        ),
+        (
+            _chat(tools=[_tool("f", {"description": "x" * 2000})], tool_choice="none"),
+            TOOLS.model_copy(update={"structured_outputs": SCHEMAS}),
+            "limit_exceeded",
+            "messages",  # the tools are prompt: they count in max_prompt_bytes
+        ),
+        # the choice among them
+        (_chat(tool_choice="required"), TOOLS, "invalid_value", "tool_choice"),
+        (_chat(parallel_tool_calls=False), TOOLS, "invalid_value", "parallel_tool_calls"),
+        (_chat(tools=[WEATHER], tool_choice="any"), TOOLS, "invalid_value", "tool_choice"),
+        (
+            _chat(tools=[WEATHER], tool_choice="required"),
+            NO_GRAMMAR,
+            "structured_outputs_not_allowed",
+            "tool_choice",
+        ),
+        (
+            _chat(tools=[WEATHER, {"type": "function", "function": {"name": "f", "strict": True}}]),
+            NO_GRAMMAR,
+            "structured_outputs_not_allowed",
+            "tools[1].function.strict",
+        ),
+        (
+            _chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "f"}}),
+            TOOLS,
+            "invalid_value",
+            "tool_choice.function.name",
+        ),
+        (
+            _chat(
+                tools=[WEATHER],
+                tool_choice="required",
+                response_format={"type": "json_object"},
+            ),
+            TOOLS,
+            "invalid_value",
+            "response_format",
+        ),
+        # the conversation: calls made, results given
+        (
+            _chat(messages=[{"role": "assistant", "content": None}]),
+            TOOLS,
+            "invalid_value",
+            "messages[0]",
+        ),
+        (
+            _called("not json"),
+            TOOLS,
+            "invalid_json",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            _called('["Oslo"]'),
+            TOOLS,
+            "invalid_value",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            _called('{"city": "Oslo", "city": "Bergen"}'),
+            TOOLS,
+            "duplicate_key",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            _called(_nested(40)),
+            TOOLS,
+            "json_too_deep",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (
+            _called('{"t": NaN}'),
+            TOOLS,
+            "invalid_json",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        (_called(answers="call_2"), TOOLS, "invalid_value", "messages[2].tool_call_id"),
+    ],
+)
+def test_tool_calling_is_refused_outside_limits_tools(
+    body: dict[str, Any], limits: LimitsSection, code: str, param: str
+) -> None:
+    """With the engine's tool-call parser on (engine.vllm.tool_call_parser)."""
+    with pytest.raises(Rejected) as info:
+        check(CHAT, JSON, json.dumps(body).encode(), limits, ("demo",), VOCAB, True)
+    assert (info.value.status, info.value.code, info.value.param) == (400, code, param)
+
+
+@pytest.mark.parametrize(
+    "choice", [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_tool_choices_other_than_none_need_the_engine_s_tool_call_parser(choice: Any) -> None:
+    """Without it, vLLM answers every tool_choice with text and no tool call."""
+    body = _chat(tools=[WEATHER], **({} if choice is None else {"tool_choice": choice}))
+    with pytest.raises(Rejected) as info:
+        _check(CHAT, body, TOOLS)
+    assert (info.value.code, info.value.param) == ("tool_choice_not_allowed", "tool_choice")
+    assert "engine.vllm.enable_auto_tool_choice" in info.value.message
+    _check(CHAT, {**body, "tool_choice": "none"}, TOOLS)
+
+
+@pytest.mark.parametrize(
+    ("body", "limits", "tool_parser"),
+    [
+        (_called(), TOOLS, False),
+        (_chat(tools=[WEATHER]), TOOLS, True),  # "auto" by default, the engine parses
+        (_chat(tools=[WEATHER], tool_choice="none", parallel_tool_calls=False), NO_GRAMMAR, False),
+        (_chat(tools=[WEATHER, _tool("now")], tool_choice="required"), TOOLS, True),
+        (
+            _chat(
+                tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            ),
+            TOOLS,
+            True,
+        ),
+    ],
+)
+def test_tool_calling_within_limits_tools_is_forwarded_as_sent(
+    body: dict[str, Any], limits: LimitsSection, tool_parser: bool
+) -> None:
+    raw = json.dumps(body).encode()
+    checked = check(CHAT, JSON, raw, limits, ("demo",), VOCAB, tool_parser)
+    forwarded = json.loads(checked.body)
+    del forwarded["max_completion_tokens"]  # the cap, injected
+    assert forwarded == body

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from vllm.entrypoints.openai.chat_completion import protocol as chat_protocol
 from vllm.entrypoints.openai.completion import protocol
 
-from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection
+from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection, ToolsSection
 from runtime.front.limits import Rejected, check
 
 VOCAB = 512
@@ -26,6 +26,7 @@ LIMITS = LimitsSection(
     max_stop=3,
     structured_outputs=StructuredOutputsSection(allow="json_schema"),
     media=MediaSection(parts=["image_url", "input_audio"]),
+    tools=ToolsSection(allow=True, max_tools=3),
 )
 ROUTES = {
     b"/v1/completions": protocol.CompletionRequest,
@@ -66,12 +67,48 @@ _part = st.one_of(
         {"type": st.sampled_from(["image_embeds", "file", "text"]), "data": _text}
     ),
 )
+_function_name = st.sampled_from(["f", "g", "bad name", ""])
+_call_id = st.sampled_from(["c1", "c2", ""])
+_tool_call = st.fixed_dictionaries(
+    {
+        "id": _call_id,
+        "type": st.sampled_from(["function", "custom"]),
+        "function": st.fixed_dictionaries(
+            {
+                "name": _function_name,
+                "arguments": st.sampled_from(["{}", '{"a": [1]}', "x", "[]", '{"a":1,"a":2}']),
+            }
+        ),
+    }
+)
 _message = st.fixed_dictionaries(
     {
         "role": st.sampled_from(["system", "developer", "user", "assistant", "tool", "x"]),
         "content": _text | st.lists(_part, max_size=3) | _any_json,
     },
-    optional={"name": _text, "tool_calls": _any_json},
+    optional={
+        "name": _text,
+        "tool_calls": st.lists(_tool_call, max_size=2) | _any_json,
+        "tool_call_id": _call_id,
+    },
+)
+_tool = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["function", "function", "custom"]),
+        "function": st.fixed_dictionaries(
+            {"name": _function_name},
+            optional={
+                "description": _text,
+                "parameters": st.sampled_from(
+                    [
+                        {"type": "object"},
+                        {"type": "object", "properties": {"a": {"type": "string"}}},
+                        {"type": "string", "pattern": "a+"},
+                    ]
+                ),
+            },
+        ),
+    }
 )
 _values: dict[str, st.SearchStrategy[Any]] = {
     "temperature": _edgy_float,
@@ -117,6 +154,19 @@ _chat_values = {
             {"type": "structural_tag", "format": {}},
         ]
     ),
+    "tools": st.lists(_tool, max_size=4),
+    "tool_choice": st.sampled_from(
+        [
+            "none",
+            "auto",
+            "required",
+            "any",
+            {"type": "function", "function": {"name": "f"}},
+            {"type": "function", "function": {"name": "h"}},
+            {"function": {"name": "f"}},
+        ]
+    ),
+    "parallel_tool_calls": st.booleans(),
 }
 
 
@@ -140,9 +190,8 @@ def test_what_the_front_forwards_vllm_parses_and_accepts(route_body: tuple[bytes
     route, body = route_body
     body["model"] = "demo"
     try:
-        checked = check(
-            route, b"application/json", json.dumps(body).encode(), LIMITS, ("demo",), VOCAB
-        )
+        raw = json.dumps(body).encode()
+        checked = check(route, b"application/json", raw, LIMITS, ("demo",), VOCAB, True)
     except Rejected as rej:
         assert rej.status == 400 and rej.code and rej.message
         return
@@ -162,7 +211,108 @@ def test_what_the_front_forwards_vllm_parses_and_accepts(route_body: tuple[bytes
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int | list):
         rows = prompt if isinstance(prompt[0], list) else [prompt]
         assert all(type(t) is int and 0 <= t < VOCAB for row in rows for t in row)
+    if sent.get("tools"):  # vLLM's reading of them is the one the front checked
+        assert [t.function.name for t in request.tools] == [
+            t["function"]["name"] for t in sent["tools"]
+        ]
     for message in sent.get("messages", []):
-        for part in message["content"] if isinstance(message["content"], list) else []:
+        for call in message.get("tool_calls", []):
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+        content = message.get("content")
+        for part in content if isinstance(content, list) else []:
             if part["type"] == "image_url":
                 assert part["image_url"]["url"].startswith("data:image/")
+
+
+_USER = {"role": "user", "content": "hi"}
+_CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+}
+_RESULT = {"role": "tool", "content": "done", "tool_call_id": "c1"}
+_conversation = st.sampled_from(
+    [
+        [_USER],
+        [_USER, _CALL, _RESULT],
+        [_USER, _CALL, _RESULT, {"role": "assistant", "content": "ok"}, _USER],
+        [_USER, _RESULT],  # answers no call: refused
+        [_USER, {**_CALL, "content": "calling"}, _RESULT],
+    ]
+)
+
+
+_good_tool = st.fixed_dictionaries(
+    {
+        "type": st.just("function"),
+        "function": st.fixed_dictionaries(
+            {"name": st.sampled_from(["f", "g", "h"])},
+            optional={
+                "description": _text,
+                "strict": st.booleans(),
+                "parameters": st.sampled_from(
+                    [
+                        {"type": "object"},
+                        {"type": "object", "properties": {"a": {"type": "string"}}},
+                    ]
+                ),
+            },
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages=_conversation,
+    tools=st.lists(_good_tool, min_size=1, max_size=3, unique_by=lambda t: t["function"]["name"])
+    | st.lists(_tool, min_size=1, max_size=3)
+    | st.none(),
+    choice=_chat_values["tool_choice"] | st.none(),
+    parallel=st.booleans() | st.none(),
+)
+def test_tool_requests_the_front_forwards_vllm_reads_the_same_way(
+    messages: list[dict[str, Any]], tools: Any, choice: Any, parallel: bool | None
+) -> None:
+    """Requests that only vary in their function calling: what the front accepts, vLLM's
+    model accepts with the same tools, and for the choices that constrain the output vLLM
+    derives its grammar from exactly the schemas the front checked."""
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    body: dict[str, Any] = {"model": "demo", "messages": messages}
+    for key, value in (
+        ("tools", tools),
+        ("tool_choice", choice),
+        ("parallel_tool_calls", parallel),
+    ):
+        if value is not None:
+            body[key] = value
+    try:
+        checked = check(
+            b"/v1/chat/completions", b"application/json", json.dumps(body).encode(), LIMITS,
+            ("demo",), VOCAB, True,
+        )  # fmt: skip
+    except Rejected as rej:
+        assert rej.status == 400 and rej.code and rej.message
+        return
+    request = chat_protocol.ChatCompletionRequest.model_validate_json(checked.body)
+    request.to_sampling_params(checked.tokens_allowed, {})
+    sent = json.loads(checked.body)
+    if not request.tools:
+        assert "tools" not in sent
+        return
+    assert [t.function.name for t in request.tools] == [
+        t["function"]["name"] for t in sent["tools"]
+    ]
+    schema = get_json_schema_from_tools(
+        request.tool_choice, request.tools, request.parallel_tool_calls
+    )
+    if isinstance(choice, dict):  # named: that tool's own parameters, or any object
+        [tool] = [t for t in sent["tools"] if t["function"]["name"] == choice["function"]["name"]]
+        assert schema == tool["function"].get("parameters", schema)
+        assert isinstance(schema, dict) and schema.get("type") == "object"
+    elif choice == "required":  # a list of calls to the tools the front checked
+        assert isinstance(schema, dict) and schema["type"] == "array"
+        assert json.dumps(sent["tools"][0]["function"]["name"]) in json.dumps(schema)
+    else:
+        assert schema is None  # auto, none: nothing compiled for the choice

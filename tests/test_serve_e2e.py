@@ -654,3 +654,102 @@ def test_a_signed_lora_adapter_and_a_draft_model_serve_inside_the_sandbox(
         assert {m["id"] for m in listed} == {"demo", LORA_NAME}
     finally:
         served.kill()
+
+
+TOOLS = [
+    "limits.max_tokens=128",  # the demo tokenizer spells JSON a character at a time
+    "limits.tools.allow=true",
+    'limits.structured_outputs.allow="json_schema"',
+    "engine.vllm.enable_auto_tool_choice=true",
+    'engine.vllm.tool_call_parser="hermes"',
+]
+PICK = {
+    "type": "function",
+    "function": {
+        "name": "pick_color",
+        "description": "Pick a color",
+        "parameters": {
+            "type": "object",
+            "properties": {"color": {"enum": ["red", "green"]}},
+            "required": ["color"],
+            "additionalProperties": False,
+        },
+        "strict": True,  # the engine makes the arguments follow the schema
+    },
+}
+
+
+def _no_whitespace(demo_dir: Path) -> dict[str, int]:
+    """A logit_bias that keeps the random model from what it prefers inside a JSON grammar,
+    whitespace, until max_tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(demo_dir / "model" / "tokenizer.json"))
+    vocab = tokenizer.get_vocab().values()
+    return {str(i): -100 for i in vocab if (s := tokenizer.decode([i])) and not s.strip()}
+
+
+def test_tool_calls_with_the_engine_s_parser_inside_the_sandbox(
+    servers: Servers, demo_dir: Path
+) -> None:
+    """limits.tools with vLLM's built-in hermes parser, the real engine under the shipped
+    profile: a named tool_choice of a strict tool makes the engine follow the tool's schema
+    (grammar-guided) and answer with a tool call the openai client reads; a conversation
+    that carries the call and its result is served; tool_choice "auto" is served (the random
+    model calls no tool, its text comes back); what limits.tools refuses never reaches the
+    engine."""
+    harness = servers.start(TOOLS)
+    try:
+        harness.wait_ready()
+        api = openai_client(harness.url, _client_ctx(demo_dir))
+        question = [{"role": "user", "content": "pick a color please"}]
+        named = api.chat.completions.create(
+            model="demo",
+            messages=question,  # type: ignore[arg-type]
+            tools=[PICK],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "pick_color"}},
+            temperature=0,
+            logit_bias=_no_whitespace(demo_dir),
+        )
+        [call] = named.choices[0].message.tool_calls or []
+        assert call.function.name == "pick_color"  # type: ignore[union-attr]
+        assert json.loads(call.function.arguments) in ({"color": "red"}, {"color": "green"})  # type: ignore[union-attr]
+
+        answered = api.chat.completions.create(
+            model="demo",
+            messages=[
+                *question,
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "content": "red", "tool_call_id": call.id},
+            ],  # type: ignore[list-item]
+            tools=[PICK],  # type: ignore[list-item]
+            tool_choice="none",
+            max_tokens=8,
+        )
+        assert answered.choices[0].message.content is not None
+        assert not answered.choices[0].message.tool_calls
+
+        auto = api.chat.completions.create(
+            model="demo",
+            messages=question,  # type: ignore[arg-type]
+            tools=[PICK],  # type: ignore[list-item]
+            max_tokens=8,
+        )
+        assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+        pattern = {"type": "object", "properties": {"a": {"type": "string", "pattern": "(a+)+"}}}
+        with pytest.raises(openai.BadRequestError) as info:
+            api.chat.completions.create(
+                model="demo",
+                messages=question,  # type: ignore[arg-type]
+                tools=[{"type": "function", "function": {"name": "f", "parameters": pattern}}],
+                tool_choice="required",
+                max_tokens=8,
+            )
+        assert info.value.body["param"] == "tools[0].function.parameters"  # type: ignore[index]
+        refused = harness.wait_for("request_rejected", route="/v1/chat/completions")
+        assert refused["reason"] == "structured_outputs_not_allowed"
+        assert [e["status"] for e in harness.events("request")] == [200, 200, 200]
+        assert harness.events("seccomp_violation") == []
+    finally:
+        harness.kill()

@@ -9,7 +9,6 @@ allowlisted. Values are checked here, at config load (exit 2), not by vLLM a min
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -48,15 +47,16 @@ def _boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else "must be true or false"
 
 
-_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+def _parser(names: tuple[str, ...]) -> Check:
+    # A name looks up one of vLLM's built-in parsers, listed below (a test compares the lists
+    # with the installed vLLM's); a path or a module would load code (tool_parser_plugin's
+    # job, which is refused).
+    def check(value: Any) -> str | None:
+        if value in names:
+            return None
+        return "must be one of vLLM's built-in parsers: " + ", ".join(names)
 
-
-def _parser_name(value: Any) -> str | None:
-    # A name looks up one of vLLM's built-in parsers; a path or a module would load code
-    # (that is tool_parser_plugin's job, which is refused).
-    if isinstance(value, str) and _NAME.fullmatch(value):
-        return None
-    return "must be the name of one of vLLM's built-in parsers (lower case, no path)"
+    return check
 
 
 def _media_limits(value: Any) -> str | None:
@@ -81,6 +81,26 @@ def _model_file(value: Any) -> str | None:
     return None
 
 
+# vLLM's built-in tool-call and reasoning parsers ("hf" reads the verified tokenizer's
+# response_template metadata: data, not code).
+TOOL_PARSERS = (
+    "apertus", "cohere_command3", "cohere_command4", "deepseek_v3", "deepseek_v31",
+    "deepseek_v32", "deepseek_v4", "deepseek_v41", "dots", "ernie45", "functiongemma",
+    "gemma4", "gigachat3", "glm45", "glm47", "granite", "granite-20b-fc", "granite4", "hermes",
+    "hf", "hunyuan_a13b", "hy_v3", "hy_v4", "inkling", "internlm", "jamba", "k2_horizon",
+    "kimi_k2", "kimi_k3", "lfm2", "ling3", "llama3_json", "llama4_json", "llama4_pythonic",
+    "longcat", "mimo", "minicpm5", "minimax_m2", "minimax_m3", "mistral", "muse_glimmer",
+    "olmo3", "openai", "phi4_mini_json", "plamo3", "poolside_v1", "pythonic", "qwen3_coder",
+    "qwen3_json", "qwen3_xml", "seed_oss", "step3", "step3p5", "xlam",
+)  # fmt: skip
+REASONING_PARSERS = (
+    "cohere_command3", "cohere_command4", "deepseek_r1", "deepseek_v3", "deepseek_v4",
+    "deepseek_v41", "ernie45", "gemma4", "glm45", "glm47", "granite", "granite_thinking_parser",
+    "hf", "holo2", "hunyuan_a13b", "hy_v3", "hy_v4", "inkling", "k2_horizon", "kimi_k2",
+    "kimi_k3", "ling3", "mimo", "minicpmv", "minimax_m2", "minimax_m2_append_think",
+    "minimax_m3", "mistral", "muse_glimmer", "nemotron_v3", "olmo3", "openai_gptoss", "plamo3",
+    "poolside_v1", "qwen3", "seed_oss", "step3", "step3p5",
+)  # fmt: skip
 # Built into vLLM, for checkpoints quantized ahead of time and stored as safetensors.
 QUANTIZATIONS = (
     "awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "fbgemm_fp8", "compressed-tensors",
@@ -101,7 +121,11 @@ OPTIONS: dict[str, Option] = {
     "seed": Option("--seed", _integer(0, (1 << 32) - 1)),
     "max_logprobs": Option("--max-logprobs", _integer(0, 1024)),
     "tokenizer_mode": Option("--tokenizer-mode", _one_of("auto", "hf", "mistral")),
-    "reasoning_parser": Option("--reasoning-parser", _parser_name),
+    "reasoning_parser": Option("--reasoning-parser", _parser(REASONING_PARSERS)),
+    # Parsing the model's text into `tool_calls` for tool_choice "auto": both together, and
+    # with limits.tools.allow (the front forwards `tools` only then).
+    "enable_auto_tool_choice": Option("--enable-auto-tool-choice", _boolean, switch=True),
+    "tool_call_parser": Option("--tool-call-parser", _parser(TOOL_PARSERS)),
     "limit_mm_per_prompt": Option("--limit-mm-per-prompt", _media_limits),
     "chat_template": Option("--chat-template", _model_file),
     # LoRA: the largest adapter rank (each adapter's is checked against it at start), adapters
@@ -139,8 +163,6 @@ REFUSED: dict[str, str] = {
     "allowed_local_media_path": _REACHES_OUT + " (local files named by requests)",
     "allowed_media_domains": _REACHES_OUT + " (URLs named by requests)",
     "lora_extra_vocab_size": "adapters that add tokens change the verified vocabulary",
-    "enable_auto_tool_choice": "the front forwards no `tools`, so there are no tool calls to parse",
-    "tool_call_parser": "the front forwards no `tools`, so there are no tool calls to parse",
 }
 # Set by harness itself from other config keys.
 OWN = {

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from runtime.config import LimitsSection
+from runtime.config import LimitsSection, StructuredOutputsSection
 from runtime.front.request_model import ALLOWED_PARAMS, MODELS, first_error
 
 MAX_STOP_BYTES = 256
@@ -137,10 +137,12 @@ def check(
     limits: LimitsSection,
     served: tuple[str, ...],
     vocab_size: int | None = None,
+    tool_parser: bool = False,
 ) -> Checked:
     """`served`: the names a request may give as `model` (the model's, each LoRA adapter's).
     `vocab_size`: the verified model's (config.json); token ids must be below it. None:
-    the model names none, and requests that carry token ids are refused."""
+    the model names none, and requests that carry token ids are refused. `tool_parser`: the
+    engine parses tool calls out of the model's text (engine.vllm.tool_call_parser)."""
     body = _parse(content_type, raw, limits)
     unknown = sorted(body.keys() - ALLOWED_PARAMS[route])
     if unknown:  # before the model: its error would name only the first, in its own order
@@ -165,7 +167,7 @@ def check(
             "'stream_options' goes with stream = true only", "invalid_value", "stream_options"
         )
     asked, allowed = _tokens(route, body, limits)
-    _check_caps(route, body, limits, allowed)
+    _check_caps(route, body, limits, allowed, tool_parser)
     _check_token_ids(body, vocab_size)
     try:
         forwarded = _COMPACT.encode(body).encode()
@@ -200,7 +202,9 @@ def _tokens(route: bytes, body: dict[str, Any], limits: LimitsSection) -> tuple[
     return asked, allowed
 
 
-def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allowed: int) -> None:
+def _check_caps(
+    route: bytes, body: dict[str, Any], limits: LimitsSection, allowed: int, tool_parser: bool
+) -> None:
     n = _int(body, "n", 1, limits.max_n) or 1
     best_of = _int(body, "best_of", 1, limits.max_n)
     if best_of is not None and best_of < n:
@@ -222,6 +226,7 @@ def _check_caps(route: bytes, body: dict[str, Any], limits: LimitsSection, allow
         param = "messages"
         # The schema is prompt too: the engine compiles it before the first token.
         size = len(json.dumps(body["messages"]).encode()) + _check_response_format(body, limits)
+        size += _check_tools(body, limits, tool_parser)
         _check_media(body["messages"], limits)
     if size > limits.max_prompt_bytes:
         raise _bad(
@@ -346,9 +351,13 @@ def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
             "invalid_value",
             "response_format.json_schema",
         )
-    schema = spec["schema"]
+    return _check_schema(spec["schema"], policy, "response_format.json_schema.schema")
+
+
+def _check_schema(schema: dict[str, Any], policy: StructuredOutputsSection, where: str) -> int:
+    """A JSON schema the engine may compile into a grammar, within the caps of `policy`;
+    returns its bytes."""
     size = len(_COMPACT.encode(schema).encode(errors="surrogatepass"))
-    where = "response_format.json_schema.schema"
     if size > policy.max_schema_bytes:
         raise _bad(
             f"The schema is {size} bytes; this server allows at most {policy.max_schema_bytes} "
@@ -405,8 +414,8 @@ def _check_media(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
     policy = limits.media
     count = 0
     for i, message in enumerate(messages):
-        content = message["content"]
-        if isinstance(content, str):
+        content = message.get("content")  # absent from a message that only calls tools
+        if not isinstance(content, list):
             continue
         for j, part in enumerate(content):
             kind = part["type"]
@@ -450,3 +459,122 @@ def _check_media(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
                 )
             if not _BASE64.fullmatch(data) or len(data) % 4:
                 raise _bad(f"'{kind}' data is not base64", "invalid_value", where)
+
+
+def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool) -> int:
+    """Function calling (limits.tools): the tools, the choice among them, and the tool calls
+    and results of the conversation so far. Returns the tools' bytes (prompt, like the
+    messages). The model has checked every type."""
+    messages = body["messages"]
+    used = next((p for p in ("tools", "tool_choice", "parallel_tool_calls") if p in body), None)
+    for i, message in enumerate(messages):
+        if used is None and (message["role"] == "tool" or message.get("tool_calls")):
+            used = f"messages[{i}]"
+    if used is None:
+        return 0
+    policy = limits.tools
+    if not policy.allow:
+        raise _bad(
+            "Tool calling is not enabled on this server (limits.tools.allow = false)",
+            "tools_not_allowed",
+            used,
+        )
+    _check_conversation(messages, limits)
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice is not None or "parallel_tool_calls" in body:
+            param = "tool_choice" if choice is not None else "parallel_tool_calls"
+            raise _bad(f"'{param}' needs 'tools'", "invalid_value", param)
+        return 0
+    if len(tools) > policy.max_tools:
+        raise _bad(
+            f"{len(tools)} tools; this server allows at most {policy.max_tools} "
+            "(limits.tools.max_tools)",
+            "limit_exceeded",
+            "tools",
+        )
+    names: set[str] = set()
+    for i, tool in enumerate(tools):
+        function = tool["function"]
+        if function["name"] in names:  # which one a call means would be a guess
+            raise _bad(
+                f"two tools are named {function['name']!r}",
+                "invalid_value",
+                f"tools[{i}].function.name",
+            )
+        names.add(function["name"])
+        if function.get("parameters") is not None:
+            where = f"tools[{i}].function.parameters"
+            _check_schema(function["parameters"], limits.structured_outputs, where)
+    if choice is None:
+        asked, choice = "'tools' without a tool_choice (that is \"auto\")", "auto"
+    else:
+        asked = f"tool_choice {choice!r}" if isinstance(choice, str) else "a named tool_choice"
+    if choice != "none" and not tool_parser:
+        # Without it vLLM answers every choice, "required" too, with text and no tool call.
+        raise _bad(
+            f"{asked} needs the engine's tool-call parser, which this server does not run "
+            "(engine.vllm.enable_auto_tool_choice and tool_call_parser); send "
+            "tool_choice 'none'",
+            "tool_choice_not_allowed",
+            "tool_choice",
+        )
+    forced = choice not in ("auto", "none")
+    strict = next((i for i, t in enumerate(tools) if t["function"].get("strict")), None)
+    if (forced or strict is not None) and limits.structured_outputs.allow != "json_schema":
+        # The engine compiles the tools' parameters into a grammar the output must follow.
+        raise _bad(
+            "tool_choice 'required', a named tool_choice and tools with strict = true make "
+            "the engine compile the tools' schemas into a grammar, which needs "
+            "limits.structured_outputs.allow = 'json_schema'",
+            "structured_outputs_not_allowed",
+            "tool_choice" if forced else f"tools[{strict}].function.strict",
+        )
+    if forced:
+        if body.get("response_format", {"type": "text"})["type"] != "text":
+            # vLLM would drop response_format without a word.
+            raise _bad(
+                "'response_format' and tool_choice 'required' or a named function both "
+                "constrain the output; send one of them",
+                "invalid_value",
+                "response_format",
+            )
+        if isinstance(choice, dict) and choice["function"]["name"] not in names:
+            raise _bad(
+                f"tool_choice names {choice['function']['name']!r}, which is not in 'tools'",
+                "invalid_value",
+                "tool_choice.function.name",
+            )
+    return len(_COMPACT.encode(tools).encode(errors="surrogatepass"))
+
+
+def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
+    """Earlier tool calls carry their arguments as JSON text, which the engine decodes for
+    the chat template (and quietly replaces with {} when it is not an object); each tool
+    result answers a call made before it."""
+    calls: set[str] = set()
+    for i, message in enumerate(messages):
+        for j, call in enumerate(message.get("tool_calls") or ()):
+            where = f"messages[{i}].tool_calls[{j}].function.arguments"
+            try:
+                arguments = _DECODER.decode(call["function"]["arguments"])
+            except RecursionError:
+                raise _bad("JSON is nested too deeply", "json_too_deep", where) from None
+            except Rejected as err:
+                raise _bad(err.message, err.code, where) from None
+            except ValueError:
+                raise _bad("the arguments are not valid JSON", "invalid_json", where) from None
+            if not isinstance(arguments, dict):
+                raise _bad("the arguments must be a JSON object", "invalid_value", where)
+            if _depth(arguments) > limits.max_json_depth:
+                raise _bad(
+                    f"JSON is nested deeper than {limits.max_json_depth}", "json_too_deep", where
+                )
+            calls.add(call["id"])
+        if message["role"] == "tool" and message["tool_call_id"] not in calls:
+            raise _bad(
+                f"tool_call_id {message['tool_call_id']!r} answers no tool call of an earlier "
+                "assistant message",
+                "invalid_value",
+                f"messages[{i}].tool_call_id",
+            )

@@ -209,6 +209,7 @@ class FrontApp:
         served_names: tuple[str, ...],
         admission: Admission | None = None,
         vocab_size: int | None = None,
+        tool_parser: bool = False,
     ) -> None:
         self.engine_socket = engine_socket
         self.state = state
@@ -217,6 +218,7 @@ class FrontApp:
         self.limits = limits
         self.served_names = served_names
         self.vocab_size = vocab_size  # token ids in requests must be below it
+        self.tool_parser = tool_parser  # the engine parses tool calls out of the text
         self.body_timeout_s = front.body_timeout_s
         self.min_body_rate = front.min_body_bytes_per_s
         self.bodies = BodyBudget(front.max_buffered_body_bytes)
@@ -338,6 +340,7 @@ class FrontApp:
                 self.limits,
                 self.served_names,
                 self.vocab_size,
+                self.tool_parser,
             )
             audit.update(
                 stream=checked.stream,

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 # Counts and token numbers: far above any cap, below anything that would overflow a C int.
@@ -130,11 +138,40 @@ class UserMessage(_Strict):
     name: _Name | None = None
 
 
+# OpenAI's rule for function names; vLLM has none.
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_CallId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class _FunctionCall(_Strict):
+    name: FunctionName
+    arguments: str  # a JSON object as text; limits.py parses it
+
+
+class ToolCall(_Strict):
+    id: _CallId
+    type: Literal["function"]
+    function: _FunctionCall
+
+
 class AssistantMessage(_Strict):
     role: Literal["assistant"]
-    # No tool calls: the front forwards no `tools`, so there are none to answer.
-    content: _content({"text": TextPart})  # type: ignore[valid-type]
+    # Absent or null only in a message that makes tool calls (checked below).
+    content: _content({"text": TextPart}) | None = None  # type: ignore[valid-type]
     name: _Name | None = None
+    tool_calls: Annotated[list[ToolCall], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("an assistant message needs 'content' or 'tool_calls'")
+        return self
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: _content({"text": TextPart})  # type: ignore[valid-type]
+    tool_call_id: _CallId
 
 
 Message = _tagged(
@@ -144,9 +181,48 @@ Message = _tagged(
         "developer": SystemMessage,
         "user": UserMessage,
         "assistant": AssistantMessage,
+        "tool": ToolMessage,
     },
-    "each message must be an object whose 'role' is system, developer, user or assistant",
+    "each message must be an object whose 'role' is system, developer, user, assistant or tool",
 )
+
+
+# -- tools ---------------------------------------------------------------------------------
+class _Function(_Strict):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema: limits.py checks it
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: _Function
+
+
+class _Named(_Strict):
+    name: FunctionName
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _Named
+
+
+def _tool_choice(value: Any) -> str | None:
+    return "choice=mode" if isinstance(value, str) else "choice=named" if value else None
+
+
+ToolChoice = Annotated[
+    Annotated[Literal["none", "auto", "required"], Tag("choice=mode")]
+    | Annotated[NamedToolChoice, Tag("choice=named")],
+    Discriminator(
+        _tool_choice,
+        custom_error_type="invalid_tool_choice",
+        custom_error_message="'tool_choice' must be none, auto, required or "
+        '{"type": "function", "function": {"name": ...}}',
+    ),
+]
 
 
 # -- response_format -----------------------------------------------------------------------
@@ -213,6 +289,10 @@ class ChatRequest(_Common):
     top_logprobs: _COUNT | None = None
     max_completion_tokens: Any = None
     response_format: ResponseFormat | None = None
+    # Whether these may be used, and how, is limits.tools (limits.py).
+    tools: Annotated[list[Tool], Field(min_length=1)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 MODELS: dict[bytes, type[_Common]] = {
@@ -250,7 +330,8 @@ def first_error(err: ValidationError) -> tuple[str, str, str]:
         return f"'{param}' must be {described}", "invalid_type", param
     if kind == "missing":
         return f"'{param}' is required", "invalid_value", param
-    return f"'{param}': {detail['msg']}", "invalid_value", param
+    message = detail["msg"].removeprefix("Value error, ")  # a model's own check
+    return f"'{param}': {message}", "invalid_value", param
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
