@@ -202,11 +202,14 @@ def _seccomp(cfg: config_mod.Config) -> dict[str, Any]:
     mode = cfg.sandbox.seccomp
     if mode == "off":
         return {"status": "off (unsafe)", "mode": mode}
-    summary = seccomp.summarise(seccomp.load_profile(seccomp.profile_path(cfg)))
+    data, path, multi_gpu = seccomp.engine_profile(cfg)
+    summary = seccomp.summarise(seccomp.parse_profile(data, str(path)))
     return {
         "status": "enforced" if mode in ("enforce", "kill") else "complain (reports only)",
         "mode": mode,
         "profile": summary["profile"],
+        # Several GPUs: the shipped profile plus MULTI_GPU_RULES, not yet run on a GPU.
+        "multi_gpu_rules": "added, not yet run on a GPU" if multi_gpu else "none",
         "allowed": summary["allowed"],
         "allowed_with_argument_checks": summary["allowed_with_argument_checks"],
         "fixed_deny_list": list(seccomp.FIXED_DENY),

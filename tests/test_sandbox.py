@@ -634,6 +634,83 @@ def test_shipped_profiles_allow_inet_stream_sockets_for_tcp_only(name: str) -> N
     assert _inet_stream_protocols(profile) == {2: {0, 6}, 10: {0, 6}}
 
 
+def _engine_cfg(tmp_path: Path, device: str, tp: int, profile: str | None = None) -> Any:
+    from runtime import config
+
+    sandbox = {"seccomp_profile": profile} if profile else {}
+    return config.Config.model_validate(
+        {
+            "model": {"dir": str(tmp_path), "served_name": "m", "unsafe_unsigned": True},
+            "front": {
+                "allowed_identities": ["spiffe://x/y"],
+                "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
+            },
+            "engine": {"device": device, "vllm": {"tensor_parallel_size": tp}},
+            "sandbox": sandbox,
+        }
+    )
+
+
+_MULTI_GPU_CALLS = r"""
+import ctypes, errno, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, *args):
+    result = libc.syscall(*args)
+    return "ok" if result >= 0 else errno.errorcode[ctypes.get_errno()]
+pidfd = libc.syscall(434, os.getpid(), 0)  # pidfd_open
+try:
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).close()
+    dgram = "ok"
+except OSError as err:
+    dgram = errno.errorcode[err.errno]
+print(" ".join([
+    "pidfd_open=" + ("ok" if pidfd >= 0 else errno.errorcode[ctypes.get_errno()]),
+    "pidfd_getfd=" + call("pidfd_getfd", 438, pidfd, 0, 0),
+    "memfd_create=" + call("memfd_create", 319, b"nccl", 0),
+    "unix_dgram=" + dgram,
+]))
+"""
+
+
+def test_a_multi_gpu_engine_gets_the_prepared_rules_and_the_kernel_applies_them(
+    tmp_path: Path,
+) -> None:
+    """device cuda with two ranks: the shipped engine-cuda.json plus MULTI_GPU_RULES (NCCL's
+    handle passing; prepared, not yet run on a GPU); one GPU, the CPU, or a profile of one's
+    own: the file as it is. The calls are refused under engine-cuda.json alone and allowed
+    with the rules, by this kernel (a child under each profile, as runc loads one)."""
+    data, path, multi = seccomp.engine_profile(_engine_cfg(tmp_path, "cuda", 2))
+    assert multi and path.name == "engine-cuda.json"
+    assert data["syscalls"][-len(seccomp.MULTI_GPU_RULES) :] == list(seccomp.MULTI_GPU_RULES)
+    seccomp.check_config(_engine_cfg(tmp_path, "cuda", 2))  # compiles here
+    for cfg in (
+        _engine_cfg(tmp_path, "cuda", 1),
+        _engine_cfg(tmp_path, "cpu", 2),
+        _engine_cfg(tmp_path, "cuda", 2, str(REPO / "seccomp" / "engine-cuda.json")),
+    ):
+        assert seccomp.engine_profile(cfg)[2] is False
+    outcomes = {}
+    for name, profile in (
+        ("alone", json.loads(path.read_text())),
+        ("with_rules", data),
+    ):
+        written = tmp_path / f"{name}.json"
+        written.write_text(json.dumps(profile))
+        result = subprocess.run(
+            [sys.executable, str(REPO / "tests" / "under_profile.py"), str(written),
+             sys.executable, "-c", _MULTI_GPU_CALLS],
+            capture_output=True, text=True, timeout=60, cwd=REPO,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outcomes[name] = result.stdout.split()
+    assert outcomes["alone"] == [
+        "pidfd_open=EPERM", "pidfd_getfd=EPERM", "memfd_create=EPERM", "unix_dgram=EPERM"
+    ]  # fmt: skip
+    assert outcomes["with_rules"] == [
+        "pidfd_open=ok", "pidfd_getfd=ok", "memfd_create=ok", "unix_dgram=ok"
+    ]  # fmt: skip
+
+
 def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> None:
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
     a.write_text(json.dumps(recorder.to_profile(recorder.Recording({"read"}, {(1, 1)}), "a")))

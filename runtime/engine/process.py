@@ -36,7 +36,7 @@ from runtime.engine.reaper import Reaper
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import landlock, namespaces, privileges
-from runtime.sandbox.seccomp import RECORDING_PLAN, exit_event, profile_path
+from runtime.sandbox.seccomp import RECORDING_PLAN, engine_profile, exit_event
 from runtime.sandbox.seccomp_notify import Supervisor
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
@@ -235,8 +235,7 @@ class Engine:
             return {"mode": mode}
         if mode == "record":
             return RECORDING_PLAN
-        path = profile_path(self.cfg)
-        profile = json.loads(path.read_text())
+        profile, path, _ = engine_profile(self.cfg)
         # The supervisor answers with the profile's own errno, as the kernel would have.
         self.errno_ret = int(profile.get("defaultErrnoRet", errno.EPERM))
         return {"mode": mode, "profile": profile, "profile_path": str(path)}

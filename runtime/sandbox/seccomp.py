@@ -22,6 +22,7 @@ from typing import Any
 
 import pyseccomp
 
+from runtime.engine import options as engine_options
 from runtime.errors import ConfigError
 
 # Never allowed, whatever a recording saw: kernel attack surface or a way out of the sandbox
@@ -557,12 +558,64 @@ def profile_path(cfg: Any) -> Path:
     )
 
 
+# What an engine of several GPUs needs beyond the shipped engine-cuda.json, added to it when
+# engine.device is cuda, the engine has more than one rank and no sandbox.seccomp_profile is
+# set. PREPARED FROM NCCL'S AND CUDA'S DOCUMENTED BEHAVIOUR, NOT YET RUN ON A GPU: record
+# your own on a multi-GPU node (README, On a GPU node) and set sandbox.seccomp_profile.
+# - NCCL passes cuMem/IPC memory handles between ranks as file descriptors: over abstract
+#   AF_UNIX datagram sockets with SCM_RIGHTS, or (NCCL_CUMEM with newer releases) by
+#   pidfd_open + pidfd_getfd on the sibling rank. pidfd_getfd needs ptrace access to that
+#   rank: same uid, dumpable (the engine is), and Yama's ptrace_scope 0 (1 allows only
+#   descendants); it cannot reach harness: harness is not dumpable, and Landlock lets a
+#   domain reach only its own or nested domains, never the parent harness's.
+# - NCCL's shared-memory transport sizes its /dev/shm segments with fallocate; CUDA's
+#   host-side IPC buffers may be memfd-backed.
+# Each call missing from this list is refused with EPERM and reported as seccomp_violation.
+MULTI_GPU_RULES: tuple[dict[str, Any], ...] = (
+    {
+        "names": ["pidfd_open", "pidfd_getfd", "memfd_create", "fallocate"],
+        "action": "SCMP_ACT_ALLOW",
+        "comment": "multi-GPU: NCCL handle passing, shared memory (not yet run on a GPU)",
+    },
+    {
+        "names": ["socket"],
+        "action": "SCMP_ACT_ALLOW",
+        "args": [
+            {"index": 0, "value": 1, "op": "SCMP_CMP_EQ"},
+            {"index": 1, "value": 15, "valueTwo": 2, "op": "SCMP_CMP_MASKED_EQ"},
+        ],
+        "comment": "multi-GPU: AF_UNIX, SOCK_DGRAM, NCCL's IPC socket (not yet run on a GPU)",
+    },
+)
+
+
+def engine_profile(cfg: Any) -> tuple[dict[str, Any], Path, bool]:
+    """The engine's profile as OCI JSON, where it came from, and whether the multi-GPU
+    rules (MULTI_GPU_RULES) were added to it."""
+    path = profile_path(cfg)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        load_profile(path)  # raises the ConfigError that names the problem
+        raise
+    multi = (
+        cfg.sandbox.seccomp_profile is None
+        and cfg.engine.device == "cuda"
+        and engine_options.ranks(cfg.engine.vllm) > 1
+        and isinstance(data, dict)
+    )
+    if multi:
+        data = {**data, "syscalls": [*data.get("syscalls", []), *MULTI_GPU_RULES]}
+    return data, path, multi
+
+
 def check_config(cfg: Any) -> Profile | None:
     """Fail at startup (exit 2), not in stage 2, when the configured profile is missing,
     malformed or does not compile here."""
     if cfg.sandbox.seccomp == "off":
         return None
-    profile = load_profile(profile_path(cfg))
+    data, path, _ = engine_profile(cfg)
+    profile = parse_profile(data, str(path))
     compile_profile(profile, cfg.sandbox.seccomp)
     return profile
 
