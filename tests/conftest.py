@@ -136,6 +136,12 @@ class Containers:
         self._shared: Container | None = None
         self._all: list[Container] = []
 
+    def start(self, overrides: list[str]) -> Container:
+        """A container of its own, with these `--set` overrides."""
+        container = Container(self.demo_dir, self.workdir, overrides)
+        self._all.append(container)
+        return container
+
     def shared(self) -> Container:
         if self._shared is None or not self._shared.alive():
             self._shared = Container(self.demo_dir, self.workdir)

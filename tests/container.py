@@ -124,6 +124,11 @@ class Container(Observed):
             "--security-opt", f"seccomp={PROFILE}",
             "-v", f"{demo_dir / 'model'}:/models/model:ro",
             "-v", f"{demo_dir / 'model.sig'}:/models/model.sig:ro",
+            # The demo's signed LoRA adapter and draft model, for the tests that serve them.
+            "-v", f"{demo_dir / 'adapter'}:/models/adapter:ro",
+            "-v", f"{demo_dir / 'adapter.sig'}:/models/adapter.sig:ro",
+            "-v", f"{demo_dir / 'draft'}:/models/draft:ro",
+            "-v", f"{demo_dir / 'draft.sig'}:/models/draft.sig:ro",
             "-v", f"{trust}:/etc/harness/trust:ro",
             "-v", f"{config}:/etc/harness/harness.toml:ro",
             "-v", f"{self.secrets}:/run/secrets/harness:ro",

@@ -17,7 +17,7 @@ import pytest
 from runtime import config
 from runtime.demo import assets
 from runtime.sandbox.front import ENGINE_SHM
-from tests.conftest import Servers
+from tests.conftest import Containers, Servers
 from tests.container import Container
 from tests.support import (
     DRAFT,
@@ -753,3 +753,57 @@ def test_tool_calls_with_the_engine_s_parser_inside_the_sandbox(
         assert harness.events("seccomp_violation") == []
     finally:
         harness.kill()
+
+
+_IMAGE_KEY = 'method="key", public_key="/etc/harness/trust/signing-key.pub"'
+
+
+@pytest.mark.image
+def test_adapters_a_draft_model_and_tool_calls_serve_in_the_image(
+    containers: Containers, demo_dir: Path
+) -> None:
+    """The options of the two tests above, in the image under podman + runc as deploy/ runs it
+    (uid 10001, no capabilities, the shipped container profile): the signed adapter and draft
+    model mounted read-only, verified before the engine and after it is ready; the adapter
+    answers for its name and changes greedy output; a named tool call comes back."""
+    container = containers.start(
+        [
+            f'engine.lora=[{{name="{LORA_NAME}", dir="/models/adapter", '
+            f'signature={{path="/models/adapter.sig", {_IMAGE_KEY}}}}}]',
+            'engine.draft={dir="/models/draft", num_speculative_tokens=3, '
+            f'signature={{path="/models/draft.sig", {_IMAGE_KEY}}}}}',
+            *TOOLS,
+        ]
+    )
+    try:
+        container.wait_ready()
+        api = openai_client(container.url, _client_ctx(demo_dir))
+
+        def greedy(model: str) -> str:
+            prompt = "hello world the model serves"
+            result = api.completions.create(
+                model=model, prompt=prompt, max_tokens=12, temperature=0
+            )
+            return result.choices[0].text
+
+        assert greedy(LORA_NAME) != greedy("demo")
+        checks = [
+            (e["artifact"], e.get("stage")) for e in container.events("weight_integrity_check")
+        ]
+        artifacts = ["model", f"engine.lora[{LORA_NAME}]", "engine.draft"]
+        assert checks == [(a, None) for a in artifacts] + [(a, "after_load") for a in artifacts]
+        # vLLM refuses logit_bias next to a draft model, which the strict call above needs to
+        # keep the random model from whitespace: here the grammar holds the call's envelope.
+        loose = {**PICK, "function": {**PICK["function"], "strict": False}}
+        named = api.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": "pick a color please"}],
+            tools=[loose],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "pick_color"}},
+            temperature=0,
+        )
+        [call] = named.choices[0].message.tool_calls or []
+        assert call.function.name == "pick_color"  # type: ignore[union-attr]
+        assert container.events("seccomp_violation") == []
+    finally:
+        container.kill()
