@@ -267,7 +267,8 @@ class MediaSection(_Section):
 class ToolsSection(_Section):
     # Function calling in chat requests: `tools`, `tool_choice`, `parallel_tool_calls`, and
     # the assistant `tool_calls` and `tool` messages of a conversation. Off by default.
-    # Each tool's `parameters` is a JSON schema held to the caps of limits.structured_outputs;
+    # The tools' `parameters` are JSON schemas held to the caps of limits.structured_outputs
+    # (depth each, bytes and properties all together: "required" joins them in one grammar);
     # the chat template writes the tools into the prompt (their bytes count in
     # limits.max_prompt_bytes). Any tool_choice but "none" ("auto" is the default with tools)
     # needs the engine's parser: engine.vllm.enable_auto_tool_choice and tool_call_parser.

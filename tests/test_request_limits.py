@@ -865,6 +865,10 @@ def _called(arguments: str = '{"city": "Oslo"}', answers: str = "call_1") -> dic
     )
 
 
+def _properties(count: int) -> dict[str, Any]:
+    return {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(count)}}
+
+
 def _nested(levels: int) -> str:
     return '{"a":' * levels + "1" + "}" * levels
 
@@ -992,6 +996,34 @@ def _nested(levels: int) -> str:
             "messages[1].tool_calls[0].function.arguments",
         ),
         (_called(answers="call_2"), TOOLS, "invalid_value", "messages[2].tool_call_id"),
+        (
+            _called('{"city": "\\ud800"}'),  # escaped in the arguments' own JSON
+            TOOLS,
+            "invalid_string",
+            "messages[1].tool_calls[0].function.arguments",
+        ),
+        # "required" joins every tool's schema into one grammar: the caps hold for all of them
+        (
+            _chat(
+                tools=[_tool("f", _properties(3)), _tool("g", _properties(3))],
+                tool_choice="required",
+            ),
+            TOOLS,
+            "limit_exceeded",
+            "tools[1].function.parameters",
+        ),
+        (
+            _chat(
+                tools=[
+                    _tool("f", {"description": "x" * 300}),
+                    _tool("g", {"description": "y" * 300}),
+                ],
+                tool_choice="none",
+            ),
+            TOOLS,
+            "limit_exceeded",
+            "tools[1].function.parameters",
+        ),
     ],
 )
 def test_tool_calling_is_refused_outside_limits_tools(

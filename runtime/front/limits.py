@@ -351,55 +351,61 @@ def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
             "invalid_value",
             "response_format.json_schema",
         )
-    return _check_schema(spec["schema"], policy, "response_format.json_schema.schema")
+    return _check_schemas([("response_format.json_schema.schema", spec["schema"])], policy)
 
 
-def _check_schema(schema: dict[str, Any], policy: StructuredOutputsSection, where: str) -> int:
-    """A JSON schema the engine may compile into a grammar, within the caps of `policy`;
-    returns its bytes."""
-    size = len(_COMPACT.encode(schema).encode(errors="surrogatepass"))
-    if size > policy.max_schema_bytes:
-        raise _bad(
-            f"The schema is {size} bytes; this server allows at most {policy.max_schema_bytes} "
-            "(limits.structured_outputs.max_schema_bytes)",
-            "limit_exceeded",
-            where,
-        )
-    if _depth(schema) > policy.max_schema_depth:
-        raise _bad(
-            f"The schema is nested deeper than {policy.max_schema_depth} "
-            "(limits.structured_outputs.max_schema_depth)",
-            "limit_exceeded",
-            where,
-        )
-    properties = 0
-    stack: list[Any] = [schema]
-    while stack:  # every schema object, at every level
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
-        for key, value in node.items():
-            if key in _REGEX_KEYWORDS:
-                raise _bad(
-                    f"The schema uses '{key}': regular expressions are not accepted here",
-                    "structured_outputs_not_allowed",
-                    where,
-                )
-            if key in _NAMED_SCHEMAS and isinstance(value, dict):
-                properties += len(value) if key == "properties" else 0
-                stack.extend(value.values())  # the named schemas, not their names
-            else:
-                stack.append(value)
-    if properties > policy.max_schema_properties:
-        raise _bad(
-            f"The schema has {properties} properties; this server allows at most "
-            f"{policy.max_schema_properties} (limits.structured_outputs.max_schema_properties)",
-            "limit_exceeded",
-            where,
-        )
+def _check_schemas(
+    schemas: list[tuple[str, dict[str, Any]]], policy: StructuredOutputsSection
+) -> int:
+    """JSON schemas the engine may compile into one grammar (a response format, or every
+    tool's parameters: tool_choice "required" joins them), each given with its parameter
+    path: each within the depth cap and free of regexes, all of them together within the
+    bytes and properties caps of `policy`. Returns their bytes."""
+    size = properties = 0
+    for where, schema in schemas:
+        size += len(_COMPACT.encode(schema).encode(errors="surrogatepass"))
+        if size > policy.max_schema_bytes:
+            raise _bad(
+                f"{size} bytes of schema in this request; this server allows at most "
+                f"{policy.max_schema_bytes} (limits.structured_outputs.max_schema_bytes)",
+                "limit_exceeded",
+                where,
+            )
+        if _depth(schema) > policy.max_schema_depth:
+            raise _bad(
+                f"The schema is nested deeper than {policy.max_schema_depth} "
+                "(limits.structured_outputs.max_schema_depth)",
+                "limit_exceeded",
+                where,
+            )
+        stack: list[Any] = [schema]
+        while stack:  # every schema object, at every level
+            node = stack.pop()
+            if isinstance(node, list):
+                stack.extend(node)
+                continue
+            if not isinstance(node, dict):
+                continue
+            for key, value in node.items():
+                if key in _REGEX_KEYWORDS:
+                    raise _bad(
+                        f"The schema uses '{key}': regular expressions are not accepted here",
+                        "structured_outputs_not_allowed",
+                        where,
+                    )
+                if key in _NAMED_SCHEMAS and isinstance(value, dict):
+                    properties += len(value) if key == "properties" else 0
+                    stack.extend(value.values())  # the named schemas, not their names
+                else:
+                    stack.append(value)
+        if properties > policy.max_schema_properties:
+            raise _bad(
+                f"{properties} properties in the schemas of this request; this server allows "
+                f"at most {policy.max_schema_properties} "
+                "(limits.structured_outputs.max_schema_properties)",
+                "limit_exceeded",
+                where,
+            )
     return size
 
 
@@ -494,6 +500,7 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
             "tools",
         )
     names: set[str] = set()
+    schemas: list[tuple[str, dict[str, Any]]] = []
     for i, tool in enumerate(tools):
         function = tool["function"]
         if function["name"] in names:  # which one a call means would be a guess
@@ -504,8 +511,8 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
             )
         names.add(function["name"])
         if function.get("parameters") is not None:
-            where = f"tools[{i}].function.parameters"
-            _check_schema(function["parameters"], limits.structured_outputs, where)
+            schemas.append((f"tools[{i}].function.parameters", function["parameters"]))
+    _check_schemas(schemas, limits.structured_outputs)
     if choice is None:
         asked, choice = "'tools' without a tool_choice (that is \"auto\")", "auto"
     else:
@@ -566,6 +573,14 @@ def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -
                 raise _bad("the arguments are not valid JSON", "invalid_json", where) from None
             if not isinstance(arguments, dict):
                 raise _bad("the arguments must be a JSON object", "invalid_value", where)
+            try:  # an escaped lone surrogate is valid JSON and never text
+                _COMPACT.encode(arguments).encode()
+            except UnicodeEncodeError:
+                raise _bad(
+                    "A string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+                    "invalid_string",
+                    where,
+                ) from None
             if _depth(arguments) > limits.max_json_depth:
                 raise _bad(
                     f"JSON is nested deeper than {limits.max_json_depth}", "json_too_deep", where
