@@ -271,9 +271,10 @@ class ToolsSection(_Section):
     # (depth each, bytes and properties all together: "required" joins them in one grammar);
     # the chat template writes the tools into the prompt (their bytes count in
     # limits.max_prompt_bytes). Any tool_choice but "none" ("auto" is the default with tools)
-    # needs the engine's parser: engine.vllm.enable_auto_tool_choice and tool_call_parser.
-    # tool_choice "required", a named function, and tools with `strict: true` make the engine
-    # compile the schemas into a grammar: they need structured_outputs.allow = "json_schema".
+    # needs the engine's parser: engine.vllm.enable_auto_tool_choice and tool_call_parser,
+    # and, as tools with `strict: true` do, structured_outputs.allow = "json_schema": vLLM's
+    # tool parsers compile the tools' schemas into grammars ("required", named choices,
+    # strict tools, parallel_tool_calls = false, and with some parsers every "auto").
     allow: bool = False
     max_tools: int = Field(default=16, ge=1, le=128)  # tools per request
 
@@ -576,6 +577,12 @@ class Config(_Section):
             raise ValueError(
                 "engine.vllm.enable_auto_tool_choice: the front forwards `tools` only with "
                 "limits.tools.allow = true"
+            )
+        if auto and self.limits.structured_outputs.allow != "json_schema":
+            raise ValueError(
+                "engine.vllm.enable_auto_tool_choice: vLLM's tool-call parsers compile the "
+                "tools' schemas into grammars, which needs limits.structured_outputs.allow = "
+                '"json_schema" (its caps then hold for the tools)'
             )
         return self
 

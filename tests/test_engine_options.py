@@ -70,7 +70,7 @@ def _config(tmp_path: Path, vllm: dict[str, Any], **engine: Any) -> config_mod.C
     limits = {}
     if TOOL_OPTIONS.keys() & vllm.keys():
         vllm = {**TOOL_OPTIONS, **vllm}
-        limits = {"tools": {"allow": True}}
+        limits = {"tools": {"allow": True}, "structured_outputs": {"allow": "json_schema"}}
     return config_mod.Config.model_validate(
         {
             "model": {"dir": str(tmp_path), "served_name": "demo", "unsafe_unsigned": True},
@@ -209,6 +209,7 @@ def test_quantizations_and_parsers_named_are_vllm_s_built_in_ones() -> None:
             "only with engine.vllm.enable_auto_tool_choice",
         ),
         (TOOL_OPTIONS, False, "only with limits.tools.allow = true"),
+        (TOOL_OPTIONS, True, 'limits.structured_outputs.allow = "json_schema"'),
     ],
 )
 def test_tool_call_parsing_is_set_whole_or_not_at_all(

@@ -628,13 +628,16 @@ def test_memory_under_a_slow_body_flood_is_bounded_and_comes_back(
             client.kill()
     _until(lambda: _held(front) == 0, "bodies are still counted after their clients left")
     _until(lambda: not front.server.server_state.connections, "connections are still open")
+    # What comes back: without the fixes above 58-115 MiB stayed. 24 MiB leaves room for what
+    # the rest of a full test session does to this process's heap (16.1 MiB stayed once).
+    slack = 24 << 20
     deadline = time.monotonic() + 15  # handed back a second after the last body went
-    while (after := me.memory_info().rss - baseline) > 16 << 20 and time.monotonic() < deadline:
+    while (after := me.memory_info().rss - baseline) > slack and time.monotonic() < deadline:
         time.sleep(0.2)
     report = f"RSS over the baseline: {during >> 20} MiB during, {after >> 20} MiB after"
     print(report)
     assert during < (cap_mib + 100) << 20, report
-    assert after < 16 << 20, report
+    assert after < slack, report
     assert len(front.upstream.seen) == 1  # the warm-up
 
 

@@ -722,6 +722,13 @@ def _schema(schema: Any) -> dict[str, Any]:
             "limit_exceeded",
             "response_format.json_schema.schema",
         ),
+        (
+            CHAT,
+            _schema({"type": "integer", "multipleOf": 3, "x-guidance": {"item_separator": ","}}),
+            STRUCTURED,
+            "structured_outputs_not_allowed",
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 def test_what_the_model_of_a_request_does_not_hold_is_refused(
@@ -924,7 +931,7 @@ def _nested(levels: int) -> str:
             _chat(tools=[_tool("f", {"description": "x" * 2000})], tool_choice="none"),
             TOOLS.model_copy(update={"structured_outputs": SCHEMAS}),
             "limit_exceeded",
-            "messages",  # the tools are prompt: they count in max_prompt_bytes
+            "tools",  # the tools are prompt: they count in max_prompt_bytes
         ),
         # the choice among them
         (_chat(tool_choice="required"), TOOLS, "invalid_value", "tool_choice"),
@@ -937,10 +944,43 @@ def _nested(levels: int) -> str:
             "tool_choice",
         ),
         (
-            _chat(tools=[WEATHER, {"type": "function", "function": {"name": "f", "strict": True}}]),
+            _chat(
+                tools=[WEATHER, {"type": "function", "function": {"name": "f", "strict": True}}],
+                tool_choice="none",
+            ),
             NO_GRAMMAR,
             "structured_outputs_not_allowed",
             "tools[1].function.strict",
+        ),
+        # vLLM's parsers build grammars for "auto" too (parallel_tool_calls = false; glm47)
+        (_chat(tools=[WEATHER]), NO_GRAMMAR, "structured_outputs_not_allowed", "tools"),
+        (
+            _chat(tools=[WEATHER], tool_choice="auto", parallel_tool_calls=False),
+            NO_GRAMMAR,
+            "structured_outputs_not_allowed",
+            "tool_choice",
+        ),
+        # extension keywords steer the grammar compiler (llguidance's x-guidance: regexes)
+        (
+            _chat(
+                tools=[_tool("f", {"type": "integer", "x-guidance": {"whitespace_pattern": "a+"}})]
+            ),
+            TOOLS,
+            "structured_outputs_not_allowed",
+            "tools[0].function.parameters",
+        ),
+        # a response format's schema and the tools' end up in one grammar: capped together
+        (
+            _chat(
+                tools=[_tool("f", _properties(3))],
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "s", "schema": _properties(3)},
+                },
+            ),
+            TOOLS,
+            "limit_exceeded",
+            "tools[0].function.parameters",
         ),
         (
             _chat(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "f"}}),
@@ -997,6 +1037,12 @@ def _nested(levels: int) -> str:
         ),
         (_called(answers="call_2"), TOOLS, "invalid_value", "messages[2].tool_call_id"),
         (
+            {**_called(), "messages": [*_called()["messages"][:2], *_called()["messages"][1:]]},
+            TOOLS,
+            "invalid_value",
+            "messages[2].tool_calls[0].id",
+        ),
+        (
             _called('{"city": "\\ud800"}'),  # escaped in the arguments' own JSON
             TOOLS,
             "invalid_string",
@@ -1043,7 +1089,8 @@ def test_tool_choices_other_than_none_need_the_engine_s_tool_call_parser(choice:
     body = _chat(tools=[WEATHER], **({} if choice is None else {"tool_choice": choice}))
     with pytest.raises(Rejected) as info:
         _check(CHAT, body, TOOLS)
-    assert (info.value.code, info.value.param) == ("tool_choice_not_allowed", "tool_choice")
+    param = "tools" if choice is None else "tool_choice"  # what the client sent
+    assert (info.value.code, info.value.param) == ("tool_choice_not_allowed", param)
     assert "engine.vllm.enable_auto_tool_choice" in info.value.message
     _check(CHAT, {**body, "tool_choice": "none"}, TOOLS)
 

@@ -224,9 +224,17 @@ def _check_caps(
     else:
         _int(body, "top_logprobs", 0, limits.max_logprobs)
         param = "messages"
-        # The schema is prompt too: the engine compiles it before the first token.
-        size = len(json.dumps(body["messages"]).encode()) + _check_response_format(body, limits)
-        size += _check_tools(body, limits, tool_parser)
+        size = len(json.dumps(body["messages"]).encode())
+        # A response format's schema and the tools' may end up in one grammar (a strict tool
+        # under "auto"): the caps hold for all of them. The schema is prompt too: the engine
+        # compiles it before the first token; the tools, the chat template writes out.
+        schemas = _check_response_format(body, limits)
+        size += _check_schemas(schemas, limits.structured_outputs)
+        tools, tool_schemas = _check_tools(body, limits, tool_parser)
+        _check_schemas(schemas + tool_schemas, limits.structured_outputs)
+        if size <= limits.max_prompt_bytes < size + tools:
+            param = "tools"  # the tools are what does not fit
+        size += tools
         _check_media(body["messages"], limits)
     if size > limits.max_prompt_bytes:
         raise _bad(
@@ -321,9 +329,11 @@ _REGEX_KEYWORDS = frozenset({"pattern", "patternProperties"})
 _NAMED_SCHEMAS = frozenset({"properties", "$defs", "definitions", "dependentSchemas"})
 
 
-def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
-    """What `response_format` may ask of the engine (limits.structured_outputs); returns the
-    bytes of the schema, counted in the prompt budget."""
+def _check_response_format(
+    body: dict[str, Any], limits: LimitsSection
+) -> list[tuple[str, dict[str, Any]]]:
+    """What `response_format` may ask of the engine (limits.structured_outputs); returns its
+    schema with its parameter path, if it has one, for _check_schemas."""
     form = body.get("response_format")
     kind = form["type"] if form else "text"
     if form and form.get("json_schema") is not None and kind != "json_schema":
@@ -333,7 +343,7 @@ def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
             "response_format.json_schema",
         )
     if kind == "text":
-        return 0
+        return []
     policy = limits.structured_outputs
     if policy.allow == "off" or (kind == "json_schema" and policy.allow != "json_schema"):
         raise _bad(
@@ -343,7 +353,7 @@ def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
             "response_format",
         )
     if kind == "json_object":
-        return 0
+        return []
     spec = form.get("json_schema")
     if spec is None:
         raise _bad(
@@ -351,7 +361,7 @@ def _check_response_format(body: dict[str, Any], limits: LimitsSection) -> int:
             "invalid_value",
             "response_format.json_schema",
         )
-    return _check_schemas([("response_format.json_schema.schema", spec["schema"])], policy)
+    return [("response_format.json_schema.schema", spec["schema"])]
 
 
 def _check_schemas(
@@ -390,6 +400,13 @@ def _check_schemas(
                 if key in _REGEX_KEYWORDS:
                     raise _bad(
                         f"The schema uses '{key}': regular expressions are not accepted here",
+                        "structured_outputs_not_allowed",
+                        where,
+                    )
+                if key.startswith("x-"):  # llguidance reads x-guidance: regexes, separators
+                    raise _bad(
+                        f"The schema uses '{key}': extension keywords steer the grammar "
+                        "compiler itself and are not accepted here",
                         "structured_outputs_not_allowed",
                         where,
                     )
@@ -467,17 +484,20 @@ def _check_media(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
                 raise _bad(f"'{kind}' data is not base64", "invalid_value", where)
 
 
-def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool) -> int:
+def _check_tools(
+    body: dict[str, Any], limits: LimitsSection, tool_parser: bool
+) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
     """Function calling (limits.tools): the tools, the choice among them, and the tool calls
     and results of the conversation so far. Returns the tools' bytes (prompt, like the
-    messages). The model has checked every type."""
+    messages) and their schemas with their parameter paths. The model has checked every
+    type."""
     messages = body["messages"]
     used = next((p for p in ("tools", "tool_choice", "parallel_tool_calls") if p in body), None)
     for i, message in enumerate(messages):
         if used is None and (message["role"] == "tool" or message.get("tool_calls")):
             used = f"messages[{i}]"
     if used is None:
-        return 0
+        return 0, []
     policy = limits.tools
     if not policy.allow:
         raise _bad(
@@ -491,7 +511,7 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
         if choice is not None or "parallel_tool_calls" in body:
             param = "tool_choice" if choice is not None else "parallel_tool_calls"
             raise _bad(f"'{param}' needs 'tools'", "invalid_value", param)
-        return 0
+        return 0, []
     if len(tools) > policy.max_tools:
         raise _bad(
             f"{len(tools)} tools; this server allows at most {policy.max_tools} "
@@ -512,11 +532,11 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
         names.add(function["name"])
         if function.get("parameters") is not None:
             schemas.append((f"tools[{i}].function.parameters", function["parameters"]))
-    _check_schemas(schemas, limits.structured_outputs)
     if choice is None:
-        asked, choice = "'tools' without a tool_choice (that is \"auto\")", "auto"
+        asked, choice, param = "'tools' without a tool_choice (that is \"auto\")", "auto", "tools"
     else:
         asked = f"tool_choice {choice!r}" if isinstance(choice, str) else "a named tool_choice"
+        param = "tool_choice"
     if choice != "none" and not tool_parser:
         # Without it vLLM answers every choice, "required" too, with text and no tool call.
         raise _bad(
@@ -524,20 +544,22 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
             "(engine.vllm.enable_auto_tool_choice and tool_call_parser); send "
             "tool_choice 'none'",
             "tool_choice_not_allowed",
-            "tool_choice",
+            param,
         )
-    forced = choice not in ("auto", "none")
     strict = next((i for i, t in enumerate(tools) if t["function"].get("strict")), None)
-    if (forced or strict is not None) and limits.structured_outputs.allow != "json_schema":
-        # The engine compiles the tools' parameters into a grammar the output must follow.
+    if (choice != "none" or strict is not None) and (
+        limits.structured_outputs.allow != "json_schema"
+    ):
+        # vLLM's tool parsers build grammars from the tools: for "required" and named choices,
+        # strict tools, parallel_tool_calls = false, and some parsers for every "auto".
         raise _bad(
-            "tool_choice 'required', a named tool_choice and tools with strict = true make "
-            "the engine compile the tools' schemas into a grammar, which needs "
+            "tool calls (any tool_choice but 'none') and tools with strict = true make the "
+            "engine compile the tools' schemas into a grammar, which needs "
             "limits.structured_outputs.allow = 'json_schema'",
             "structured_outputs_not_allowed",
-            "tool_choice" if forced else f"tools[{strict}].function.strict",
+            param if choice != "none" else f"tools[{strict}].function.strict",
         )
-    if forced:
+    if choice not in ("auto", "none"):
         if body.get("response_format", {"type": "text"})["type"] != "text":
             # vLLM would drop response_format without a word.
             raise _bad(
@@ -552,7 +574,7 @@ def _check_tools(body: dict[str, Any], limits: LimitsSection, tool_parser: bool)
                 "invalid_value",
                 "tool_choice.function.name",
             )
-    return len(_COMPACT.encode(tools).encode(errors="surrogatepass"))
+    return len(_COMPACT.encode(tools).encode(errors="surrogatepass")), schemas
 
 
 def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -> None:
@@ -584,6 +606,12 @@ def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -
             if _depth(arguments) > limits.max_json_depth:
                 raise _bad(
                     f"JSON is nested deeper than {limits.max_json_depth}", "json_too_deep", where
+                )
+            if call["id"] in calls:  # which call a result answers would be a guess
+                raise _bad(
+                    f"two tool calls have the id {call['id']!r}",
+                    "invalid_value",
+                    f"messages[{i}].tool_calls[{j}].id",
                 )
             calls.add(call["id"])
         if message["role"] == "tool" and message["tool_call_id"] not in calls:
