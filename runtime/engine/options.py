@@ -122,8 +122,9 @@ OPTIONS: dict[str, Option] = {
     "max_logprobs": Option("--max-logprobs", _integer(0, 1024)),
     "tokenizer_mode": Option("--tokenizer-mode", _one_of("auto", "hf", "mistral")),
     "reasoning_parser": Option("--reasoning-parser", _parser(REASONING_PARSERS)),
-    # Parsing the model's text into `tool_calls` for tool_choice "auto": both together, and
-    # with limits.tools.allow (the front forwards `tools` only then).
+    # Parsing the model's text into `tool_calls` (vLLM needs it for every tool_choice but
+    # "none"): both together, with limits.tools.allow (the front forwards `tools` only then)
+    # and structured_outputs.allow = "json_schema" (the parsers compile the tools' schemas).
     "enable_auto_tool_choice": Option("--enable-auto-tool-choice", _boolean, switch=True),
     "tool_call_parser": Option("--tool-call-parser", _parser(TOOL_PARSERS)),
     "limit_mm_per_prompt": Option("--limit-mm-per-prompt", _media_limits),
