@@ -118,16 +118,29 @@ def _parse(content_type: bytes | None, raw: bytes, limits: LimitsSection) -> dic
     try:
         # What json.loads does with bytes (UTF-8, -16 or -32, a UTF-8 BOM skipped), with
         # the decoder built once; but strict, where json.loads lets encoded surrogates through.
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw)))
-    except RecursionError:
-        raise _bad("JSON is nested too deeply", "json_too_deep") from None
-    except (UnicodeDecodeError, ValueError):
+        text = raw.decode(json.detect_encoding(raw))
+    except UnicodeDecodeError:
         raise _bad("The body is not valid JSON", "invalid_json") from None
+    body = _decode(text, "The body", limits.max_json_depth)
     if not isinstance(body, dict):
         raise _bad("The body must be a JSON object", "invalid_json")
-    if _depth(body) > limits.max_json_depth:
-        raise _bad(f"JSON is nested deeper than {limits.max_json_depth}", "json_too_deep")
     return body
+
+
+def _decode(text: str, what: str, max_depth: int, param: str | None = None) -> Any:
+    """Strict JSON (_DECODER) nested at most `max_depth` deep; errors name `param`, or the
+    duplicate key."""
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:
+        raise _bad("JSON is nested too deeply", "json_too_deep", param) from None
+    except Rejected as err:
+        raise _bad(err.message, err.code, param or err.param) from None
+    except ValueError:
+        raise _bad(f"{what} is not valid JSON", "invalid_json", param) from None
+    if isinstance(value, dict | list) and _depth(value) > max_depth:
+        raise _bad(f"JSON is nested deeper than {max_depth}", "json_too_deep", param)
+    return value
 
 
 def check(
@@ -229,9 +242,9 @@ def _check_caps(
         # under "auto"): the caps hold for all of them. The schema is prompt too: the engine
         # compiles it before the first token; the tools, the chat template writes out.
         schemas = _check_response_format(body, limits)
-        size += _check_schemas(schemas, limits.structured_outputs)
         tools, tool_schemas = _check_tools(body, limits, tool_parser)
-        _check_schemas(schemas + tool_schemas, limits.structured_outputs)
+        sizes = _check_schemas(schemas + tool_schemas, limits.structured_outputs)
+        size += sum(sizes[: len(schemas)])  # the tools' are in `tools`
         if size <= limits.max_prompt_bytes < size + tools:
             param = "tools"  # the tools are what does not fit
         size += tools
@@ -366,14 +379,16 @@ def _check_response_format(
 
 def _check_schemas(
     schemas: list[tuple[str, dict[str, Any]]], policy: StructuredOutputsSection
-) -> int:
+) -> list[int]:
     """JSON schemas the engine may compile into one grammar (a response format, or every
     tool's parameters: tool_choice "required" joins them), each given with its parameter
     path: each within the depth cap and free of regexes, all of them together within the
-    bytes and properties caps of `policy`. Returns their bytes."""
+    bytes and properties caps of `policy`. Returns the bytes of each."""
+    sizes: list[int] = []
     size = properties = 0
     for where, schema in schemas:
-        size += len(_COMPACT.encode(schema).encode(errors="surrogatepass"))
+        sizes.append(len(_COMPACT.encode(schema).encode(errors="surrogatepass")))
+        size += sizes[-1]
         if size > policy.max_schema_bytes:
             raise _bad(
                 f"{size} bytes of schema in this request; this server allows at most "
@@ -423,7 +438,7 @@ def _check_schemas(
                 "limit_exceeded",
                 where,
             )
-    return size
+    return sizes
 
 
 # data:<type>/<subtype>[;param=value]*;base64,<base64>: the media inline, nothing fetched.
@@ -585,14 +600,8 @@ def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -
     for i, message in enumerate(messages):
         for j, call in enumerate(message.get("tool_calls") or ()):
             where = f"messages[{i}].tool_calls[{j}].function.arguments"
-            try:
-                arguments = _DECODER.decode(call["function"]["arguments"])
-            except RecursionError:
-                raise _bad("JSON is nested too deeply", "json_too_deep", where) from None
-            except Rejected as err:
-                raise _bad(err.message, err.code, where) from None
-            except ValueError:
-                raise _bad("the arguments are not valid JSON", "invalid_json", where) from None
+            text = call["function"]["arguments"]
+            arguments = _decode(text, "The arguments", limits.max_json_depth, where)
             if not isinstance(arguments, dict):
                 raise _bad("the arguments must be a JSON object", "invalid_value", where)
             try:  # an escaped lone surrogate is valid JSON and never text
@@ -603,10 +612,6 @@ def _check_conversation(messages: list[dict[str, Any]], limits: LimitsSection) -
                     "invalid_string",
                     where,
                 ) from None
-            if _depth(arguments) > limits.max_json_depth:
-                raise _bad(
-                    f"JSON is nested deeper than {limits.max_json_depth}", "json_too_deep", where
-                )
             if call["id"] in calls:  # which call a result answers would be a guess
                 raise _bad(
                     f"two tool calls have the id {call['id']!r}",

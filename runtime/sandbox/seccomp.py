@@ -206,8 +206,13 @@ def _invalid(source: str, where: str, problem: str) -> ConfigError:
 
 
 def load_profile(path: Path) -> Profile:
+    return parse_profile(_read(path), str(path))
+
+
+def _read(path: Path) -> Any:
+    """A profile file's JSON, or the ConfigError that names what is wrong with it."""
     try:
-        data = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ConfigError(
             f"seccomp profile {path}: no such file",
@@ -216,7 +221,6 @@ def load_profile(path: Path) -> Profile:
         ) from exc
     except (OSError, ValueError) as exc:
         raise _invalid(str(path), "file", f"not readable JSON ({exc})") from exc
-    return parse_profile(data, str(path))
 
 
 def parse_profile(data: Any, source: str) -> Profile:
@@ -593,11 +597,7 @@ def engine_profile(cfg: Any) -> tuple[dict[str, Any], Path, bool]:
     """The engine's profile as OCI JSON, where it came from, and whether the multi-GPU
     rules (MULTI_GPU_RULES) were added to it."""
     path = profile_path(cfg)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        load_profile(path)  # raises the ConfigError that names the problem
-        raise
+    data = _read(path)
     multi = (
         cfg.sandbox.seccomp_profile is None
         and cfg.engine.device == "cuda"
