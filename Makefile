@@ -75,7 +75,8 @@ lint: $(STAMP)
 
 # Everything, the image's tests included (they are the `image` cases of the e2e tests).
 test: $(STAMP) $(SCAN_STAMP) lint image
-	HARNESS_REQUIRE_SCAN_TOOLS=1 HARNESS_REQUIRE_IMAGE=1 $(PY) -m pytest
+	HARNESS_REQUIRE_SCAN_TOOLS=1 HARNESS_REQUIRE_IMAGE=1 HARNESS_HYPOTHESIS_PROFILE=repeatable \
+	  $(PY) -m pytest
 
 test-fast: $(STAMP) lint
 	$(PY) -m pytest -m "not engine"

@@ -7,11 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from runtime.demo import assets
 from tests import container, otlp_receiver
 from tests.container import Container
 from tests.support import Harness, free_port
+
+# `make test` (what CI runs) draws the same examples on every run, so a pass here is a pass
+# there; `make test-fast` and plain pytest draw new ones each time and keep finding cases.
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+if os.environ.get("HARNESS_HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["HARNESS_HYPOTHESIS_PROFILE"])
 
 
 def _open_dir() -> Path:

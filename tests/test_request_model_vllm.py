@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from vllm.entrypoints.openai.chat_completion import protocol as chat_protocol
 from vllm.entrypoints.openai.completion import protocol
@@ -186,6 +186,12 @@ def _requests(values: dict[str, st.SearchStrategy[Any]], required: str) -> st.Se
         st.tuples(st.just(b"/v1/chat/completions"), _requests(_chat_values, "messages")),
     )
 )
+@example(
+    route_body=(
+        b"/v1/chat/completions",
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": None}]},
+    )
+)
 def test_what_the_front_forwards_vllm_parses_and_accepts(route_body: tuple[bytes, Any]) -> None:
     route, body = route_body
     body["model"] = "demo"
@@ -216,7 +222,7 @@ def test_what_the_front_forwards_vllm_parses_and_accepts(route_body: tuple[bytes
             t["function"]["name"] for t in sent["tools"]
         ]
     for message in sent.get("messages", []):
-        for call in message.get("tool_calls", []):
+        for call in message.get("tool_calls") or []:  # null is valid
             assert isinstance(json.loads(call["function"]["arguments"]), dict)
         content = message.get("content")
         for part in content if isinstance(content, list) else []:
