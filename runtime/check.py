@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from runtime import __version__, launcher, otel
+from runtime import __version__, launcher, otel, vllm_options
 from runtime import config as config_mod
-from runtime.engine import options as engine_options
 from runtime.engine import resources
 from runtime.engine.command import RuntimePaths, build_plan
 from runtime.front import server as front_server
@@ -169,7 +168,7 @@ def _landlock(cfg: config_mod.Config, ports: tuple[int, ...]) -> dict[str, Any]:
     rules = landlock.build(cfg, cfg.engine.runtime_dir / "harness-XXXXXX", list(ports))
     abi = landlock.abi_version()
     tcp = "connect only to the rendezvous ports" if abi >= 4 else "not restricted"
-    if engine_options.ranks(cfg.engine.vllm) > 1:
+    if vllm_options.ranks(cfg.engine.vllm) > 1:
         tcp = "not restricted: the ranks meet over gloo; served only in the engine's own netns"
     return {**_landlock_rules(rules, abi), "tcp": tcp}
 

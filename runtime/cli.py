@@ -1,4 +1,4 @@
-"""Command line. The only place where errors become exit codes (DESIGN.md):
+"""Command line. The only place where errors become exit codes (docs/design.md):
 0 ok · 2 usage/config · 3 weight integrity · 4 secrets · 5 sandbox · 6 engine · 1 a bug."""
 
 from __future__ import annotations
@@ -101,8 +101,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from runtime import config as config_mod
-    from runtime import launcher
-    from runtime.sandbox import recorder
+    from runtime import launcher, recorder
 
     telemetry.set_stream(sys.stderr)  # stdout says where the profile went
     cfg = config_mod.load(args.config, args.set)

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from runtime.engine import options as engine_options
+from runtime import vllm_options
 from runtime.errors import ConfigError
 
 
@@ -318,7 +318,7 @@ class EngineSection(_Section):
     # Extra variables copied from harness's environment into the engine's (allowlist).
     env_passthrough: list[str] = Field(default_factory=list)
     # vLLM engine options (dtype, quantization, tensor_parallel_size, prefix caching, ...):
-    # the allowlist and each value's check are in runtime/engine/options.py. Options that
+    # the allowlist and each value's check are in runtime/vllm_options.py. Options that
     # load code or reach outside the verified model are refused by name.
     vllm: dict[str, Any] = Field(default_factory=dict)
     # LoRA adapters loaded at start, each verified like the weights; none loads at run time.
@@ -329,7 +329,7 @@ class EngineSection(_Section):
     @field_validator("vllm")
     @classmethod
     def _vllm_options(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return engine_options.validate(value)
+        return vllm_options.validate(value)
 
     @field_validator("lora")
     @classmethod
@@ -343,7 +343,7 @@ class EngineSection(_Section):
 
     @model_validator(mode="after")
     def _lora_options(self) -> EngineSection:
-        given = sorted(engine_options.LORA_OPTIONS & self.vllm.keys())
+        given = sorted(vllm_options.LORA_OPTIONS & self.vllm.keys())
         if given and not self.lora:
             raise ValueError(
                 f"engine.vllm.{given[0]} is set but no [[engine.lora]] adapter is: "

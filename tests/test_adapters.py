@@ -228,7 +228,7 @@ def test_bad_adapter_config_is_exit_2_naming_the_key(demo: Path, case: str) -> N
 def test_the_runtime_lora_switch_never_reaches_the_engine(demo: Path) -> None:
     cfg = _config(demo, 'engine.env_passthrough=["HARNESS_X"]')
     parent = {"HARNESS_X": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1", "VLLM_PLUGINS": "x"}
-    env = build_env(cfg, RuntimePaths(demo / "run"), parent)
+    env = build_env(cfg, RuntimePaths(demo / "run"), parent, os.sched_getaffinity(0))
     assert env["HARNESS_X"] == "1"
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env and "VLLM_PLUGINS" not in env
 

@@ -479,7 +479,7 @@ def test_the_cuda_profile_is_the_cpu_profile_and_what_cuda_added() -> None:
     """seccomp/engine-cuda.json (recorded on a GPU, tests/gpu/device_run.sh) keeps everything
     the CPU vLLM engine's profile allows, takes nothing from the fixed deny list, says what
     it was recorded from, and compiles in `enforce` mode."""
-    from runtime.sandbox import recorder
+    from runtime import recorder
 
     cpu = recorder.from_profile(REPO / "seccomp" / "engine-cpu.json")
     cuda = recorder.from_profile(REPO / "seccomp" / "engine-cuda.json")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from runtime import config as config_mod
-from runtime.engine import options
+from runtime import vllm_options as options
 from runtime.engine.command import RuntimePaths, build_argv
 from runtime.errors import ConfigError
 

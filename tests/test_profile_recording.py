@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from runtime import config as config_mod
-from runtime.sandbox import recorder, seccomp
+from runtime import recorder
+from runtime.sandbox import seccomp
 from tests import fake_engine
 
 pytestmark = pytest.mark.skipif(

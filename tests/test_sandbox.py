@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from runtime.sandbox import landlock, namespaces, recorder, seccomp
+from runtime import recorder
+from runtime.sandbox import landlock, namespaces, seccomp
 from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
 from tests.support import POD
 

@@ -74,7 +74,7 @@ device = "cpu"
 max_model_len = 256
 kv_cache_memory_bytes = 67108864   # 64 MiB; vLLM on CPU wants 0.92 of RAM otherwise
 
-[engine.vllm]                      # vLLM's engine options (allowlist: runtime/engine/options.py)
+[engine.vllm]                      # vLLM's engine options (allowlist: runtime/vllm_options.py)
 dtype = "float32"
 enable_prefix_caching = true
 seed = 0

@@ -1,7 +1,11 @@
-"""Build the engine's argv and environment from the config. Pure: no I/O, unit-tested.
+"""Build the engine's argv and environment from the config, unit-tested.
+
+`build_argv` and `build_env` are pure: functions of the config, the runtime paths, the
+parent's environment and CPU affinity. `build_plan` is the one edge that reads those two from
+this process when the caller gives none.
 
 The environment is built from an allowlist, never inherited: the engine must not see the
-front's secrets, cloud credentials or proxy settings (facts: shared notes on vLLM).
+front's secrets, cloud credentials or proxy settings.
 """
 
 from __future__ import annotations
@@ -11,8 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime import vllm_options
 from runtime.config import ENGINE_ENV_REFUSED, SECRET_LIKE, Config, format_cpu_list
-from runtime.engine import options as engine_options
 from runtime.engine.resources import MemoryCaps, cpu_placement, split_cpus
 
 ENGINE_MODULE = "vllm.entrypoints.openai.api_server"
@@ -114,10 +118,12 @@ def build_argv(cfg: Config, paths: RuntimePaths, caps: MemoryCaps | None = None)
             "num_speculative_tokens": eng.draft.num_speculative_tokens,
         }
         argv += ["--speculative-config", json.dumps(draft, separators=(",", ":"))]
-    return argv + engine_options.argv(eng.vllm, cfg.model.dir)  # [engine.vllm]
+    return argv + vllm_options.argv(eng.vllm, cfg.model.dir)  # [engine.vllm]
 
 
-def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> dict[str, str]:
+def build_env(
+    cfg: Config, paths: RuntimePaths, parent_env: dict[str, str], affinity: set[int]
+) -> dict[str, str]:
     eng = cfg.engine
     cache = paths.cache
     user = "harness-engine"
@@ -154,12 +160,12 @@ def build_env(cfg: Config, paths: RuntimePaths, parent_env: dict[str, str]) -> d
         "PYTHONDONTWRITEBYTECODE": "1",
         "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(KEEP_ALIVE_S),
     }
-    placement = cpu_placement(eng, os.sched_getaffinity(0))
-    ranks = engine_options.ranks(eng.vllm)
+    placement = cpu_placement(eng, affinity)
+    ranks = vllm_options.ranks(eng.vllm)
     if eng.device == "cpu" and (placement is not None or ranks > 1):
         # One CPU list per rank ("0-3|4-7"): vLLM's CPU workers bind their OpenMP threads to
         # their own list, and without one each it asks NUMA, which a one-node machine fails.
-        cpus = placement.engine if placement is not None else os.sched_getaffinity(0)
+        cpus = placement.engine if placement is not None else affinity
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(
             format_cpu_list(group) for group in split_cpus(cpus, ranks)
         )
@@ -181,9 +187,11 @@ def build_plan(
     parent_env: dict[str, str] | None = None,
     caps: MemoryCaps | None = None,
     rendezvous_port: int = 0,
+    affinity: set[int] | None = None,
 ) -> EnginePlan:
     parent = dict(os.environ) if parent_env is None else parent_env
-    env = build_env(cfg, paths, parent)
+    cpus = os.sched_getaffinity(0) if affinity is None else affinity
+    env = build_env(cfg, paths, parent, cpus)
     ports: tuple[int, ...] = ()
     if rendezvous_port:
         # vLLM starts its port search here; Landlock allows just these ports for TCP.

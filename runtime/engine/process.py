@@ -27,9 +27,8 @@ from typing import IO, Any
 
 import httpx
 
-from runtime import telemetry
+from runtime import telemetry, vllm_options
 from runtime.config import Config
-from runtime.engine import options as engine_options
 from runtime.engine.command import EnginePlan, RuntimePaths, build_plan
 from runtime.engine.output import Relay
 from runtime.engine.reaper import Reaper
@@ -161,7 +160,7 @@ class Engine:
 
     def _landlock(self) -> landlock.LandlockPlan:
         rules = landlock.build(self.cfg, self.paths.root, list(self.plan.tcp_ports))
-        if engine_options.ranks(self.cfg.engine.vllm) == 1:
+        if vllm_options.ranks(self.cfg.engine.vllm) == 1:
             return rules
         # vLLM's workers (tensor/pipeline parallel) meet over gloo, on TCP ports each of them
         # picks. In the engine's own network namespace (lo only, no process but the engine's)

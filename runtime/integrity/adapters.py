@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.engine import options as engine_options
+from runtime import vllm_options
 from runtime.errors import ConfigError
 from runtime.integrity import model_dir, policy
 
@@ -29,7 +29,7 @@ def rank(adapter_config: Any) -> int | None:
 
 
 def check(cfg: Config, model: model_dir.Verified, others: dict[str, model_dir.Verified]) -> None:
-    limit = cfg.engine.vllm.get("max_lora_rank", engine_options.DEFAULT_MAX_LORA_RANK)
+    limit = cfg.engine.vllm.get("max_lora_rank", vllm_options.DEFAULT_MAX_LORA_RANK)
     for adapter in cfg.engine.lora:
         label = f"engine.lora[{adapter.name}]"
         declared = rank(model_dir.read_json(others[label], "adapter_config.json"))
@@ -39,7 +39,7 @@ def check(cfg: Config, model: model_dir.Verified, others: dict[str, model_dir.Ve
                 fix="use the adapter_config.json its trainer (PEFT) wrote",
             )
         if declared > limit:
-            allowed = engine_options.OPTIONS["max_lora_rank"].check
+            allowed = vllm_options.OPTIONS["max_lora_rank"].check
             fits = next(r for r in (8, 16, 32, 64, 128, 256, 320, 512, declared) if r >= declared)
             raise ConfigError(
                 f"{label}: the adapter's rank is {declared}, over engine.vllm.max_lora_rank "

@@ -5,7 +5,7 @@ The kernel holds the allowlist. Everything else goes to a user-space supervisor 
 (SECCOMP_RET_USER_NOTIF), which answers EPERM and emits a `seccomp_violation` event naming the
 syscall and pid (`enforce`), or lets it through and reports it (`complain`). If the supervisor
 dies, notified calls fail with ENOSYS: closed, not open. `kill` needs no supervisor: the kernel
-kills the process. Facts behind the fixed rules: shared notes, Sandbox.
+kills the process. What each layer reports, and why: docs/sandbox.md.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import pyseccomp
 
-from runtime.engine import options as engine_options
+from runtime import vllm_options
 from runtime.errors import ConfigError
 
 # Never allowed, whatever a recording saw: kernel attack surface or a way out of the sandbox
@@ -565,7 +565,7 @@ def profile_path(cfg: Any) -> Path:
 # What an engine of several GPUs needs beyond the shipped engine-cuda.json, added to it when
 # engine.device is cuda, the engine has more than one rank and no sandbox.seccomp_profile is
 # set. PREPARED FROM NCCL'S AND CUDA'S DOCUMENTED BEHAVIOUR, NOT YET RUN ON A GPU: record
-# your own on a multi-GPU node (README, On a GPU node) and set sandbox.seccomp_profile.
+# your own on a multi-GPU node (docs/deploy.md, On a GPU node) and set sandbox.seccomp_profile.
 # - NCCL passes cuMem/IPC memory handles between ranks as file descriptors: over abstract
 #   AF_UNIX datagram sockets with SCM_RIGHTS, or (NCCL_CUMEM with newer releases) by
 #   pidfd_open + pidfd_getfd on the sibling rank. pidfd_getfd needs ptrace access to that
@@ -601,7 +601,7 @@ def engine_profile(cfg: Any) -> tuple[dict[str, Any], Path, bool]:
     multi = (
         cfg.sandbox.seccomp_profile is None
         and cfg.engine.device == "cuda"
-        and engine_options.ranks(cfg.engine.vllm) > 1
+        and vllm_options.ranks(cfg.engine.vllm) > 1
         and isinstance(data, dict)
     )
     if multi:

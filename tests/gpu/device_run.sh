@@ -111,7 +111,7 @@ elif timeout 180 "$PY" -m runtime profile --config "$RUN/demo/demo.toml" "${SETS
   "$PY" - "$OUT/engine-cuda.json" <<'PY'
 import sys
 from pathlib import Path
-from runtime.sandbox import recorder
+from runtime import recorder
 new = recorder.from_profile(Path(sys.argv[1]))
 for name in ("engine-cpu.json", "engine-cuda.json"):
     if (Path("seccomp") / name).is_file():
