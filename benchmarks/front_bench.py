@@ -327,8 +327,8 @@ def start_vllm_tls(
 ) -> subprocess.Popen[bytes]:
     """A second vLLM engine from the same config, serving mTLS on `port` itself; no sandbox,
     no privilege drop (as a user would run it; the sandbox costs nothing measurable per
-    request, README). `started`: harness's `engine_start` event, whose argv and environment
-    names this one must match, so that both engines run with the same options."""
+    request, benchmarks/README.md). `started`: harness's `engine_start` event, whose argv and
+    environment names this one must match, so that both engines run with the same options."""
     cfg = config_mod.load(demo / assets.CONFIG_NAME, overrides)
     keepalive_s = cfg.front.keepalive_timeout_s
     paths = RuntimePaths(demo / VLLM_TLS)
@@ -388,8 +388,8 @@ def keep_awake(cores: list[int]) -> list[subprocess.Popen[bytes]]:
     poll first: haltpoll.guest_halt_poll_ns=0); the front's extra hop pays that wake-up where
     the direct path does not. A SCHED_IDLE task runs only when nothing else wants the CPU and
     is preempted at once: the bare-metal analogue is disabling deep C-states for a latency
-    benchmark. Under concurrency it slowed vLLM's CPU engine here (README): use it for the
-    one-at-a-time latency."""
+    benchmark. Under concurrency it slowed vLLM's CPU engine here (benchmarks/README.md): use
+    it for the one-at-a-time latency."""
     spinners = []
     for cpu in cores:
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])

@@ -351,8 +351,8 @@ class EngineSection(_Section):
             )
         return self
 
-    # CPU memory cap: the engine's process tree, summed as PSS (README, Memory caps); over it,
-    # the engine is stopped and harness exits 6. "auto": 90% of the memory harness may use
+    # CPU memory cap: the engine's process tree, summed as PSS (docs/sandbox.md, Memory caps);
+    # over it, the engine is stopped and harness exits 6. "auto": 90% of the memory harness may use
     # (its cgroup's memory.max, else the machine's), so that the engine is stopped with an
     # event before the kernel's OOM killer picks a process. "off": none.
     max_rss_bytes: int | str = "auto"
@@ -423,7 +423,7 @@ class EngineSection(_Section):
 
 
 class SandboxSection(_Section):
-    """What confines the engine beyond its uid (README, Sandbox)."""
+    """What confines the engine beyond its uid (docs/sandbox.md)."""
 
     # Filesystem, TCP and scope rules. `best_effort` enforces what the kernel's Landlock ABI
     # offers and reports the rest; `required` refuses to start without Landlock.
@@ -464,7 +464,7 @@ class SecretsSection(_Section):
 
 
 class TelemetrySection(_Section):
-    """OTLP/HTTP export of the events, startup spans and request metrics (README, Telemetry)."""
+    """OTLP/HTTP export of the events, startup spans and request metrics (docs/events.md)."""
 
     # The collector's base URL; /v1/traces, /v1/logs and /v1/metrics are added. Empty: off.
     otlp_endpoint: str = ""
@@ -681,5 +681,5 @@ def _describe(path: Path, exc: ValidationError) -> str:
 def _fix(exc: ValidationError) -> str:
     kinds = {err["type"] for err in exc.errors()}
     if "extra_forbidden" in kinds:
-        return "check the spelling against the configuration reference in README.md"
-    return "correct the values named above (see the configuration reference in README.md)"
+        return "check the spelling against the configuration reference, docs/configuration.md"
+    return "correct the values named above (see docs/configuration.md)"

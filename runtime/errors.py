@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 class HarnessError(Exception):
-    """Base class. `exit_code` follows DESIGN.md; 1 is reserved for bugs."""
+    """Base class. `exit_code` follows docs/design.md; 1 is reserved for bugs."""
 
     exit_code = 1
     kind = "error"

@@ -1,4 +1,4 @@
-"""`harness serve`: the startup sequence of DESIGN.md, top to bottom.
+"""`harness serve`: the startup sequence of docs/design.md, top to bottom.
 
 Each step is one call that either returns or raises a HarnessError carrying its exit code.
 """

@@ -1,4 +1,5 @@
-"""Security events: one JSON line each on stdout, with the mandatory fields of DESIGN.md.
+"""Security events: one JSON line each on stdout, with the mandatory fields
+of docs/events.md.
 
 Events never carry prompts, completions or secret values; callers pass only metadata.
 """
@@ -20,7 +21,7 @@ from typing import Any, Literal, TextIO
 
 Outcome = Literal["allowed", "blocked", "failed", "ok"]
 
-# The startup sequence's steps (DESIGN.md): each one event, and one OTel span.
+# The startup sequence's steps (docs/design.md): each one event, and one OTel span.
 STARTUP_STEPS = frozenset(
     {
         "weight_integrity_check",

@@ -1,8 +1,8 @@
 """The front benchmark still runs and measures what it says: `front_bench.py --engine stand-in`
 starts the real `harness serve` (stage 2, sandbox, mTLS front) with the stand-in engine, and
-a few short rounds of each load shape go through both paths and the three baseline fronts. The
-README's numbers come from this script with the real vLLM engine; this keeps it from rotting
-between runs."""
+a few short rounds of each load shape go through both paths and the three baseline fronts.
+benchmarks/README.md's numbers come from this script with the real vLLM engine; this keeps it
+from rotting between runs."""
 
 from __future__ import annotations
 

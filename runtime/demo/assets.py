@@ -1,4 +1,4 @@
-"""`harness demo init`: everything the demo needs, under one folder (DESIGN.md demo contract).
+"""`harness demo init`: everything the demo needs, under one folder (README, `make demo`).
 
     model/               tiny Llama, safetensors, served as "demo" (deterministic)
     model.sig            its OMS v1.0 signature, made with signing-key.pem

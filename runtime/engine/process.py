@@ -95,7 +95,8 @@ def prepare_namespaces(
             f"sandbox.namespaces = required, and the engine's namespaces cannot be made: {detail}",
             fix="allow unprivileged user namespaces on the node (user.max_user_namespaces, "
             "AppArmor's userns restriction) and `unshare`/`mount`/`pivot_root`/`setns` in the "
-            "container's seccomp profile (README, Namespaces), or set sandbox.namespaces = auto",
+            "container's seccomp profile (docs/sandbox.md, namespaces), or set "
+            "sandbox.namespaces = auto",
         ) from exc
 
 
@@ -282,7 +283,7 @@ class Engine:
             self.stop()
             raise SandboxError(
                 f"engine sandbox: {report['error']}",
-                fix="run harness with the privilege it needs (see README, Sandbox), or relax "
+                fix="run harness with the privilege it needs (see docs/sandbox.md), or relax "
                 "the setting named in the error for development only",
             )
 

@@ -136,7 +136,7 @@ def compute(engine: EngineSection) -> MemoryCaps:
 class CpuPlacement:
     """vLLM's CPU build spins its OpenMP threads while it generates: anything else on their
     CPUs (the front, its TLS and JSON) preempts them and stalls every step. Measured in
-    `benchmarks/front_bench.py --pin`; the README has the numbers."""
+    `benchmarks/front_bench.py --pin`; benchmarks/README.md has the numbers."""
 
     engine: frozenset[int]  # the engine's compute threads (VLLM_CPU_OMP_THREADS_BIND)
     front: frozenset[int]  # every thread of harness, once the engine has started

@@ -1,0 +1,85 @@
+"""The documentation holds together: every relative link and anchor resolves, every document
+is reachable from the README, the README stays short, and what the code, manifests and
+profiles cite exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted(
+    [ROOT / "README.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").glob("*.md")]
+)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+# What the code, manifests and profiles may cite: a document path, optionally with a section.
+CITED = re.compile(r"\b((?:docs/[\w-]+|benchmarks/README)\.md)\b")
+SOURCES = [
+    path
+    for folder in ("runtime", "deploy", "images", "seccomp", "apparmor", "benchmarks", "tests")
+    for path in sorted((ROOT / folder).rglob("*"))
+    if path.is_file()
+    and path.suffix in {".py", ".toml", ".yaml", ".json", ".sh", ""}
+    and "runs" not in path.parts
+]
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def _anchors(doc: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", doc.read_text(), flags=re.S)  # no headings in code blocks
+    return {_slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_and_anchor_resolves(doc: Path) -> None:
+    bad = []
+    for target in LINK.findall(doc.read_text()):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        dest = (doc.parent / path).resolve() if path else doc
+        if not dest.exists():
+            bad.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            bad.append(f"{target}: no heading with anchor #{anchor} in {dest.name}")
+    assert not bad, f"{doc.relative_to(ROOT)}: " + "; ".join(bad)
+
+
+def test_every_document_is_linked_from_the_readme_and_the_readme_stays_short() -> None:
+    readme = (ROOT / "README.md").read_text()
+    linked = {(ROOT / t.partition("#")[0]).resolve() for t in LINK.findall(readme)}
+    unlinked = [
+        str(d.relative_to(ROOT)) for d in DOCS if d != ROOT / "README.md" and d not in linked
+    ]
+    assert not unlinked, f"not linked from README.md: {unlinked}"
+    assert len(readme.encode()) <= 15 * 1024, "README.md over 15 KB: move detail into docs/"
+    assert readme.startswith("# harness\n\n```sh\nmake demo")  # the two commands come first
+    assert "make test " in readme.split("```")[1]
+
+
+def test_what_the_code_cites_exists() -> None:
+    cited = {
+        (source.relative_to(ROOT), name)
+        for source in SOURCES
+        for name in CITED.findall(source.read_text(errors="replace"))
+    }
+    assert cited, "the pattern no longer finds the code's citations"
+    missing = sorted(f"{src}: {name}" for src, name in cited if not (ROOT / name).is_file())
+    assert not missing, missing
+    stale = [
+        str(p.relative_to(ROOT))
+        for p in SOURCES
+        if re.search(
+            r"DESIGN\.md|shared notes|configuration reference in README",
+            p.read_text(errors="replace"),
+        )
+        and p.name != "test_docs.py"
+    ]
+    assert not stale, f"citations of documents that are not in the repository: {stale}"
