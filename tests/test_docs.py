@@ -4,10 +4,14 @@ profiles cite exists."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+from runtime import telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
@@ -83,3 +87,27 @@ def test_what_the_code_cites_exists() -> None:
         and p.name != "test_docs.py"
     ]
     assert not stale, f"citations of documents that are not in the repository: {stale}"
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_generate", ROOT / "docs" / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_generated_parts_of_the_docs_are_current() -> None:
+    generate = _generator()
+    assert not generate.stale(), "run `make docs` and commit the result"
+    # The check can fail: a registry entry that the document does not show is found.
+    text = (ROOT / "docs" / "events.md").read_text()
+    assert generate.render(text, "events", "| stale |") != text
+
+
+def test_every_registered_event_is_emitted_by_the_code() -> None:
+    code = "\n".join(
+        p.read_text() for p in (ROOT / "runtime").rglob("*.py") if p.name != "telemetry.py"
+    )
+    unused = [name for name in telemetry.EVENTS if f'"{name}"' not in code]
+    assert not unused, f"registered but never emitted: {unused}"
