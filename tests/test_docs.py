@@ -8,10 +8,13 @@ import importlib.util
 import re
 from pathlib import Path
 from types import ModuleType
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
-from runtime import telemetry
+from runtime import telemetry, vllm_options
+from runtime.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted(
@@ -111,3 +114,49 @@ def test_every_registered_event_is_emitted_by_the_code() -> None:
     )
     unused = [name for name in telemetry.EVENTS if f'"{name}"' not in code]
     assert not unused, f"registered but never emitted: {unused}"
+
+
+def _reference_keys() -> set[tuple[str, str]]:
+    """(table, key) of every key docs/configuration.md's TOML block shows, commented or not."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    table, keys = "", set()
+    for line in block.splitlines():
+        if header := re.match(r"\[\[?([a-z_.]+)\]\]?", line):
+            table = header.group(1)
+            keys.add(tuple(table.rpartition(".")[::2]))  # [engine.vllm]: the key engine.vllm
+        elif key := re.match(r"(?:# )?([a-z_]+) = ", line):
+            keys.add((table, key.group(1)))
+    return keys
+
+
+def _model_keys(model: type[BaseModel], table: str) -> set[tuple[str, str]]:
+    keys = set()
+    for name, info in model.model_fields.items():
+        nested = [
+            arg
+            for arg in (info.annotation, *get_args(info.annotation))
+            for arg in (arg, *get_args(arg))
+            if isinstance(arg, type) and issubclass(arg, BaseModel)
+        ]
+        keys.add((table, name))  # a table too: [front.tls] is the key tls of [front]
+        if nested:
+            keys |= _model_keys(nested[0], f"{table}.{name}".lstrip("."))
+    return keys
+
+
+def test_the_configuration_reference_shows_every_key_and_no_other() -> None:
+    documented = _reference_keys()
+    vllm = {key for table, key in documented if table == "engine.vllm"}
+    assert vllm and vllm <= set(vllm_options.OPTIONS), vllm - set(vllm_options.OPTIONS)
+    keys = _model_keys(Config, "") - {("", "source")}  # `source`: set by the loader
+    assert ("engine.lora.signature", "public_key") in keys  # nested lists of tables are walked
+    # An adapter's and a draft's keys are the model's: the reference says so once.
+    missing = sorted(
+        f"{table}.{key}".lstrip(".")
+        for table, key in keys - documented
+        if (re.sub(r"^engine\.(lora|draft)", "model", table), key) not in documented
+    )
+    assert not missing, f"keys of runtime/config.py missing from docs/configuration.md: {missing}"
+    unknown = sorted(".".join(k) for k in documented - keys if k[0] != "engine.vllm")
+    assert not unknown, f"docs/configuration.md shows keys that do not exist: {unknown}"
