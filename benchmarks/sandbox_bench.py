@@ -74,7 +74,8 @@ async def compare(socks: dict[str, str], args: argparse.Namespace) -> dict[str, 
 # in a fresh process, with or without Landlock and the engine's filter (enforce), alternated.
 _SYSCALL_LOOP = r"""
 import json, os, sys, time
-from runtime.sandbox import landlock, seccomp
+from runtime.sandbox import _linux, landlock, seccomp
+from runtime.sandbox.stage_plan import LandlockPlan
 
 def loop(n=100_000):
     started = time.perf_counter()
@@ -85,12 +86,11 @@ def loop(n=100_000):
     return n / (time.perf_counter() - started)
 
 if sys.argv[2] == "sandbox":
-    landlock.apply({"mode": "required", "read": ["/"], "write": [], "devices": ["/dev/null"],
-                    "tcp_ports": []})
-    plan = {"mode": "enforce", "profile": json.load(open(sys.argv[1])),
-            "profile_path": sys.argv[1]}
-    _report, compiled = seccomp.prepare(plan)
-    listener = seccomp.load(compiled)  # kept open: allowed calls never reach it
+    plan = seccomp.compile_plan("enforce", json.load(open(sys.argv[1])), sys.argv[1])
+    _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
+    landlock.apply(LandlockPlan(mode="required", read=["/"], devices=["/dev/null"]))
+    # The listener stays open: allowed calls never reach it.
+    listener = _linux.seccomp_filter(plan.bpf, listener=plan.notify)
 print(max(loop() for _ in range(3)))
 """
 

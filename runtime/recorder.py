@@ -28,6 +28,7 @@ from runtime.engine.process import Engine, spawn_stage2
 from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import seccomp
 from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.stage_plan import StagePlan
 
 _SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
 # socket() domains a profile may allow. Raw, packet and INET datagram sockets are refused even
@@ -186,13 +187,9 @@ def record_container(
     # recording, which therefore also sees what the engine's own profile would refuse.
     for item in [*overrides, 'sandbox.seccomp="off"']:
         argv += ["--set", item]
-    plan = {
-        "record_only": True,
-        "argv": argv,
-        "env": dict(os.environ),
-        "cwd": os.getcwd(),
-        "seccomp": seccomp.RECORDING_PLAN,
-    }
+    plan = StagePlan(
+        argv=argv, env=dict(os.environ), cwd=os.getcwd(), seccomp=seccomp.recording_plan()
+    )
     supervisors: list[Supervisor] = []
 
     def supervise(fd: int) -> None:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from runtime.sandbox import _linux, seccomp
+from runtime.sandbox import _linux, seccomp, stage_plan
 from runtime.sandbox import exec as stage2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -217,19 +217,24 @@ PROBES = {
 
 def main() -> int:
     channel_fd, plan_path, *probes = sys.argv[1:]
-    with open(plan_path) as handle:
-        plan = json.load(handle)
+    with open(plan_path, "rb") as handle:
+        plan = stage_plan.from_json(handle.read())
     channel = socket.socket(fileno=int(channel_fd))
-    if "outer_profile" in plan:  # the container's profile, loaded first as runc loads it
-        outer = seccomp.parse_profile(plan["outer_profile"], "outer")
+    outer_path = os.environ.get("HARNESS_TEST_OUTER_PROFILE")
+    if outer_path:  # the container's profile, loaded first as runc loads it
+        with open(outer_path) as handle:
+            outer = seccomp.parse_profile(json.load(handle), "outer")
         _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
         seccomp.compile_profile(outer, "as_written").filter.load()
+    report: dict[str, object] = {}
     try:
-        report, compiled = stage2.apply(plan)
-    except stage2.StageError as exc:  # as stage 2 does: the report says why, nothing runs
-        channel.sendall(json.dumps({"error": str(exc), **exc.report}).encode())
+        report = stage2.apply(plan)
+        report["seccomp"] = plan.seccomp.report
+        listener = stage2.load_filter(plan)
+    except (stage2.StageError, OSError) as exc:  # as stage 2 does: nothing runs after
+        partial = exc.report if isinstance(exc, stage2.StageError) else report
+        channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
         return 5
-    listener = seccomp.load(compiled) if compiled is not None else None
     message = json.dumps(report).encode()
     if listener is not None:
         socket.send_fds(channel, [message], [listener])

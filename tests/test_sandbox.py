@@ -4,6 +4,7 @@ listener to a real supervisor here, and then tries things it must not do."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -17,8 +18,9 @@ from typing import Any
 import pytest
 
 from runtime import recorder
-from runtime.sandbox import landlock, namespaces, seccomp
+from runtime.sandbox import landlock, namespaces, seccomp, stage_plan
 from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
+from runtime.sandbox.stage_plan import LandlockPlan, NamespacesPlan, PrivilegesPlan, StagePlan
 from tests.support import POD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,29 +30,29 @@ UNDER_PROFILE = Path(__file__).with_name("under_profile.py")
 # Docker's default seccomp profile (moby/profiles, Apache-2.0), unchanged.
 DOCKER_DEFAULT = Path(__file__).with_name("data") / "docker-default-seccomp.json"
 AS_ROOT = os.geteuid() == 0
-NO_LANDLOCK = {"mode": "off", "read": [], "write": [], "devices": [], "tcp_ports": []}
+NO_LANDLOCK = LandlockPlan(mode="off")
 
 
 def _plan(
     mode: str,
-    fence: dict[str, Any] | None = None,
+    fence: LandlockPlan | None = None,
     pod: bool = False,
-    spaces: Any = None,
+    spaces: NamespacesPlan | None = None,
     tasks: int | None = None,
     uid: int = 65534,
-) -> dict[str, Any]:
+) -> StagePlan:
     root = AS_ROOT and not pod
-    drop: dict[str, Any] = {"uid": uid, "gid": uid} if root else {"uid": None, "gid": None}
-    drop["max_tasks"] = tasks
-    filtered: dict[str, Any] = {"mode": mode}
-    if mode != "off":
-        filtered.update(profile=json.loads(PROFILE.read_text()), profile_path=str(PROFILE))
-    return {
-        "namespaces": spaces or {"mode": "off", "fds": {}},
-        "privileges": drop,
-        "landlock": fence or NO_LANDLOCK,
-        "seccomp": filtered,
-    }
+    drop = PrivilegesPlan(uid, uid, tasks) if root else PrivilegesPlan(None, None, tasks)
+    profile = json.loads(PROFILE.read_text()) if mode != "off" else {}
+    return StagePlan(
+        argv=[sys.executable],  # the probe runs the plan itself and never execs
+        env={},
+        cwd=str(REPO),
+        namespaces=spaces or NamespacesPlan("off"),
+        privileges=drop,
+        landlock=fence or NO_LANDLOCK,
+        seccomp=seccomp.compile_plan(mode, profile, str(PROFILE)),
+    )
 
 
 def _namespaces(workdir: Path, mode: str, wrapper: list[str], pod: bool) -> namespaces.Prepared:
@@ -91,7 +93,7 @@ def sandboxed(
     workdir: Path,
     mode: str,
     probes: list[str],
-    fence: dict[str, Any] | None = None,
+    fence: LandlockPlan | None = None,
     phase: str = "serving",
     outer: dict[str, Any] | None = None,
     pod: bool = False,
@@ -112,17 +114,18 @@ def sandboxed(
         wrapper = [*wrapper, sys.executable, str(UNDER_PROFILE), str(outer_path)]
     prepared = _namespaces(workdir, spaces, wrapper, pod)
     plan = _plan(mode, fence, pod, prepared.stage2(), tasks, uid)
-    if outer is not None:
-        plan["outer_profile"] = outer
     plan_path = workdir / "plan.json"
-    plan_path.write_text(json.dumps(plan))
+    plan_path.write_bytes(stage_plan.to_json(plan))
     plan_path.chmod(0o644)
+    # The probe loads the container's profile first, as runc does.
+    outer_env = {"HARNESS_TEST_OUTER_PROFILE": str(outer_path)} if outer is not None else {}
     parent, child = socket.socketpair()
     proc = subprocess.Popen(
         [
             *(POD if pod and AS_ROOT else []),
             *[sys.executable, str(PROBE), str(child.fileno()), str(plan_path), *probes],
         ],
+        env={**os.environ, **outer_env},
         pass_fds=[child.fileno(), *prepared.fds.values()],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -522,7 +525,7 @@ def test_inside_the_sandbox_paths_and_ports_are_fenced(open_tmp: Path) -> None:
             write=[str(runtime_dir)],
             devices=list(landlock.DEVICES),
             tcp_ports=[ok_port],
-        ).to_json()
+        )
         run = sandboxed(
             open_tmp,
             "enforce",
@@ -857,7 +860,7 @@ def test_cuda_engines_may_write_existing_files_under_proc(open_tmp: Path) -> Non
             write=[str(runtime_dir)],
             devices=list(landlock.DEVICES),
             write_files=write_files,
-        ).to_json()
+        )
         run = sandboxed(open_tmp, "off", probes, fence)
         assert run.report["landlock"]["enforced"] is True
         results[bool(write_files)] = run.results
@@ -1014,15 +1017,16 @@ def test_harness_s_files_inside_the_engine_s_folders_are_covered(open_tmp: Path)
     inside = """
 import json, os, sys
 from runtime.sandbox import namespaces
-namespaces.enter(json.loads(sys.argv[1]))
+from runtime.sandbox.stage_plan import NamespacesPlan
+namespaces.enter(NamespacesPlan(**json.loads(sys.argv[1])))
 base = sys.argv[2]
 print(json.dumps([sorted(os.listdir(base)), os.listdir(base + "/harness"),
                   open(base + "/top.toml").read(), open(base + "/needed.conf").read()]))
 """
     fds = prepared.stage2()
     done = subprocess.run(
-        [sys.executable, "-c", inside, json.dumps(fds), str(shared)],
-        pass_fds=list(fds["fds"].values()),
+        [sys.executable, "-c", inside, json.dumps(dataclasses.asdict(fds)), str(shared)],
+        pass_fds=list(fds.fds.values()),
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -34,9 +34,10 @@ from runtime.engine.output import Relay
 from runtime.engine.reaper import Reaper
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
-from runtime.sandbox import landlock, namespaces, privileges
-from runtime.sandbox.seccomp import RECORDING_PLAN, engine_profile, exit_event
+from runtime.sandbox import landlock, namespaces, privileges, stage_plan
+from runtime.sandbox.seccomp import compile_plan, engine_profile, exit_event, recording_plan
 from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.stage_plan import SeccompPlan, StagePlan
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_UDS_PATH = 107
@@ -190,15 +191,15 @@ class Engine:
         if drop.uid is not None:  # the engine's private runtime dir becomes the engine's
             for path in (self.paths.root, *self.paths.dirs()):
                 os.chown(path, drop.uid, drop.gid if drop.gid is not None else -1)
-        plan = {
-            "argv": list(self.plan.argv),
-            "env": self.plan.env,
-            "cwd": str(self.plan.cwd),
-            "namespaces": self.spaces.stage2(),
-            "privileges": drop.to_json(),
-            "landlock": self._landlock().to_json(),
-            "seccomp": self.seccomp_plan(),
-        }
+        plan = StagePlan(
+            argv=list(self.plan.argv),
+            env=self.plan.env,
+            cwd=str(self.plan.cwd),
+            namespaces=self.spaces.stage2(),
+            privileges=drop,
+            landlock=self._landlock(),
+            seccomp=self.seccomp_plan(),
+        )
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.output = [Relay(out_r, "stdout"), Relay(err_r, "stderr")]
@@ -209,7 +210,7 @@ class Engine:
                 plan,
                 wrapper=self.stage2_wrapper,
                 on_listener=self._start_supervisor,
-                extra_fds=tuple(plan["namespaces"]["fds"].values()),
+                extra_fds=tuple(self.spaces.stage2().fds.values()),
                 stdout=out_w,
                 stderr=err_w,
             )
@@ -229,16 +230,16 @@ class Engine:
             env_names=sorted(self.plan.env),
         )
 
-    def seccomp_plan(self) -> dict[str, Any]:
+    def seccomp_plan(self) -> SeccompPlan:
         mode = self.seccomp_mode or self.cfg.sandbox.seccomp
-        if mode == "off":
-            return {"mode": mode}
         if mode == "record":
-            return RECORDING_PLAN
+            return recording_plan()
+        if mode == "off":
+            return compile_plan("off", {}, "")
         profile, path, _ = engine_profile(self.cfg)
         # The supervisor answers with the profile's own errno, as the kernel would have.
         self.errno_ret = int(profile.get("defaultErrnoRet", errno.EPERM))
-        return {"mode": mode, "profile": profile, "profile_path": str(path)}
+        return compile_plan(mode, profile, str(path))
 
     def _start_supervisor(self, fd: int) -> None:
         mode = self.seccomp_mode or self.cfg.sandbox.seccomp
@@ -385,7 +386,7 @@ class Engine:
 
 
 def spawn_stage2(
-    plan: dict[str, Any],
+    plan: StagePlan,
     *,
     wrapper: list[str] | None = None,
     on_listener: Callable[[int], None],
@@ -412,14 +413,14 @@ def spawn_stage2(
     try:
         # The plan goes through a pipe the child reads at once; write it from a thread so a
         # plan larger than the pipe buffer (the seccomp profile) cannot block us.
-        writer = threading.Thread(target=_write_all, args=(plan_w, json.dumps(plan).encode()))
+        writer = threading.Thread(target=_write_all, args=(plan_w, stage_plan.to_json(plan)))
         writer.start()
         # The engine's output goes to harness's stderr (the engine: through Relay pipes);
         # stdout carries only events.
         proc = subprocess.Popen(
             argv,
-            env=plan["env"],
-            cwd=plan["cwd"],
+            env=plan.env,
+            cwd=plan.cwd,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,

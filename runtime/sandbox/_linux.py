@@ -78,3 +78,40 @@ def clear_capabilities() -> None:
 def last_capability() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as handle:
         return int(handle.read())
+
+
+# seccomp(2) (linux/seccomp.h): a filter compiled by harness, loaded by stage 2.
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}
+_BPF_INSTRUCTION = 8  # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_filter(bpf: bytes, *, listener: bool) -> int | None:
+    """Load a BPF program into this thread's filters (no_new_privs must be set). Returns the
+    notification listener's fd when `listener`, else None."""
+    count, rest = divmod(len(bpf), _BPF_INSTRUCTION)
+    if rest or not 0 < count <= 0xFFFF:
+        raise OSError(22, f"seccomp: {len(bpf)} bytes is no BPF program")
+    program = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = _SockFprog(count, ctypes.cast(program, ctypes.c_void_p))
+    flags = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
+    number = _SYS_SECCOMP[os.uname().machine]
+    result = _libc.syscall(number, SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(fprog))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(SET_MODE_FILTER): {os.strerror(err)}")
+    return int(result) if listener else None
+
+
+def threads() -> int:
+    """This process's threads, as the kernel counts them (Python's count misses foreign ones)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise OSError(2, "no Threads: line in /proc/self/status")

@@ -1,15 +1,15 @@
 """Stage 2: a fresh, single-threaded process that applies the engine's sandbox plan and execs
 vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with threads:
-prctl, Landlock and seccomp act on the calling thread.
+prctl, setns, Landlock and seccomp act on the calling thread alone.
 
-Order: enter the namespaces the helper made (user where unprivileged, mount, network, IPC;
-runtime.sandbox.namespaces) -> rlimits, no_new_privs -> Landlock -> bounding set, uid/gid,
-capabilities -> parent-death signal (after the uid change, which clears it) -> seccomp ->
-report -> execve.
+It imports the standard library and harness's stage-2 modules only (runtime.sandbox:
+stage_plan, _linux, namespaces, privileges, landlock): no pydantic, no libseccomp. harness
+compiled the filter; here it is loaded as BPF.
 
-Protocol: the plan arrives as JSON on the inherited fd `--plan-fd`. One JSON report goes back
-on the Unix socket `--report-fd`, then EOF; it carries the seccomp listener fd when there is
-one (SCM_RIGHTS), and {"error": ...} when a step failed and nothing was exec'd.
+Protocol: the plan (runtime.sandbox.stage_plan.StagePlan, strictly parsed) arrives as JSON on
+the inherited fd `--plan-fd`. One JSON report goes back on the Unix socket `--report-fd`,
+then EOF; it carries the seccomp listener fd when there is one (SCM_RIGHTS), and
+{"error": ...} when a step failed and nothing was exec'd (fail closed).
 """
 
 from __future__ import annotations
@@ -26,13 +26,54 @@ from collections.abc import Callable
 from typing import Any
 
 # Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
-from runtime.sandbox import _linux, landlock, namespaces, privileges, seccomp
+from runtime.sandbox import _linux, landlock, namespaces, privileges, stage_plan
+from runtime.sandbox.stage_plan import StagePlan
 
 
-def _timed(step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    started = time.monotonic()
-    report = step()
-    report["seconds"] = round(time.monotonic() - started, 6)
+class StageError(Exception):
+    def __init__(self, message: str, report: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def apply(plan: StagePlan) -> dict[str, Any]:
+    """Every step before seccomp, in the order the kernel requires. Raises StageError with
+    the report so far on a failure: the caller must then not exec."""
+    report: dict[str, Any] = {}
+    parent = os.getppid()
+
+    def step(key: str, action: Callable[[], dict[str, Any]]) -> None:
+        started = time.monotonic()
+        try:
+            done = action()
+        except OSError as exc:
+            raise StageError(f"{key}: {exc}", report) from exc
+        done["seconds"] = round(time.monotonic() - started, 6)
+        report[key] = {**report.get(key, {}), **done}
+
+    # setns into a user namespace, and Landlock's and seccomp's thread scope, need one thread.
+    if _linux.threads() != 1:
+        raise StageError("stage 2 must be single-threaded", report)
+    spaces, drop, fence = plan.namespaces, plan.privileges, plan.landlock
+    if spaces is None or drop is None or fence is None:
+        # `harness profile --container`: harness itself under the recording filter, with
+        # only no_new_privs (which loading a filter without CAP_SYS_ADMIN requires).
+        step("privileges", lambda: privileges.prepare(None))
+        return report
+    # 1. The namespaces first: the user namespace grants the rights to enter the others,
+    #    and Landlock, once applied, forbids entering a mount namespace.
+    step("namespaces", lambda: namespaces.enter(spaces))
+    # 2. rlimits (no core dumps, the task cap) and no_new_privs, which Landlock requires of a
+    #    process without CAP_SYS_ADMIN.
+    step("privileges", lambda: privileges.prepare(drop))
+    # 3. Landlock before the uid change: each rule is made by opening its path, which the
+    #    engine's uid may not be able to reach.
+    step("landlock", lambda: landlock.apply(fence))
+    # 4. Leave root and every capability, before the parent-death signal, which a credential
+    #    change clears.
+    step("privileges", lambda: privileges.drop(drop))
+    # 5. Die with harness (SIGKILL), kept across execve.
+    step("privileges", lambda: die_with(parent))
     return report
 
 
@@ -47,37 +88,23 @@ def die_with(parent: int) -> dict[str, Any]:
     return {"parent_death_signal": "SIGKILL"}
 
 
-def apply(plan: dict[str, Any]) -> tuple[dict[str, Any], seccomp.Compiled | None]:
-    """Every step of the plan up to seccomp, which is compiled here and loaded by the caller
-    right before the hand-off. Raises with the report so far on a failure: the caller must
-    then not exec (fail closed)."""
-    report: dict[str, Any] = {}
-    parent = os.getppid()
-    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-        ("namespaces", lambda: namespaces.enter(plan["namespaces"])),
-        ("privileges", lambda: privileges.prepare(plan["privileges"])),
-        ("landlock", lambda: landlock.apply(plan["landlock"])),
-        ("privileges", lambda: privileges.drop(plan["privileges"])),
-        ("privileges", lambda: die_with(parent)),
-    ]
-    if plan.get("record_only"):  # `harness profile --container`: harness itself, filtered
-        steps = [("privileges", lambda: privileges.prepare({}))]
-    for key, step in steps:
-        try:
-            report[key] = {**report.get(key, {}), **_timed(step)}
-        except OSError as exc:
-            raise StageError(f"{key}: {exc}", report) from exc
+def load_filter(plan: StagePlan) -> int | None:
+    """6. The seccomp filter, last: nothing above may need a call it refuses. Returns the
+    notification listener, which the caller hands to harness before anything else."""
+    if not plan.seccomp.bpf:
+        return None
     try:
-        report["seccomp"], compiled = seccomp.prepare(plan["seccomp"])
-    except (OSError, ValueError) as exc:
-        raise StageError(f"seccomp: {exc}", report) from exc
-    return report, compiled
-
-
-class StageError(Exception):
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
+        return _linux.seccomp_filter(plan.seccomp.bpf, listener=plan.seccomp.notify)
+    except OSError as exc:
+        if plan.seccomp.notify and exc.errno in (errno.EBUSY, errno.ECANCELED):
+            # Only one filter in a process's ancestry may have a listener.
+            raise OSError(
+                exc.errno,
+                "a seccomp filter with a notification listener is already installed above "
+                "harness (a container runtime's, or a recording); use sandbox.seccomp = "
+                '"kill", which needs no listener',
+            ) from exc
+        raise
 
 
 def main() -> int:
@@ -86,14 +113,17 @@ def main() -> int:
     parser.add_argument("--report-fd", type=int, required=True)
     args = parser.parse_args()
     with os.fdopen(args.plan_fd, "rb") as plan_file:
-        plan = json.loads(plan_file.read())
+        data = plan_file.read()
     channel = socket.socket(fileno=args.report_fd)
     channel.set_inheritable(False)  # the engine never holds a way back to harness
+    report: dict[str, Any] = {}
     try:
-        report, compiled = apply(plan)
+        plan = stage_plan.from_json(data)
+        report = apply(plan)
+        report["seccomp"] = {**plan.seccomp.report}
         message = json.dumps(report).encode()
-        listener = seccomp.load(compiled) if compiled is not None else None
-    except (StageError, OSError) as exc:
+        listener = load_filter(plan)
+    except (StageError, OSError, ValueError) as exc:
         partial = exc.report if isinstance(exc, StageError) else report
         channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
         return 5
@@ -104,11 +134,11 @@ def main() -> int:
     else:
         channel.sendall(message)
     channel.shutdown(socket.SHUT_WR)
-    os.chdir(plan["cwd"])
+    os.chdir(plan.cwd)
     try:
-        os.execve(plan["argv"][0], plan["argv"], plan["env"])  # noqa: S606 - argv, no shell
+        os.execve(plan.argv[0], plan.argv, plan.env)  # noqa: S606 - argv, no shell
     except OSError as exc:
-        print(f"harness stage-2: execve {plan['argv'][0]}: {exc}", file=sys.stderr)
+        print(f"harness stage-2: execve {plan.argv[0]}: {exc}", file=sys.stderr)
     return 127
 
 

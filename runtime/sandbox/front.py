@@ -59,7 +59,7 @@ def confine(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> d
             )
         if mode != "off":  # no_new_privs: Landlock's condition without CAP_SYS_ADMIN
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm).to_json())
+        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm))
         if engine_shm and report.get("enforced"):  # named by a descriptor: say what it is
             written = report["filesystem"]["write"]
             written[written.index(engine_shm)] = ENGINE_SHM

@@ -17,12 +17,13 @@ import functools
 import glob
 import os
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.config import Config
-from runtime.sandbox import seccomp
+from runtime.sandbox.stage_plan import LandlockPlan
+
+if TYPE_CHECKING:  # stage 2 imports this module: no pydantic there
+    from runtime.config import Config
 
 _SYS = {
     "x86_64": (444, 445, 446),
@@ -114,23 +115,6 @@ def abi_version() -> int:
         return 0
 
 
-@dataclass(frozen=True)
-class LandlockPlan:
-    mode: str  # best_effort | required | off
-    read: list[str] = field(default_factory=list)
-    write: list[str] = field(default_factory=list)
-    devices: list[str] = field(default_factory=list)
-    tcp_ports: list[int] = field(default_factory=list)
-    write_files: list[str] = field(default_factory=list)
-    # Folders beneath which only empty folders may be removed (the runtime dir's parent).
-    remove_dirs: list[str] = field(default_factory=list)
-    restrict_tcp: bool = True  # bind/connect only tcp_ports (ABI >= 4)
-    scoped: bool = True  # no signals or abstract Unix sockets out of the domain (ABI >= 6)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # What any Python program on Debian reads: code, shared libraries, ld.so.cache, passwd (torch
 # calls getpwuid), CPU topology in /proc and /sys.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/bin", "/sbin", "/etc", "/proc", "/sys")
@@ -203,6 +187,8 @@ def build_front(cfg: Config, runtime_root: Path, engine_shm: str | None = None) 
             front_only += [str(sig.path), *(str(p) for p in sig.certificate_chain)]
             front_only += [str(p) for p in (sig.public_key, sig.trust_config) if p is not None]
     if cfg.sandbox.seccomp != "off":
+        from runtime.sandbox import seccomp  # libseccomp: harness's side only
+
         front_only.append(str(seccomp.profile_path(cfg)))
     return LandlockPlan(
         mode=cfg.sandbox.landlock,
@@ -215,11 +201,11 @@ def build_front(cfg: Config, runtime_root: Path, engine_shm: str | None = None) 
     )
 
 
-def apply(plan: dict[str, Any]) -> dict[str, Any]:
+def apply(plan: LandlockPlan) -> dict[str, Any]:
     """Restrict this thread and everything it starts from now on (stage 2: the engine;
     sandbox.front: harness itself). Returns the report; raises OSError when `required`
     cannot be met."""
-    mode = plan["mode"]
+    mode = plan.mode
     if mode == "off":
         return {"mode": mode, "enforced": False, "reason": "disabled by config"}
     abi = abi_version()
@@ -230,8 +216,8 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     fs_mask = _FS_BY_ABI[max(a for a in _FS_BY_ABI if a <= abi)]
     attr = _RulesetAttr(handled_access_fs=fs_mask)
     size = ctypes.sizeof(ctypes.c_uint64)
-    tcp = abi >= 4 and plan.get("restrict_tcp", True)
-    scoped = abi >= 6 and plan.get("scoped", True)
+    tcp = abi >= 4 and plan.restrict_tcp
+    scoped = abi >= 6 and plan.scoped
     if tcp:
         attr.handled_access_net = NET_BIND_TCP | NET_CONNECT_TCP
         size = 2 * ctypes.sizeof(ctypes.c_uint64)
@@ -242,11 +228,11 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     skipped: list[str] = []
     try:
         for paths, access in (
-            (plan["read"], READ),
-            (plan["write"], WRITE),
-            (plan["devices"], DEVICE),
-            (plan.get("write_files", []), WRITE_FILE),
-            (plan.get("remove_dirs", []), FS_REMOVE_DIR),
+            (plan.read, READ),
+            (plan.write, WRITE),
+            (plan.devices, DEVICE),
+            (plan.write_files, WRITE_FILE),
+            (plan.remove_dirs, FS_REMOVE_DIR),
         ):
             for path in paths:
                 if not _add_path(ruleset, path, access & fs_mask):
@@ -256,7 +242,7 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
             # listens on such ports. Connecting stays limited to the listed ports.
             for port, access in [
                 (0, NET_BIND_TCP),
-                *((p, NET_BIND_TCP | NET_CONNECT_TCP) for p in plan["tcp_ports"]),
+                *((p, NET_BIND_TCP | NET_CONNECT_TCP) for p in plan.tcp_ports),
             ]:
                 rule = _NetPortAttr(access, port)
                 _syscall(1, ruleset, _RULE_NET_PORT, ctypes.byref(rule), ctypes.c_uint32(0))
@@ -268,17 +254,17 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
         "enforced": True,
         "abi": abi,
         "filesystem": {
-            "read_execute": plan["read"],
-            "write": plan["write"],
-            "devices": plan["devices"],
-            "write_files": plan.get("write_files", []),
-            "remove_empty_dirs": plan.get("remove_dirs", []),
+            "read_execute": plan.read,
+            "write": plan.write,
+            "devices": plan.devices,
+            "write_files": plan.write_files,
+            "remove_empty_dirs": plan.remove_dirs,
             "missing_paths": skipped,
         },
         "tcp": {
             "enforced": tcp,
-            "connect_ports": plan["tcp_ports"] if tcp else "any",
-            "bind_ports": [0, *plan["tcp_ports"]] if tcp else "any",
+            "connect_ports": plan.tcp_ports if tcp else "any",
+            "bind_ports": [0, *plan.tcp_ports] if tcp else "any",
         },
         "scoped": ["abstract_unix_socket", "signal"] if scoped else [],
     }

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.sandbox import _linux
+from runtime.sandbox.stage_plan import NamespacesPlan
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -120,8 +121,8 @@ class Prepared:
         """The engine's /dev/shm as harness can name it (its own Landlock rules need it)."""
         return f"/proc/self/fd/{self.fds['shm']}" if "shm" in self.fds else None
 
-    def stage2(self) -> dict[str, Any]:
-        return {"mode": self.mode, "fds": {k: v for k, v in self.fds.items() if k in KINDS}}
+    def stage2(self) -> NamespacesPlan:
+        return NamespacesPlan(self.mode, {k: v for k, v in self.fds.items() if k in KINDS})
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -178,12 +179,12 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
     return Prepared(mode, {"isolated": True, **report}, fds)
 
 
-def enter(plan: dict[str, Any]) -> dict[str, Any]:
+def enter(plan: NamespacesPlan) -> dict[str, Any]:
     """Stage 2: join the namespaces the helper made (user first). Single-threaded, as setns
     into a user namespace requires."""
     entered = []
     for kind in KINDS:
-        fd = plan["fds"].get(kind)
+        fd = plan.fds.get(kind)
         if fd is None:
             continue
         if _libc.setns(fd, _CLONE[kind]) != 0:
@@ -191,7 +192,7 @@ def enter(plan: dict[str, Any]) -> dict[str, Any]:
             raise OSError(err, f"setns({_NAMES[kind]}): {os.strerror(err)}")
         os.close(fd)
         entered.append(_NAMES[kind])
-    return {"mode": plan["mode"], "entered": entered}
+    return {"mode": plan.mode, "entered": entered}
 
 
 # --- the helper: a fresh process with no Landlock domain --------------------------------

@@ -15,32 +15,24 @@ from __future__ import annotations
 import os
 import resource
 import stat
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from runtime.config import EngineSection
 from runtime.errors import SandboxError
 from runtime.sandbox import _linux
+from runtime.sandbox.stage_plan import PrivilegesPlan
+
+if TYPE_CHECKING:  # stage 2 imports this module: no pydantic there
+    from runtime.config import EngineSection
 
 
-@dataclass(frozen=True)
-class PrivilegePlan:
-    uid: int | None  # None: keep the current uid (not root, or root allowed for development)
-    gid: int | None
-    max_tasks: int | None = None  # RLIMIT_NPROC: the engine's processes and threads
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def build(engine: EngineSection, euid: int) -> PrivilegePlan:
+def build(engine: EngineSection, euid: int) -> PrivilegesPlan:
     if euid != 0 or engine.unsafe_run_as_root:  # cannot (or may not) change uid
-        return PrivilegePlan(uid=None, gid=None, max_tasks=engine.max_tasks)
-    return PrivilegePlan(uid=engine.uid, gid=engine.gid, max_tasks=engine.max_tasks)
+        return PrivilegesPlan(uid=None, gid=None, max_tasks=engine.max_tasks)
+    return PrivilegesPlan(uid=engine.uid, gid=engine.gid, max_tasks=engine.max_tasks)
 
 
-def prepare(plan: dict[str, Any]) -> dict[str, Any]:
+def prepare(plan: PrivilegesPlan | None) -> dict[str, Any]:
     """Stage 2, first: what must hold before Landlock (which needs no_new_privs). The task
     cap counts per real uid (in the engine's user namespace, only its own tasks); as root it
     starts to count at the uid change."""
@@ -48,7 +40,7 @@ def prepare(plan: dict[str, Any]) -> dict[str, Any]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     limits: dict[str, Any] = {"core": 0, "nofile": hard}
-    tasks = plan.get("max_tasks")
+    tasks = plan.max_tasks if plan is not None else None
     if tasks is not None:
         resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
         limits["nproc"] = tasks
@@ -59,14 +51,15 @@ def prepare(plan: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def drop(plan: dict[str, Any]) -> dict[str, Any]:
+def drop(plan: PrivilegesPlan) -> dict[str, Any]:
     """Stage 2, after Landlock. Returns the report of what was enforced; raises OSError on a
     failure that must stop the start (fail closed)."""
     report: dict[str, Any] = {"bounding_set": _drop_bounding_set()}
-    if plan["uid"] is not None:
+    if plan.uid is not None:
+        gid = plan.gid if plan.gid is not None else plan.uid
         os.setgroups([])
-        os.setresgid(plan["gid"], plan["gid"], plan["gid"])
-        os.setresuid(plan["uid"], plan["uid"], plan["uid"])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(plan.uid, plan.uid, plan.uid)
     _linux.prctl(_linux.PR_CAP_AMBIENT, _linux.PR_CAP_AMBIENT_CLEAR_ALL)
     _linux.clear_capabilities()
     report.update(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), capabilities="none")
@@ -118,7 +111,7 @@ def _allowed(st: os.stat_result, uid: int, gid: int, bit: int) -> bool:
     return bool(st.st_mode & bit)
 
 
-def check_reachable(engine: EngineSection, plan: PrivilegePlan, *weights: Path) -> None:
+def check_reachable(engine: EngineSection, plan: PrivilegesPlan, *weights: Path) -> None:
     """The engine's uid can run its interpreter and read every folder of weights."""
     if plan.uid is None:
         return

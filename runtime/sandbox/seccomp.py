@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import signal
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import pyseccomp
 
 from runtime import vllm_options
 from runtime.errors import ConfigError
+from runtime.sandbox.stage_plan import SeccompPlan
 
 # Never allowed, whatever a recording saw: kernel attack surface or a way out of the sandbox
 # (io_uring's operations bypass seccomp altogether).
@@ -135,12 +137,6 @@ def startup_probe(name: str, args: Any) -> str | None:
     return None
 
 
-# `harness profile`: no rules of its own, so every syscall goes to the recording supervisor.
-RECORDING_PLAN = {
-    "mode": "record",
-    "profile": {"defaultAction": "SCMP_ACT_ERRNO"},
-    "profile_path": "<recording>",
-}
 _ACTIONS = (
     "SCMP_ACT_ALLOW",
     "SCMP_ACT_ERRNO",
@@ -481,20 +477,20 @@ def summarise(profile: Profile) -> dict[str, Any]:
     }
 
 
-# --- stage 2 ---------------------------------------------------------------------------------
+# --- the stage-2 plan --------------------------------------------------------------------
 
 
-def prepare(plan: dict[str, Any]) -> tuple[dict[str, Any], Compiled | None]:
-    """Stage 2 only: compile the engine's filter (not loaded yet) and describe it."""
-    mode = plan["mode"]
+def compile_plan(mode: str, profile_data: dict[str, Any], profile_path: str) -> SeccompPlan:
+    """Compile the engine's filter here, in harness, as BPF for stage 2 to load: stage 2
+    then needs no libseccomp (and no parsing of anything the profile says)."""
     if mode == "off":
-        return {"mode": mode, "installed": False}, None
-    profile = parse_profile(plan["profile"], plan["profile_path"])
+        return SeccompPlan(mode, report={"mode": mode, "installed": False})
+    profile = parse_profile(profile_data, profile_path)
     compiled = compile_profile(profile, mode)
     report = {
         "mode": mode,
         "installed": True,
-        "profile": plan["profile_path"],
+        "profile": profile_path,
         "allowed": len(compiled.allowed),
         "allowed_with_argument_checks": compiled.conditional,
         "fixed_deny": len(FIXED_DENY),
@@ -507,31 +503,43 @@ def prepare(plan: dict[str, Any]) -> tuple[dict[str, Any], Compiled | None]:
             "record": "allowed and recorded",
         }[mode],
     }
-    return report, compiled
+    return SeccompPlan(mode, export_bpf(compiled.filter), compiled.notify, report)
 
 
-def load(compiled: Compiled) -> int | None:
-    """Load the filter into this thread (and what it execs). Returns the listener fd when the
-    filter notifies. Keep the caller's work between this and the fd hand-off minimal."""
+def recording_plan() -> SeccompPlan:
+    """`harness profile`: no rules of its own, so every syscall goes to the recording
+    supervisor."""
+    return compile_plan("record", {"defaultAction": "SCMP_ACT_ERRNO"}, "<recording>")
+
+
+def export_bpf(flt: Any) -> bytes:
+    """libseccomp's BPF program for `flt` (struct sock_filter[]), through a pipe: harness may
+    write no file but its runtime dir, and a large program would fill the pipe's buffer, so
+    a thread drains it."""
+    read_fd, write_fd = os.pipe()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while data := os.read(read_fd, 1 << 16):
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, name="harness-bpf-export")
+    reader.start()
     try:
-        compiled.filter.load()
-    except OSError as exc:
-        if compiled.notify and exc.errno in (errno.EBUSY, errno.ECANCELED):
-            # Only one filter in a process's ancestry may have a listener.
-            raise OSError(
-                exc.errno,
-                "a seccomp filter with a notification listener is already installed above "
-                "harness (a container runtime's, or a recording); use sandbox.seccomp = "
-                '"kill", which needs no listener',
-            ) from exc
-        raise
-    if not compiled.notify:
-        return None
-    # pyseccomp has no public accessor for the listener libseccomp created at load.
-    fd = int(pyseccomp._libseccomp.seccomp_notify_fd(compiled.filter._filter))
-    if fd < 0:
-        raise OSError(-fd, "seccomp: no notification fd after load")
-    return fd
+        flt.export_bpf(_Fd(write_fd))
+    finally:
+        os.close(write_fd)
+        reader.join()
+        os.close(read_fd)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class _Fd:
+    fd: int
+
+    def fileno(self) -> int:
+        return self.fd
 
 
 def profile_numbers(names: Iterable[str]) -> set[int]:
