@@ -20,6 +20,7 @@ from runtime.sandbox import landlock, privileges, seccomp
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
     seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
+    front_server.check_versions()  # the front's libraries are the tested releases, or exit 2
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     files = front_server.open_files(cfg.front, apply=False)  # room for the connections, or 2
     verified = launcher.verify_weights(cfg)  # step 2, or exit 3

@@ -5,10 +5,8 @@ Each step is one call that either returns or raises a HarnessError carrying its 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +19,7 @@ from runtime.engine import liveness, resources, watchdog
 from runtime.engine import process as engine_process
 from runtime.engine.process import Engine
 from runtime.errors import ConfigError, EngineError, IntegrityError, SecretsError
-from runtime.front import metrics, tls
-from runtime.front import server as front_server
-from runtime.front.admission import Admission
-from runtime.front.proxy import FrontApp, FrontState
-from runtime.front.server import ServerState
+from runtime.front.service import Front
 from runtime.integrity import adapters, model_dir, signature
 from runtime.integrity.policy import ArtifactKind
 from runtime.sandbox import _linux, landlock, namespaces, privileges, seccomp
@@ -84,21 +78,12 @@ def serve(
         #    engine.cpus: the engine's compute threads get those CPUs, the front the others.
         placement = resources.cpu_placement(cfg.engine, os.sched_getaffinity(0))
 
-        # The front's TLS material, port and open-files limit are checked before the engine
-        # spends a minute loading: a wrong path, a busy port or too few files fail now (exit 2).
-        tls_material = tls.RotatingContext(cfg.front.tls)
-        files = front_server.open_files(cfg.front, apply=True)
-        listener = front_server.bind(cfg.front)
-        admission = Admission.from_config(cfg.front)
-        connections = ServerState()  # uvicorn's record of the front's open connections
-        gauges = metrics.Gauges(
-            in_flight=lambda: admission.in_flight,
-            connections=lambda: len(connections.connections),
-            handshakes=lambda: tls_material.handshakes.in_progress,
-        )
-        export.watch_gauges(gauges)
-        if cfg.front.metrics_listen:
-            metrics.serve(cfg.front.metrics_listen, gauges)
+        # The front's TLS material, port, open-files limit and libraries are checked before the
+        # engine spends a minute loading: a wrong path, a busy port or too few files fail now
+        # (exit 2).
+        front = Front.prepare(cfg)
+        export.watch_gauges(front.gauges)
+        front.serve_metrics()
 
         # 5. Engine: stage 2 enters its namespaces (above), sets no_new_privs, applies
         #    Landlock (read-only code and model, writes to its runtime dir and /dev/shm only, no
@@ -107,7 +92,7 @@ def serve(
         #    listening on a Unix socket only, with an allowlisted environment (exit 5 if the
         #    sandbox cannot be applied).
         with (
-            listener,
+            front.listener,
             Engine.create(cfg, caps, paths=paths, spaces=spaces) as engine,
             watchdog.for_engine(engine, caps),
         ):
@@ -124,21 +109,14 @@ def serve(
             #    allowlist, route allowlist; supervise until stopped.
             if cfg.sandbox.seccomp != "off":
                 telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
-            front = _serve_front(
-                cfg,
-                engine,
-                listener,
-                tls_material,
-                admission,
-                connections,
-                placement,
-                files,
-                on_ready,
-                weights.model.vocab_size,
-            )
             # From now on the engine must keep answering (engine.liveness_timeout_s, exit 6).
             with liveness.watch(engine, cfg.engine.liveness_timeout_s):
-                code = front_server.run(front)
+                code = front.run(
+                    engine,
+                    vocab_size=weights.model.vocab_size,
+                    placement=placement,
+                    on_ready=on_ready,
+                )
             engine_code = engine.stop()
     telemetry.emit(
         "shutdown",
@@ -341,91 +319,6 @@ def recheck_weights(weights: Weights) -> None:
             stage="after_load",
             files=len(verified.files),
         )
-
-
-async def _serve_front(
-    cfg: Config,
-    engine: Engine,
-    listener: socket.socket,
-    tls_material: tls.RotatingContext,
-    admission: Admission,
-    connections: ServerState,
-    placement: resources.CpuPlacement | None,
-    files: dict[str, int],
-    on_ready: Callable[[Config], None] | None,
-    vocab_size: int | None,
-) -> int:
-    front_sandbox.serving()  # the loop runs: uvloop's io_uring probe is behind us
-    state = FrontState(engine_ready=True)
-    app = FrontApp(
-        engine.socket,
-        state,
-        front=cfg.front,
-        limits=cfg.limits,
-        served_names=cfg.served_names,
-        admission=admission,
-        vocab_size=vocab_size,
-        tool_parser=cfg.engine.vllm.get("enable_auto_tool_choice", False),
-    )
-    server = front_server.build_server(cfg.front, app, state, tls_material, connections)
-    died: list[int] = []
-
-    # The engine's death wakes us at once (pidfd), not at the next poll.
-    loop = asyncio.get_running_loop()
-    pidfd = os.pidfd_open(engine.pid)
-
-    def on_engine_exit() -> None:
-        loop.remove_reader(pidfd)
-        code = engine.returncode()
-        died.append(code if code is not None else -1)
-        engine.report_sigsys(code)
-        telemetry.emit(
-            "engine_exit",
-            "failed",
-            pid=engine.pid,
-            exit_code=died[0],
-            reason=engine.stop_reason or "exited",
-        )
-        server.request_stop()
-
-    loop.add_reader(pidfd, on_engine_exit)
-    watch_ready = asyncio.ensure_future(_announce_ready(server, cfg, placement, files, on_ready))
-    try:
-        await server.serve(sockets=[listener])
-    finally:
-        watch_ready.cancel()
-        if not died:
-            loop.remove_reader(pidfd)
-        os.close(pidfd)
-    if died:
-        return ENGINE_FAILED
-    if not server.started:
-        return 1
-    return 0
-
-
-async def _announce_ready(
-    server: front_server.FrontServer,
-    cfg: Config,
-    placement: resources.CpuPlacement | None,
-    files: dict[str, int],
-    on_ready: Callable[[Config], None] | None,
-) -> None:
-    while not server.started:
-        await asyncio.sleep(0.05)
-    telemetry.emit(
-        "front_listen",
-        "ok",
-        listen=cfg.front.listen,
-        tls="1.3",
-        client_cert="required",
-        allowed_identities=list(cfg.front.allowed_identities),
-        max_connections=cfg.front.max_connections,
-        **files,
-        **(placement.describe() if placement else {}),
-    )
-    if on_ready is not None:
-        on_ready(cfg)
 
 
 def _stop_on_signals() -> None:

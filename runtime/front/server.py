@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.metadata
 import resource
 import signal
 import socket
@@ -47,6 +48,32 @@ from runtime.front.tls import (
 from runtime.identity import match_identity
 
 T = TypeVar("T")
+
+# The front's protocol and TLS handshakes are built on uvicorn's and uvloop's internals (above):
+# the releases they were written and tested against, as pyproject.toml pins them.
+TESTED_RELEASES = {"uvicorn": "0.55", "uvloop": "0.23", "httptools": "0.9"}
+
+
+def check_versions(installed: Callable[[str], str] = importlib.metadata.version) -> None:
+    """Refuse to serve on other releases of them (exit 2): their internals change without
+    notice, and a front that fails in a new way on a client's request is worse than none."""
+    wrong = {}
+    for name, release in TESTED_RELEASES.items():
+        try:
+            found = installed(name)
+        except importlib.metadata.PackageNotFoundError:
+            found = "none"
+        if found.split(".")[:2] != release.split("."):
+            wrong[name] = found
+    if wrong:
+        listed = ", ".join(f"{n} {v} (tested: {TESTED_RELEASES[n]}.x)" for n, v in wrong.items())
+        raise ConfigError(
+            f"the front is built on these libraries' internals and was tested with other "
+            f"releases: {listed}",
+            fix="install harness with its pinned dependencies (pip install harness, or "
+            "`make install` in a checkout) into a venv of its own",
+        )
+
 
 # The request line and headers of one request, in bytes. uvicorn's httptools protocol has no
 # limit of its own: a client could make the front hold an unbounded head in memory.
