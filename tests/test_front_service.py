@@ -1,15 +1,22 @@
-"""The front's dependencies on uvicorn's and uvloop's internals: served only on the releases
-it was tested with, and those are the ones pyproject.toml pins."""
+"""The front as an object: it serves only on the uvicorn and uvloop releases it was tested
+with (those pyproject.toml pins), and it reports how the engine died."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import select
+import signal
+import subprocess
+import sys
+import threading
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from runtime.engine.process import Engine
 from runtime.errors import ConfigError
 from runtime.front import server
 
@@ -40,3 +47,19 @@ def test_the_tested_releases_are_what_pyproject_pins() -> None:
         (spec,) = [d for d in deps if re.match(rf"{name}(\[|>|=|<)", d)]
         major, minor = release.split(".")
         assert f">={release}," in spec and f",<{major}.{int(minor) + 1}" in spec, spec
+
+
+def test_the_engines_exit_status_is_collected_while_another_thread_polls() -> None:
+    """The front learns of the engine's death from its pidfd and reports the exit status.
+    The watchdog and the liveness check poll the same process from their threads; while one
+    holds Popen's lock, poll() answers None, and the engine_exit event said exit_code -1."""
+    engine = Engine(None, None, None)  # type: ignore[arg-type]  # only its process is used
+    engine.proc = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    pidfd = os.pidfd_open(engine.proc.pid)
+    select.select([pidfd], [], [], 30)  # readable: the process has exited
+    os.close(pidfd)
+    lock = engine.proc._waitpid_lock  # what another thread's poll() holds for an instant
+    lock.acquire()
+    threading.Timer(0.2, lock.release).start()
+    assert engine.returncode() is None  # the race, as it was
+    assert engine.exit_status() == -signal.SIGKILL

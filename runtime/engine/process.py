@@ -346,6 +346,17 @@ class Engine:
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def exit_status(self) -> int | None:
+        """The status of an engine known to have exited (its pidfd said so). poll() answers
+        None while another thread (the watchdog, the liveness check) holds Popen's lock for
+        its own poll; wait() takes the lock in turn, and the exit is there to collect."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> int | None:
         """SIGTERM the engine's process group, wait, then SIGKILL whatever is left."""
         if self.proc is None:

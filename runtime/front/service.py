@@ -103,7 +103,7 @@ class Front:
 
         def on_engine_exit() -> None:
             loop.remove_reader(pidfd)
-            code = engine.returncode()
+            code = engine.exit_status()
             died.append(code if code is not None else -1)
             engine.report_sigsys(code)
             telemetry.emit(
