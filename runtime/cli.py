@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import traceback
@@ -308,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_sign)
 
-    vault.add_parser(sub)  # secrets fetch: the Vault init container
+    _secrets_parser(sub)  # secrets fetch: the Vault init container
 
     p = sub.add_parser(
         "profile", help="record a seccomp profile of the real engine under a workload"
@@ -361,6 +363,69 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.set_defaults(func=_demo_serve)
     return parser
+
+
+def _secrets_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`harness secrets fetch`."""
+    group = sub.add_parser("secrets", help="secrets tools (Vault init container)")
+    actions = group.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
+    p = actions.add_parser(
+        "fetch",
+        help="log in to Vault, write KV v2 secrets into an in-memory dir, revoke the token",
+        description="Init-container mode: log in to Vault, read KV v2 secrets, write one\n"
+        "file per secret (mode 0400) into an in-memory dir, revoke the token, exit.\n"
+        "Exit 4 on any failure, with nothing new written (2 for malformed flags).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  harness secrets fetch --addr https://vault:8200 --ca-cert "
+        "/vault/tls/ca.pem \\\n    --auth kubernetes --role inference --kv-mount secret \\\n"
+        "    --secret tls.key=harness/front#key --secret otlp.json=harness/otlp \\\n"
+        "    --out /vault/secrets",
+    )
+    p.add_argument("--addr", metavar="URL", help="Vault address (default: $VAULT_ADDR)")
+    p.add_argument(
+        "--ca-cert", metavar="PEM", help="CA that issued Vault's certificate ($VAULT_CACERT)"
+    )
+    p.add_argument(
+        "--auth",
+        choices=("kubernetes", "approle"),
+        required=True,
+        help="kubernetes: --role and the service-account JWT; approle: --role-id-file and "
+        "--secret-id-file",
+    )
+    p.add_argument("--auth-mount", metavar="PATH", help="auth mount path (default: --auth)")
+    p.add_argument("--role", help="kubernetes: the Vault role bound to this service account")
+    p.add_argument(
+        "--jwt-file",
+        default=vault.DEFAULT_JWT_FILE,
+        metavar="FILE",
+        help=f"kubernetes: service-account token file (default {vault.DEFAULT_JWT_FILE})",
+    )
+    p.add_argument("--role-id-file", metavar="FILE", help="approle: file holding the role_id")
+    p.add_argument("--secret-id-file", metavar="FILE", help="approle: file holding the secret_id")
+    p.add_argument("--kv-mount", default="secret", metavar="PATH", help="KV v2 mount (secret)")
+    p.add_argument(
+        "--secret",
+        action="append",
+        required=True,
+        metavar="NAME=PATH[#FIELD]",
+        help="write file NAME from KV PATH: its FIELD, its only field, or (NAME ending in "
+        ".json) every field as JSON; repeatable",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="in-memory dir (tmpfs) to fill")
+    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per request (10)")
+    p.add_argument(
+        "--unsafe-allow-http",
+        action="store_true",
+        help="allow a plain http:// Vault (a local development server only)",
+    )
+    p.set_defaults(func=_secrets_fetch)
+
+
+def _secrets_fetch(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(vault.FetchOptions)}
+    given = {name: value for name, value in vars(args).items() if name in fields}
+    options = vault.FetchOptions(**{**given, "secret": tuple(args.secret)})
+    return vault.run(options, os.environ)
 
 
 def _logging() -> None:

@@ -15,7 +15,6 @@ Output mapping, one `--secret NAME=PATH[#FIELD]` each, PATH relative to `--kv-mo
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -57,6 +56,26 @@ class SecretSpec:
 
 
 @dataclass(frozen=True)
+class FetchOptions:
+    """What `harness secrets fetch` was asked for, as given (the CLI's flags, typed); checked
+    and completed by build_plan."""
+
+    auth: Auth
+    secret: tuple[str, ...]  # NAME=PATH[#FIELD] each
+    out: str
+    addr: str | None = None  # default: $VAULT_ADDR
+    ca_cert: str | None = None  # default: $VAULT_CACERT
+    auth_mount: str | None = None  # default: the auth method's name
+    role: str | None = None
+    jwt_file: str = DEFAULT_JWT_FILE
+    role_id_file: str | None = None
+    secret_id_file: str | None = None
+    kv_mount: str = "secret"
+    timeout: float = 10.0
+    unsafe_allow_http: bool = False
+
+
+@dataclass(frozen=True)
 class Plan:
     addr: str
     ca_cert: Path | None
@@ -73,7 +92,7 @@ class Plan:
     unsafe_allow_http: bool = False
 
 
-# -- pure: command line -> plan; KV data -> file bytes ------------------------------------
+# -- pure: options -> plan; KV data -> file bytes ------------------------------------------
 
 
 def parse_spec(text: str) -> SecretSpec:
@@ -102,31 +121,31 @@ def parse_spec(text: str) -> SecretSpec:
     return SecretSpec(name, path, field if sep else None)
 
 
-def build_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
-    addr = args.addr or environ.get("VAULT_ADDR")
+def build_plan(options: FetchOptions, environ: Mapping[str, str]) -> Plan:
+    addr = options.addr or environ.get("VAULT_ADDR")
     if not addr:
         raise ConfigError("no Vault address", fix="pass --addr https://vault.example:8200")
     if not addr.startswith(("https://", "http://")):
         raise ConfigError(f"--addr {addr}: not an https:// URL", fix="e.g. https://vault:8200")
-    ca = args.ca_cert or environ.get("VAULT_CACERT")
-    if args.auth == "kubernetes" and not args.role:
+    ca = options.ca_cert or environ.get("VAULT_CACERT")
+    if options.auth == "kubernetes" and not options.role:
         raise ConfigError(
             "--auth kubernetes needs --role", fix="pass the Vault role bound to this pod's SA"
         )
-    if args.auth == "approle":
-        if args.role:
+    if options.auth == "approle":
+        if options.role:
             raise ConfigError(
                 "--role applies to --auth kubernetes",
                 fix="AppRole names its role by --role-id-file; drop --role",
             )
-        if not (args.role_id_file and args.secret_id_file):
+        if not (options.role_id_file and options.secret_id_file):
             raise ConfigError(
                 "--auth approle needs --role-id-file and --secret-id-file",
                 fix="mount the role_id and secret_id as files (never argv or environment)",
             )
-    elif args.role_id_file or args.secret_id_file:
+    elif options.role_id_file or options.secret_id_file:
         raise ConfigError("--role-id-file and --secret-id-file apply to --auth approle")
-    specs = tuple(parse_spec(s) for s in args.secret)
+    specs = tuple(parse_spec(s) for s in options.secret)
     seen: set[str] = set()
     for spec in specs:
         if spec.name in seen:
@@ -135,17 +154,17 @@ def build_plan(args: argparse.Namespace, environ: Mapping[str, str]) -> Plan:
     return Plan(
         addr=addr.rstrip("/"),
         ca_cert=Path(ca) if ca else None,
-        auth=args.auth,
-        auth_mount=(args.auth_mount or args.auth).strip("/"),
-        role=args.role,
-        jwt_file=Path(args.jwt_file) if args.auth == "kubernetes" else None,
-        role_id_file=Path(args.role_id_file) if args.role_id_file else None,
-        secret_id_file=Path(args.secret_id_file) if args.secret_id_file else None,
-        kv_mount=args.kv_mount.strip("/"),
+        auth=options.auth,
+        auth_mount=(options.auth_mount or options.auth).strip("/"),
+        role=options.role,
+        jwt_file=Path(options.jwt_file) if options.auth == "kubernetes" else None,
+        role_id_file=Path(options.role_id_file) if options.role_id_file else None,
+        secret_id_file=Path(options.secret_id_file) if options.secret_id_file else None,
+        kv_mount=options.kv_mount.strip("/"),
         specs=specs,
-        out=Path(args.out),
-        timeout=args.timeout,
-        unsafe_allow_http=args.unsafe_allow_http,
+        out=Path(options.out),
+        timeout=options.timeout,
+        unsafe_allow_http=options.unsafe_allow_http,
     )
 
 
@@ -494,67 +513,12 @@ def _write_all(dir_fd: int, out: Path, files: dict[str, bytes]) -> None:
                 os.unlink(temp, dir_fd=dir_fd)
 
 
-# -- command line --------------------------------------------------------------------------
+# -- the command ---------------------------------------------------------------------------
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`harness secrets fetch`."""
-    group = sub.add_parser("secrets", help="secrets tools (Vault init container)")
-    actions = group.add_subparsers(dest="secrets_command", required=True, metavar="ACTION")
-    p = actions.add_parser(
-        "fetch",
-        help="log in to Vault, write KV v2 secrets into an in-memory dir, revoke the token",
-        description="Init-container mode: log in to Vault, read KV v2 secrets, write one\n"
-        "file per secret (mode 0400) into an in-memory dir, revoke the token, exit.\n"
-        "Exit 4 on any failure, with nothing new written (2 for malformed flags).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  harness secrets fetch --addr https://vault:8200 --ca-cert "
-        "/vault/tls/ca.pem \\\n    --auth kubernetes --role inference --kv-mount secret \\\n"
-        "    --secret tls.key=harness/front#key --secret otlp.json=harness/otlp \\\n"
-        "    --out /vault/secrets",
-    )
-    p.add_argument("--addr", metavar="URL", help="Vault address (default: $VAULT_ADDR)")
-    p.add_argument(
-        "--ca-cert", metavar="PEM", help="CA that issued Vault's certificate ($VAULT_CACERT)"
-    )
-    p.add_argument(
-        "--auth",
-        choices=("kubernetes", "approle"),
-        required=True,
-        help="kubernetes: --role and the service-account JWT; approle: --role-id-file and "
-        "--secret-id-file",
-    )
-    p.add_argument("--auth-mount", metavar="PATH", help="auth mount path (default: --auth)")
-    p.add_argument("--role", help="kubernetes: the Vault role bound to this service account")
-    p.add_argument(
-        "--jwt-file",
-        default=DEFAULT_JWT_FILE,
-        metavar="FILE",
-        help=f"kubernetes: service-account token file (default {DEFAULT_JWT_FILE})",
-    )
-    p.add_argument("--role-id-file", metavar="FILE", help="approle: file holding the role_id")
-    p.add_argument("--secret-id-file", metavar="FILE", help="approle: file holding the secret_id")
-    p.add_argument("--kv-mount", default="secret", metavar="PATH", help="KV v2 mount (secret)")
-    p.add_argument(
-        "--secret",
-        action="append",
-        required=True,
-        metavar="NAME=PATH[#FIELD]",
-        help="write file NAME from KV PATH: its FIELD, its only field, or (NAME ending in "
-        ".json) every field as JSON; repeatable",
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="in-memory dir (tmpfs) to fill")
-    p.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per request (10)")
-    p.add_argument(
-        "--unsafe-allow-http",
-        action="store_true",
-        help="allow a plain http:// Vault (a local development server only)",
-    )
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    plan = build_plan(args, os.environ)
+def run(options: FetchOptions, environ: Mapping[str, str]) -> int:
+    """`harness secrets fetch`: events, the fetch, its exit code (errors raise, with theirs)."""
+    plan = build_plan(options, environ)
     summary: dict[str, Any] = {
         "mode": "vault",
         "addr": plan.addr,
@@ -579,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         )
     progress: dict[str, Any] = {}
     try:
-        written = fetch(plan, os.environ, progress=progress)
+        written = fetch(plan, environ, progress=progress)
     except HarnessError as exc:
         outcome: telemetry.Outcome = "failed" if progress.get("contacted") else "blocked"
         telemetry.emit(
