@@ -3,6 +3,7 @@ with (those pyproject.toml pins), and it reports how the engine died."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import os
 import re
@@ -63,3 +64,52 @@ def test_the_engines_exit_status_is_collected_while_another_thread_polls() -> No
     threading.Timer(0.2, lock.release).start()
     assert engine.returncode() is None  # the race, as it was
     assert engine.exit_status() == -signal.SIGKILL
+
+
+class _Recorded:
+    """Records what reaches the TLS transport (only its writes and closing matter here)."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls or "abort" in self.calls
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_response_head_goes_out_with_its_body_and_nothing_is_held_past_a_turn() -> None:
+    async def scenario() -> list[list[object]]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        for ending in ("body", "turn", "close", "abort"):
+            inner = _Recorded()
+            transport = server.CoalescingTransport(inner, loop)  # type: ignore[arg-type]
+            transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            assert inner.calls == [] and transport.get_write_buffer_size() == 19
+            if ending == "body":
+                transport.write(bytearray(b"{}"))
+                transport.write(b"more")  # not a head: straight through
+            elif ending == "close":
+                transport.close()
+            elif ending == "abort":
+                transport.abort()
+            await asyncio.sleep(0)  # one turn of the loop
+            seen.append(inner.calls)
+        return seen
+
+    body, turn, close, abort = asyncio.run(scenario())
+    assert body == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+    assert turn == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    assert close == [b"HTTP/1.1 200 OK\r\n\r\n", "close"]
+    assert abort == [b"HTTP/1.1 200 OK\r\n\r\n", "abort"]

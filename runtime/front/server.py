@@ -226,6 +226,52 @@ def bind(front: FrontSection) -> socket.socket:
     return sock
 
 
+class CoalescingTransport:
+    """The connection's TLS transport, with a response's head sent together with what follows
+    it. uvicorn writes the head as soon as the app starts the response and the body right
+    after: two TLS records and two send(2) calls for every non-streamed response, where one
+    does (5-10 % less CPU per request, benchmarks/front_bench.py). The head waits for the
+    next write or the end of this turn of the event loop, whichever comes first; everything
+    else goes out at once. Anything that ends the connection flushes first: no write is lost
+    or reordered."""
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pending is not None:
+            data, self._pending = self._pending + data, None
+        elif bytes(data[:7]) == b"HTTP/1.":  # a response head: hold it for this turn
+            self._pending = bytes(data)
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            data, self._pending = self._pending, None
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self.flush()
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._pending or b"")
+
+    def __getattr__(self, name: str) -> Any:  # the rest, as the transport has it
+        return getattr(self._transport, name)
+
+
 def _identity_protocol(
     allowed: tuple[str, ...],
     header_timeout: float,
@@ -264,6 +310,8 @@ def _identity_protocol(
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)  # now one of server_state.connections
+            # Responses go out through it (flow control keeps the transport itself).
+            self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
             address = self.client[0] if self.client else None  # uvicorn's (host, port)
             ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
             der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
