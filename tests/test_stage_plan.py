@@ -21,6 +21,7 @@ from runtime.sandbox.stage_plan import (
     SeccompPlan,
     StagePlan,
 )
+from tests.support import POD
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
@@ -107,12 +108,13 @@ def test_stage_two_imports_only_the_standard_library_and_its_own_modules() -> No
     assert {"pyseccomp", "pydantic"} <= {m.split(".")[0] for m in heavy}
 
 
-def _stage2(data: bytes) -> tuple[int, dict]:
-    """Run stage 2 on `data` as its plan; its exit code and report."""
+def _stage2(data: bytes, wrapper: tuple[str, ...] = ()) -> tuple[int, dict]:
+    """Run stage 2 on `data` as its plan (under `wrapper`); its exit code and report."""
     plan_r, plan_w = os.pipe()
     ours, theirs = socket.socketpair()
     proc = subprocess.Popen(
         [
+            *wrapper,
             *(sys.executable, "-I", "-m", "runtime.sandbox.exec"),
             *("--plan-fd", str(plan_r), "--report-fd", str(theirs.fileno())),
         ],
@@ -161,3 +163,44 @@ except stage2.StageError as exc:
         [sys.executable, "-I", "-c", code], capture_output=True, text=True, check=True, cwd="/"
     )
     assert out.stdout.strip() == "stage 2 must be single-threaded"
+
+
+# What a container runtime or a recording does: a filter with a notification listener above
+# stage 2 (it notifies only on acct(2), which nothing here calls), its listener kept open
+# (the kernel forgets a listener once its last fd is closed), then exec.
+_LISTENER_ABOVE = """
+import os, sys, pyseccomp
+flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+flt.add_rule(pyseccomp.NOTIFY, "acct")
+flt.load()
+os.set_inheritable(pyseccomp._libseccomp.seccomp_notify_fd(flt._filter), True)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("pod", [False, True], ids=["root", "uid-10001"])
+def test_a_filter_that_cannot_load_stops_stage_two_and_says_why(pod: bool) -> None:
+    """Only one filter in a process's ancestry may hold a listener: under one, `enforce`
+    cannot load. Stage 2 stops (exit 5) with the reason and the mode that works, and its
+    report says the filter is not installed (it said `installed: true` before, so harness
+    emitted seccomp_install ok). The same plan in `kill` mode, which needs no listener, runs."""
+    if pod and os.geteuid() != 0:
+        pytest.skip("the uid-10001 case starts from root")
+    wrapper = (*(POD if pod else ()), sys.executable, "-I", "-c", _LISTENER_ABOVE)
+    profile = json.loads(PROFILE.read_text())
+    plans = {
+        mode: StagePlan(
+            argv=["/bin/true"],
+            env={},
+            cwd="/",
+            seccomp=seccomp.compile_plan(mode, profile, str(PROFILE)),
+        )
+        for mode in ("enforce", "kill")
+    }
+    code, report = _stage2(stage_plan.to_json(plans["enforce"]), wrapper)
+    assert code == 5
+    assert "notification listener is already installed" in report["error"]
+    assert 'sandbox.seccomp = "kill"' in report["error"]
+    assert report["seccomp"]["installed"] is False and report["seccomp"]["mode"] == "enforce"
+    code, report = _stage2(stage_plan.to_json(plans["kill"]), wrapper)
+    assert code == 0 and "error" not in report and report["seccomp"]["installed"] is True

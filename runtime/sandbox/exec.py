@@ -120,12 +120,18 @@ def main() -> int:
     try:
         plan = stage_plan.from_json(data)
         report = apply(plan)
-        report["seccomp"] = {**plan.seccomp.report}
-        message = json.dumps(report).encode()
-        listener = load_filter(plan)
     except (StageError, OSError, ValueError) as exc:
         partial = exc.report if isinstance(exc, StageError) else report
         channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
+        return 5
+    # Encoded before the filter is loaded: after it, only the hand-off's own calls are sure
+    # to pass before harness's supervisor holds the listener.
+    message = json.dumps({**report, "seccomp": plan.seccomp.report}).encode()
+    try:
+        listener = load_filter(plan)
+    except OSError as exc:  # say that it did not load, not only what was compiled
+        report["seccomp"] = {**plan.seccomp.report, "installed": False}
+        channel.sendall(json.dumps({"error": f"seccomp: {exc}", **report}).encode())
         return 5
     # From here on every syscall is filtered: hand the listener over first (HANDOFF_ALLOW).
     if listener is not None:
