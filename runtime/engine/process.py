@@ -191,11 +191,12 @@ class Engine:
         if drop.uid is not None:  # the engine's private runtime dir becomes the engine's
             for path in (self.paths.root, *self.paths.dirs()):
                 os.chown(path, drop.uid, drop.gid if drop.gid is not None else -1)
+        spaces = self.spaces.stage2()
         plan = StagePlan(
             argv=list(self.plan.argv),
             env=self.plan.env,
             cwd=str(self.plan.cwd),
-            namespaces=self.spaces.stage2(),
+            namespaces=spaces,
             privileges=drop,
             landlock=self._landlock(),
             seccomp=self.seccomp_plan(),
@@ -210,7 +211,7 @@ class Engine:
                 plan,
                 wrapper=self.stage2_wrapper,
                 on_listener=self._start_supervisor,
-                extra_fds=tuple(self.spaces.stage2().fds.values()),
+                extra_fds=tuple(spaces.fds.values()),
                 stdout=out_w,
                 stderr=err_w,
             )

@@ -70,8 +70,9 @@ def check_versions(installed: Callable[[str], str] = importlib.metadata.version)
         raise ConfigError(
             f"the front is built on these libraries' internals and was tested with other "
             f"releases: {listed}",
-            fix="install harness with its pinned dependencies (pip install harness, or "
-            "`make install` in a checkout) into a venv of its own",
+            fix="install harness into a venv of its own, so that pip resolves the ranges its "
+            "pyproject.toml pins (`make install` in a checkout, or `pip install .`); do not "
+            "upgrade these three by hand",
         )
 
 
@@ -264,9 +265,6 @@ class CoalescingTransport:
     def abort(self) -> None:
         self.flush()
         self._transport.abort()
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + len(self._pending or b"")
 
     def __getattr__(self, name: str) -> Any:  # the rest, as the transport has it
         return getattr(self._transport, name)

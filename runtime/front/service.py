@@ -2,7 +2,7 @@
 connections, gauges and metrics) and its two phases in the startup sequence.
 
 `Front.prepare(cfg)` runs before the engine: a wrong TLS file, a busy port or too few open
-files fail then (exit 2), not after the engine spent a minute loading. `front.serve(engine)`
+files fail then (exit 2), not after the engine spent a minute loading. `front.run(engine)`
 runs once the engine is ready and its weights re-checked: mTLS, the identity and route
 allowlists, the request model, until SIGTERM (0) or the engine's death (6).
 """
