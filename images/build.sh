@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make image: build IMAGE from images/<variant>/Containerfile (cpu) or ./Containerfile (gpu),
+# make image / make image-gpu: build IMAGE from images/<variant>/Containerfile,
 # offline from container registries when need be:
 # - the base stays the Containerfile's digest-pinned default when podman has it or can pull
 #   it; otherwise the stand-in from Debian's packages (images/base/stand-in.sh), said so;
@@ -14,8 +14,7 @@ image=${2:?usage: build.sh cpu|gpu IMAGE}
 [ -n "${CONTAINERS_CONF:-}" ] && export CONTAINERS_CONF=$(realpath "$CONTAINERS_CONF")
 cd "$(dirname "$0")/.."
 case $variant in
-  cpu) containerfile=images/cpu/Containerfile ;;
-  gpu) containerfile=Containerfile ;;
+  cpu|gpu) containerfile=images/$variant/Containerfile ;;
   *) echo "build.sh: unknown variant $variant (cpu or gpu)" >&2; exit 2 ;;
 esac
 pinned=$(sed -n 's/^ARG BASE=//p' "$containerfile")

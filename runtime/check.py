@@ -14,12 +14,14 @@ from runtime.engine.command import RuntimePaths, build_plan
 from runtime.front import server as front_server
 from runtime.front import tls
 from runtime.front.proxy import FORWARDED, LOCAL
+from runtime.sandbox import front as front_sandbox
 from runtime.sandbox import landlock, privileges, seccomp
 
 
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
     seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
+    container = front_sandbox.container_profile(cfg)  # likewise
     front_server.check_versions()  # the front's libraries are the tested releases, or exit 2
     tls.server_context(cfg.front.tls)  # the TLS files load, or exit 2
     files = front_server.open_files(cfg.front, apply=False)  # room for the connections, or 2
@@ -130,6 +132,7 @@ def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[
             "landlock": _landlock(cfg, plan.tcp_ports),
             "front_landlock": _front_landlock(cfg),
             "seccomp": _seccomp(cfg),
+            "front_seccomp": _front_seccomp(cfg, container),
             "memory_caps": {
                 **caps.describe(),
                 "kv_cache_memory_bytes": cfg.engine.kv_cache_memory_bytes,
@@ -215,6 +218,22 @@ def _seccomp(cfg: config_mod.Config) -> dict[str, Any]:
         "fixed_deny_list": list(seccomp.FIXED_DENY),
         "clone_namespace_flags_refused": hex(seccomp.CLONE_NAMESPACES),
         "enosys": list(seccomp.ENOSYS_ALWAYS),
+    }
+
+
+def _front_seccomp(
+    cfg: config_mod.Config, container: front_sandbox.ContainerProfile
+) -> dict[str, Any]:
+    """harness's own filter, loaded once the engine is ready (runtime/sandbox/front.py)."""
+    if cfg.sandbox.seccomp == "off":
+        return {"status": "off (unsafe)"}
+    within = container.profile is not None
+    return {
+        "status": "enforced",
+        "mode": "container_profile" if within else "deny_list",
+        **container.report(),
+        "denied": list(front_sandbox.DENIED),
+        "violations": "seccomp_violation events, scope front",
     }
 
 

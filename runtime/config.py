@@ -439,6 +439,12 @@ class SandboxSection(_Section):
     # An OCI seccomp profile recorded by `harness profile`; default: the shipped
     # seccomp/engine-<device>.json.
     seccomp_profile: ConfigPath | None = None
+    # The seccomp profile the container runtime applies to harness itself (OCI format). What it
+    # refuses fails with ENOSYS and no event; harness's own filter then refuses those calls
+    # first, with EPERM and a seccomp_violation event (docs/sandbox.md). `auto`: the image's
+    # copy of the shipped profile (/usr/share/harness/seccomp/harness-cpu.json, -gpu on CUDA)
+    # when harness starts under a seccomp filter; `off`: the front's deny list alone.
+    container_profile: Literal["auto", "off"] | ConfigPath = "auto"
     # TCP ports the engine may bind or connect to (Landlock ABI >= 4). torch.distributed needs
     # a rendezvous port, which harness picks and adds itself.
     allowed_tcp_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)

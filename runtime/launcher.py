@@ -47,6 +47,7 @@ def serve(
     # 1. Configuration: validated, typed, unknown keys refused (exit 2).
     cfg = config_mod.load(config_path, overrides)
     seccomp.check_config(cfg)  # the engine's profile exists and compiles, before any work
+    container = front_sandbox.container_profile(cfg)  # the runtime's, for harness's own filter
     export = otel.install(cfg)  # OTLP, when configured: events are held until step 3
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))
 
@@ -105,10 +106,11 @@ def serve(
             recheck_weights(weights)
 
             # 7. Front: harness itself may no longer start programs, mount, trace, load BPF or
-            #    open raw sockets (a deny-list filter on every thread); then mTLS, identity
-            #    allowlist, route allowlist; supervise until stopped.
+            #    open raw sockets (a filter on every thread, within the container's profile
+            #    where harness knows it); then mTLS, identity allowlist, route allowlist;
+            #    supervise until stopped.
             if cfg.sandbox.seccomp != "off":
-                telemetry.emit("seccomp_install", "ok", **front_sandbox.apply())
+                telemetry.emit("seccomp_install", "ok", **front_sandbox.apply(container))
             # From now on the engine must keep answering (engine.liveness_timeout_s, exit 6).
             with liveness.watch(engine, cfg.engine.liveness_timeout_s):
                 code = front.run(

@@ -5,8 +5,9 @@ The container: read-only root (`--read-only-tmpfs=false`: podman would otherwise
 /var/tmp writable), tmpfs for /run/harness and /tmp, a private /dev/shm, every capability
 dropped, no-new-privileges, uid 10001, the shipped seccomp/harness-cpu.json unmodified; the
 model, its signature, the trust material and harness.toml mounted read-only; the server key on
-a tmpfs (/dev/shm) readable by uid 10001 only. The image's HEALTHCHECK needs systemd timers,
-which this machine's podman does not have: it is off (`--no-healthcheck`).
+a tmpfs (/dev/shm) readable by uid 10001 only. The image's HEALTHCHECK stays, without its
+timer (`--health-interval disable`: the timer needs systemd, which this machine's podman does
+not have); `healthcheck()` runs it once, as the timer would.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Container(Observed):
         config.write_text(CONFIG)
         self.secrets = _secrets_for_uid(demo_dir, self.name)
         args = [
-            "podman", "run", "--rm", "--name", self.name, "--no-healthcheck",
+            "podman", "run", "--rm", "--name", self.name, "--health-interval", "disable",
             "--read-only", "--read-only-tmpfs=false",
             "--tmpfs", "/run/harness:rw,mode=1777",
             "--tmpfs", "/tmp:rw,mode=1777",
@@ -145,6 +146,11 @@ class Container(Observed):
             stdout=self.stdout_path.open("wb"),
             stderr=self.stderr_path.open("wb"),
         )
+
+    def healthcheck(self) -> str:
+        """The image's HEALTHCHECK, run once in the container (as uid 10001, under its seccomp
+        profile): `healthy` or `unhealthy`, as podman reports it."""
+        return healthcheck(self.name)
 
     def processes(self) -> list[dict[str, Any]]:
         """Every live process in the container (pid, pgid, state, /proc/PID/status), read by
@@ -206,6 +212,19 @@ class Container(Observed):
                 subprocess.run(["podman", "rm", "-f", self.name], env=ENV, check=False)
                 self.proc.wait()
         shutil.rmtree(self.secrets, ignore_errors=True)
+
+
+def healthcheck(name: str) -> str:
+    done = subprocess.run(
+        ["podman", "healthcheck", "run", name],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr  # 0 healthy, 1 unhealthy, else an error
+    return "healthy" if done.returncode == 0 else "unhealthy"
 
 
 def _secrets_for_uid(demo_dir: Path, name: str) -> Path:

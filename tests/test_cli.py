@@ -100,6 +100,10 @@ def test_check_json_reports_controls(tmp_path: Path) -> None:
     ]
     assert controls["landlock"]["write_existing_files"] == []  # /proc only for device cuda
     assert controls["seccomp"]["clone_namespace_flags_refused"] == "0x7e020000"
+    # harness's own filter: on this host it starts under no seccomp filter, so a deny list.
+    front_filter = controls["front_seccomp"]
+    assert front_filter["mode"] == "deny_list" and "execve" in front_filter["denied"]
+    assert front_filter["container_profile_unknown"] == "harness started under no seccomp filter"
     # Function calling is off unless configured, and so is the engine's tool-call parser.
     assert controls["request_model"]["tools"] is False
     assert controls["request_model"]["tool_call_parser"] is None

@@ -24,7 +24,10 @@ from tests.support import REPO
 SCAN = REPO / ".venv-scan"
 DEB = SCAN / "deb" / "root"
 OVERLAYS = ("cpu", "gpu", "vault-agent")
-CONTAINERFILES = (REPO / "Containerfile", REPO / "images" / "cpu" / "Containerfile")
+CONTAINERFILES = (
+    REPO / "images" / "gpu" / "Containerfile",
+    REPO / "images" / "cpu" / "Containerfile",
+)
 WRITABLE = {"/run/harness", "/tmp", "/dev/shm"}  # the memory-backed mounts
 UID = 10001
 

@@ -778,7 +778,7 @@ def early():  # started before the filter: TSYNC must cover it too
 threading.Thread(target=early).start()
 seen["clone_newuser_before"] = PROBES["clone_newuser"]()
 events, gone = [], threading.Event()
-report = front.apply(events.append, gone.set)
+report = front.apply(None, events.append, gone.set)
 seen["clone_newuser"] = PROBES["clone_newuser"]()
 go.set(); done.wait()
 try:

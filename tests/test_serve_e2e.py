@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from runtime import config
 from runtime.demo import assets
 from runtime.sandbox.front import ENGINE_SHM
+from tests import container as image
 from tests.conftest import Containers, Servers
 from tests.container import Container
 from tests.support import (
@@ -542,8 +544,16 @@ def test_the_engines_refusals_reach_harness_and_a_stock_start_raises_no_alert(
     container's profile refuse it, and harness's supervisor still answers it. That makes one
     summary, no alert; nothing else was refused, at startup or while serving. The front's
     event loop (uvloop) probes io_uring once too, under harness's own filter: one summary of
-    its own."""
+    its own. In the image harness finds the container's profile by itself, and its filter
+    refuses (and would report) what that profile refuses: serving raised no alert either."""
     target.wait_for("front_listen")
+    [front] = [e for e in target.events("seccomp_install") if e.get("scope") == "front"]
+    if isinstance(target, Container):
+        assert front["mode"] == "container_profile"
+        assert front["container_profile"] == "/usr/share/harness/seccomp/harness-cpu.json"
+    else:
+        assert front["mode"] == "deny_list"
+        assert front["container_profile_unknown"] == "harness started under no seccomp filter"
     summaries = {e.get("scope", "engine"): e for e in target.events("seccomp_startup_probes")}
     assert set(summaries) == {"engine", "front"}
     for probes in summaries.values():
@@ -753,6 +763,35 @@ def test_tool_calls_with_the_engine_s_parser_inside_the_sandbox(
         assert harness.events("seccomp_violation") == []
     finally:
         harness.kill()
+
+
+@pytest.mark.image
+def test_the_images_healthcheck_passes_once_harness_serves_and_fails_without_it(
+    containers: Containers,
+) -> None:
+    """The image's own HEALTHCHECK (a TCP connect to 8443, what the Deployment's probes do),
+    run by podman inside the container, as uid 10001 under the shipped profile: healthy once
+    harness serves. The control: the same image and flags with an entrypoint that only waits
+    (nothing listens): unhealthy."""
+    assert containers.shared().healthcheck() == "healthy"
+    name = f"harness-test-idle-{os.getpid()}"
+    idle = [
+        "podman", "run", "-d", "--rm", "--name", name, "--health-interval", "disable",
+        "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--user", f"{image.UID}:{image.UID}", "--security-opt", f"seccomp={image.PROFILE}",
+        "--entrypoint", "sleep", image.IMAGE, "300",
+    ]  # fmt: skip
+    subprocess.run(
+        idle,
+        env=image.ENV,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    try:
+        assert image.healthcheck(name) == "unhealthy"
+    finally:
+        subprocess.run(["podman", "rm", "-f", "-t", "0", name], env=image.ENV, check=False)
 
 
 _IMAGE_KEY = 'method="key", public_key="/etc/harness/trust/signing-key.pub"'

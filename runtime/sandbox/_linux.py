@@ -108,10 +108,19 @@ def seccomp_filter(bpf: bytes, *, listener: bool) -> int | None:
     return int(result) if listener else None
 
 
-def threads() -> int:
-    """This process's threads, as the kernel counts them (Python's count misses foreign ones)."""
+def _status(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("Threads:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise OSError(2, "no Threads: line in /proc/self/status")
+    raise OSError(2, f"no {field}: line in /proc/self/status")
+
+
+def threads() -> int:
+    """This process's threads, as the kernel counts them (Python's count misses foreign ones)."""
+    return _status("Threads")
+
+
+def seccomp_filtered() -> bool:
+    """This process already runs under a seccomp filter (a container runtime's, say)."""
+    return _status("Seccomp") == 2  # SECCOMP_MODE_FILTER

@@ -16,6 +16,14 @@ a recording missed. The engine already runs and is not affected. Refused calls g
 supervisor process of their own (runtime/sandbox/front_reporter.py), which answers EPERM and
 reports each as a `seccomp_violation` with `scope: front`; where it cannot start, the filter
 refuses with a plain EPERM and the report says that refusals go unreported.
+
+In a container, the runtime's profile already refuses what it does not list, silently: its
+default is TRACE (ENOSYS with no tracer), the one action below the engine filter's
+notifications. When harness knows that profile (`sandbox.container_profile`), its filter is
+the same allowlist less the deny list above, with everything else notified: the calls the
+container would refuse are refused the same, one step earlier, and reported. Calls newer than
+any the profile names keep their ENOSYS without an event, as in the engine's filter (a newer
+libc probes them and falls back).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +50,46 @@ from runtime.sandbox import _linux, landlock, seccomp
 
 # Nothing the front does after startup needs a new program.
 NO_EXEC = ("execve", "execveat")
+DENIED = (*seccomp.FIXED_DENY, *NO_EXEC)
 _AF_PACKET = 17
 
 
 ENGINE_SHM = "the engine's /dev/shm (its mount namespace)"
+
+# Where the images keep the shipped profiles (the Containerfiles copy seccomp/ there).
+IMAGE_PROFILES = Path("/usr/share/harness/seccomp")
+_IMAGE_PROFILE = {"cpu": "harness-cpu.json", "cuda": "harness-gpu.json"}
+
+
+@dataclass(frozen=True)
+class ContainerProfile:
+    """The seccomp profile the container runtime applied to harness, when harness knows it."""
+
+    profile: seccomp.Profile | None
+    source: str  # its path, or why there is none
+
+    def report(self) -> dict[str, Any]:
+        key = "container_profile" if self.profile is not None else "container_profile_unknown"
+        return {key: self.source}
+
+
+def container_profile(cfg: Config) -> ContainerProfile:
+    """`sandbox.container_profile`, read and checked (ConfigError, exit 2, when it does not
+    parse): called at startup, before harness confines itself."""
+    setting = cfg.sandbox.container_profile
+    if setting == "off":
+        return ContainerProfile(None, "sandbox.container_profile = off")
+    if setting == "auto":
+        if not _linux.seccomp_filtered():
+            return ContainerProfile(None, "harness started under no seccomp filter")
+        path = IMAGE_PROFILES / _IMAGE_PROFILE[cfg.engine.device]
+        if not path.is_file():
+            return ContainerProfile(
+                None, f"no {path} here (auto reads the image's copy of the shipped profile)"
+            )
+    else:
+        path = Path(setting)
+    return ContainerProfile(seccomp.load_profile(path), str(path))
 
 
 def confine(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> dict[str, Any]:
@@ -162,6 +207,7 @@ def serving() -> None:
 
 
 def apply(
+    container: ContainerProfile | None = None,
     on_violation: Callable[[dict[str, Any]], None] = _violation_event,
     on_gone: Callable[[], None] = _reporter_gone,
     on_probes: Callable[[dict[str, int]], None] = _probes_event,
@@ -169,6 +215,7 @@ def apply(
     """Install the filter on every thread of this process. Returns the report. Until
     `serving()`, the known startup probes are counted, not alerted."""
     global _current
+    within = container.profile if container is not None else None
     try:
         reporter: _Reporter | None = _Reporter()
     except OSError:
@@ -176,12 +223,14 @@ def apply(
     report: dict[str, Any] | None = None
     if reporter is not None:
         try:
-            report = _load(notify=True)
+            report = _load(True, within)
         except OSError:  # a listener already above harness: only one per process tree
             reporter.proc.kill()
             reporter = None
     if report is None:
-        report = _load(notify=False)
+        report = _load(False, within)
+    if container is not None:
+        report.update(container.report())
     if reporter is None:
         report["violations"] = "EPERM, not reported: the supervisor process could not start"
     elif reporter.hand_over(report.pop("listener")):
@@ -194,16 +243,36 @@ def apply(
     return report
 
 
-def _load(notify: bool) -> dict[str, Any]:
+def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)  # every thread, not just this one
     refuse = pyseccomp.NOTIFY if notify else pyseccomp.ERRNO(errno.EPERM)
-    denied = []
-    for name in (*seccomp.FIXED_DENY, *NO_EXEC):
+    if within is not None:
+        flt, extra = _within(within, refuse)
+    else:
+        flt, extra = _deny_list(refuse), {"mode": "deny_list"}
+    flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)  # every thread, not just this one
+    flt.load()
+    listener: dict[str, int] = {}
+    if notify:  # as in seccomp.load: pyseccomp has no public accessor for it
+        listener["listener"] = int(pyseccomp._libseccomp.seccomp_notify_fd(flt._filter))
+    return {
+        **listener,
+        "scope": "front",
+        **extra,
+        "installed": True,
+        "threads": "all (TSYNC)",
+        "denied": [n for n in DENIED if seccomp.syscall_number(n) is not None],
+        "denied_sockets": ["AF_PACKET", "SOCK_RAW"],
+        "denied_clone_flags": hex(seccomp.CLONE_NAMESPACES),
+        "no_new_privs": True,
+    }
+
+
+def _deny_list(refuse: int) -> Any:
+    flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for name in DENIED:
         if seccomp.syscall_number(name) is not None:
             flt.add_rule(refuse, name)
-            denied.append(name)
     # New namespaces through clone(2) (unshare is on the deny list already).
     for bit in range(64):
         if seccomp.CLONE_NAMESPACES & (1 << bit):
@@ -215,18 +284,49 @@ def _load(notify: bool) -> dict[str, Any]:
         "socket",
         pyseccomp.Arg(1, pyseccomp.MASKED_EQ, seccomp.SOCK_TYPE_MASK, socket.SOCK_RAW),
     )
-    flt.load()
-    listener: dict[str, int] = {}
-    if notify:  # as in seccomp.load: pyseccomp has no public accessor for it
-        listener["listener"] = int(pyseccomp._libseccomp.seccomp_notify_fd(flt._filter))
-    return {
-        **listener,
-        "scope": "front",
-        "mode": "deny_list",
-        "installed": True,
-        "threads": "all (TSYNC)",
-        "denied": denied,
-        "denied_sockets": ["AF_PACKET", "SOCK_RAW"],
-        "denied_clone_flags": hex(seccomp.CLONE_NAMESPACES),
-        "no_new_privs": True,
-    }
+    return flt
+
+
+def _within(profile: seccomp.Profile, refuse: int) -> tuple[Any, dict[str, Any]]:
+    """The container's allowlist less the deny list; the rest refused (`refuse`)."""
+    flt = pyseccomp.SyscallFilter(refuse)
+    flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
+    arch = seccomp.native_arch()
+    withheld = {*DENIED, *seccomp.ALWAYS_ALLOW, *seccomp.ENOSYS_ALWAYS}
+    highest, allowed = 0, set()
+    for rule in profile.rules:
+        numbers = [seccomp.syscall_number(name) for name in rule.names]
+        highest = max([highest, *(n for n in numbers if n is not None)])
+        if rule.action != "SCMP_ACT_ALLOW" or not seccomp.applies(rule, arch, frozenset()):
+            continue  # the container's own ERRNO rules win over any notification anyway
+        for name, number in zip(rule.names, numbers, strict=True):
+            if number is None or name in withheld:
+                continue
+            if name == "socket" and not _plain_socket(rule):
+                continue
+            flt.add_rule(pyseccomp.ALLOW, name, *seccomp.rule_args(rule))
+            allowed.add(name)
+    for name in seccomp.ALWAYS_ALLOW:
+        args = [seccomp.no_namespaces()] if name == "clone" else []
+        flt.add_rule(pyseccomp.ALLOW, name, *args)
+    for name in seccomp.ENOSYS_ALWAYS:
+        flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
+    denied = seccomp.profile_numbers(DENIED)
+    for number in range(highest + 1, seccomp.STUB_END):
+        if number not in denied:
+            flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), number)
+    return flt, {"mode": "container_profile", "allowed": len(allowed), "enosys_from": highest + 1}
+
+
+def _plain_socket(rule: seccomp.Rule) -> bool:
+    """A socket rule that names a type other than SOCK_RAW, in a family other than AF_PACKET:
+    the front keeps it. Any other (raw, packet, or no type named) is refused."""
+    args = {(a.index, a.op): a for a in rule.args}
+    kind = args.get((1, "SCMP_CMP_MASKED_EQ"))
+    family = args.get((0, "SCMP_CMP_EQ"))
+    typed = kind is not None and kind.value == seccomp.SOCK_TYPE_MASK
+    return (
+        typed
+        and kind.value_two != socket.SOCK_RAW
+        and (family is None or family.value != _AF_PACKET)
+    )

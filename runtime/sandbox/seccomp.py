@@ -115,7 +115,7 @@ HANDOFF_ALLOW = ("sendmsg", "brk", "mmap", "munmap")
 # Syscall numbers above the profile's newest get ENOSYS (as runc does): a newer libc probing a
 # syscall the profile predates falls back instead of failing with EPERM. Up to the end of the
 # native table (x32 numbers start at 512).
-_STUB_END = 512
+STUB_END = 512
 # socket(2)'s type argument carries SOCK_NONBLOCK/SOCK_CLOEXEC above the type itself.
 SOCK_TYPE_MASK = 0xF
 
@@ -279,7 +279,7 @@ def native_arch() -> str:
     return _NATIVE_ARCH.get(platform.machine(), f"unsupported:{platform.machine()}")
 
 
-def _applies(rule: Rule, arch: str, caps: frozenset[str]) -> bool:
+def applies(rule: Rule, arch: str, caps: frozenset[str]) -> bool:
     """Docker's includes/excludes, for a process that holds `caps` (the engine: none)."""
     inc, exc = rule.includes, rule.excludes
     if inc.get("arches") and arch not in {f"SCMP_ARCH_{a.upper()}" for a in inc["arches"]}:
@@ -330,7 +330,7 @@ def _action_value(action: str, errno_ret: int) -> int:
     }[action]
 
 
-def _args(rule: Rule) -> list[Any]:
+def rule_args(rule: Rule) -> list[Any]:
     # OCI's MASKED_EQ: value is the mask, valueTwo the datum; libseccomp takes them that way.
     return [pyseccomp.Arg(a.index, _OPS[a.op], a.value, a.value_two) for a in rule.args]
 
@@ -355,7 +355,7 @@ def own_thread(name: str, args: Any, caller: int) -> bool:
     return 0 < target < _PID_MAX and os.path.exists(f"/proc/{caller}/task/{target}")
 
 
-def _no_namespaces() -> Any:
+def no_namespaces() -> Any:
     return pyseccomp.Arg(0, pyseccomp.MASKED_EQ, CLONE_NAMESPACES, 0)
 
 
@@ -401,7 +401,7 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
     deny = set(FIXED_DENY) if fixed else set()
     special = set(ALWAYS_ALLOW) | set(ENOSYS_ALWAYS) if fixed else set()
     for rule in profile.rules:
-        if not _applies(rule, arch, frozenset()):
+        if not applies(rule, arch, frozenset()):
             skipped += 1
             continue
         action = _action_value(rule.action, rule.errno_ret or profile.default_errno_ret)
@@ -417,7 +417,7 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
                 continue
             if action == default:
                 continue  # libseccomp refuses rules that repeat the default
-            args = _args(rule)
+            args = rule_args(rule)
             if fixed and name in SELF_ONLY:
                 args += _self_only(name, rule)
             flt.add_rule(action, name, *args)
@@ -429,7 +429,7 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
     if fixed:
         for name in (*ALWAYS_ALLOW, *HANDOFF_ALLOW):
             if name == "clone":
-                flt.add_rule(pyseccomp.ALLOW, name, _no_namespaces())
+                flt.add_rule(pyseccomp.ALLOW, name, no_namespaces())
                 conditional.add(name)
             else:
                 flt.add_rule(pyseccomp.ALLOW, name)
@@ -441,7 +441,7 @@ def compile_profile(profile: Profile, mode: str = "as_written") -> Compiled:
             # except the fixed deny list, which the supervisor refuses and reports.
             stub_from = highest + 1
             fixed_numbers = set(profile_numbers(FIXED_DENY))
-            for number in range(stub_from, _STUB_END):
+            for number in range(stub_from, STUB_END):
                 if number not in fixed_numbers:
                     flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), number)
     conditional -= allowed
