@@ -65,9 +65,14 @@ RUNC = frozenset(
 STAGE2 = frozenset(
     {"mount", "mount_setattr", "pivot_root", "setns", "symlink", "umount2", "unshare"}
 )
+# harness's own calls that a recording's short workload may miss: the memory watchdog's scan
+# of the engine's process group (watchdog.engine_pids), once a second. (Inside the image,
+# harness's filter reports any call of its own the container's profile lacks.)
+HARNESS = frozenset({"getpgid"})
 # What a container profile holds beyond what harness serve itself calls: tini, runc, stage 2's
-# namespaces, and the engine's own filter, which `serve` loads with seccomp(2).
-CONTAINER = TINI | RUNC | STAGE2 | {"seccomp"}
+# namespaces, harness's rarer calls, and the engine's own filter, which `serve` loads with
+# seccomp(2).
+CONTAINER = TINI | RUNC | STAGE2 | HARNESS | {"seccomp"}
 
 
 @dataclass
