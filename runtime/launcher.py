@@ -58,7 +58,7 @@ def serve(
     # The engine's namespaces and root come first: once confined, harness may not mount.
     with engine_process.runtime_dir(cfg) as paths:
         spaces = engine_process.prepare_namespaces(cfg, paths)
-        confined = front_sandbox.confine(cfg, paths.root, spaces.shm_path)
+        confined = front_sandbox.confine(cfg, paths.root, spaces.shm_path, spaces.proc_path)
         telemetry.emit("landlock", "ok" if confined["enforced"] else "failed", **confined)
 
         # 2. Weights: OMS signature, SHA-256 of every file against the signed manifest, model-dir

@@ -187,6 +187,9 @@ PROBES = {
     "net_namespace": lambda: os.stat("/proc/self/ns/net").st_ino,
     "user_namespace": lambda: os.stat("/proc/self/ns/user").st_ino,
     "uid": os.getuid,
+    # What of the processes it can see: its own pid, and how many /proc lists.
+    "getpid": os.getpid,
+    "proc_processes": lambda: sum(name.isdigit() for name in os.listdir("/proc")),
     "tcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM),
     "tcp_by_number": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
     "mptcp": lambda: _sock(socket.AF_INET, socket.SOCK_STREAM, _IPPROTO_MPTCP),

@@ -67,8 +67,15 @@ def test_in_a_pod_the_engine_gets_every_namespace_and_serves(
         assert {e["artifact"] for e in checks} == {"model", f"engine.lora[{LORA_NAME}]"}
         event = harness.events("namespaces")[0]
         assert event["isolated"] is True and event["mode"] == "required"
-        assert event["namespaces"] == ["user", "mount", "network", "ipc"]
+        assert event["namespaces"] == ["user", "mount", "network", "ipc", "pid"]
         assert harness.events("privilege_drop")[0]["uid"] == UID
+        # Its own PID namespace: the engine's first process is pid 2 there (its init is 1),
+        # and stage 2's own process, the one harness watches, waits outside it.
+        assert event["pid_in_namespace"] == 2
+        assert _status(harness.engine_pid)["NSpid"].split() == [str(harness.engine_pid)]
+        inside = [p for p in process_group(harness.engine_pid) if p != harness.engine_pid]
+        assert "2" in {_status(p)["NSpid"].split()[-1] for p in inside}
+        assert all(len(_status(p)["NSpid"].split()) == 2 for p in inside)
         assert harness.events("landlock")[0]["enforced"] is True  # harness itself, as 10001
         own = {k: os.readlink(f"/proc/{harness.proc.pid}/ns/{k}") for k in ("user", "mnt")}
         engine = process_group(harness.engine_pid)

@@ -194,7 +194,10 @@ def test_enforce_refuses_each_forbidden_call_and_names_it_in_an_event(
     assert run.report["seccomp"]["mode"] == "enforce" and run.report["seccomp"]["installed"]
 
 
-NAMESPACE_PROBES = ["interfaces", "net_namespace", "ipc_namespace", "user_namespace", "uid"]
+NAMESPACE_PROBES = [
+    "interfaces", "net_namespace", "ipc_namespace", "user_namespace", "uid", "getpid",
+    "proc_processes",
+]  # fmt: skip
 
 
 def _own_namespace(kind: str) -> int:
@@ -240,8 +243,11 @@ def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privil
     finally:
         secret.unlink()
     expected = ["user", "mount", "network", "ipc"] if pod else ["mount", "network", "ipc"]
-    assert run.namespaces["isolated"] is True and run.namespaces["namespaces"] == expected
-    assert run.report["namespaces"]["entered"] == expected
+    assert run.namespaces["isolated"] is True and run.namespaces["namespaces"] == [*expected, "pid"]
+    assert run.report["namespaces"]["entered"] == [*expected, "pid"]
+    # Its own PID namespace with its own /proc: it is pid 2 (init is 1) and sees no other.
+    assert run.report["namespaces"]["pid_in_namespace"] == 2
+    assert run.results["getpid"] == 2 and run.results["proc_processes"] == 2
     assert run.results["interfaces"] == 1
     assert run.results[f"connect:{port}"] == -errno.ECONNREFUSED
     assert run.results["tcp"] >= 0  # TCP itself works, inside
@@ -385,10 +391,11 @@ ON_ITSELF = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("spaces", ["off", "required"])
 @pytest.mark.parametrize("mode", ["enforce", "off"])
 @pytest.mark.parametrize("where", ["root", "pod"])
 def test_the_engine_tunes_itself_only_and_opens_tcp_only(
-    open_tmp: Path, mode: str, where: str
+    open_tmp: Path, mode: str, where: str, spaces: str
 ) -> None:
     """In a pod the front runs under the engine's uid: a hostile engine lowered the front's
     open-files limit, pinned it and parked it at SCHED_IDLE, and connected over MPTCP where
@@ -396,9 +403,11 @@ def test_the_engine_tunes_itself_only_and_opens_tcp_only(
     is refused and reported with its target; on itself and on its own threads by thread id
     (libzmq, OpenMP), and TCP, they still work, with no event. The control: without the filter
     every one of them succeeds. Both as root (the engine drops to 65534) and as in a pod (uid
-    10001, no capabilities, no uid change)."""
+    10001, no capabilities, no uid change). With the engine's namespaces (`required`) its
+    thread ids are those of its own PID namespace, which the supervisor translates."""
     probes = [*AIMED_AT_ANOTHER, "mptcp", "sctp", *ON_ITSELF]
-    run = sandboxed(open_tmp, mode, probes, pod=where == "pod")
+    run = sandboxed(open_tmp, mode, probes, pod=where == "pod", spaces=spaces)
+    assert ("pid" in run.namespaces.get("namespaces", [])) == (spaces == "required")
     if where == "pod" and AS_ROOT:
         assert run.report["privileges"]["uid"] == 10001, run.report["privileges"]
     assert all(run.results[p] == 0 for p in ON_ITSELF), run.results
@@ -460,8 +469,12 @@ def test_startup_probe_labels(name: str, args: list[int], label: str | None) -> 
     assert seccomp.startup_probe(name, args) == label
 
 
-def test_kill_mode_kills_the_process_with_sigsys(open_tmp: Path) -> None:
-    run = sandboxed(open_tmp, "kill", ["unix", "ptrace", "unix"])
+@pytest.mark.parametrize("spaces", ["off", "required"])
+def test_kill_mode_kills_the_process_with_sigsys(open_tmp: Path, spaces: str) -> None:
+    """With its own PID namespace (`required`) the engine is not stage 2's process but its
+    grandchild: stage 2's process ends the same way, by SIGSYS, which is what harness sees."""
+    run = sandboxed(open_tmp, "kill", ["unix", "ptrace", "unix"], spaces=spaces)
+    assert ("pid" in run.namespaces.get("namespaces", [])) == (spaces == "required")
     assert run.returncode == -signal.SIGSYS
     assert list(run.results) == ["unix"]  # nothing ran after the forbidden call
     assert run.events == []  # no supervisor in kill mode: the kernel acts alone

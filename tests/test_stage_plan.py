@@ -98,6 +98,7 @@ def test_stage_two_imports_only_the_standard_library_and_its_own_modules() -> No
         "runtime.sandbox.exec",
         "runtime.sandbox.landlock",
         "runtime.sandbox.namespaces",
+        "runtime.sandbox.pidns",
         "runtime.sandbox.privileges",
         "runtime.sandbox.stage_plan",
     }

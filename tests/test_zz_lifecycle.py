@@ -151,13 +151,15 @@ def test_harness_killed_takes_the_engine_with_it(
     demo_dir: Path, open_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGKILL leaves harness no chance to stop the engine: the parent-death signal stage 2
-    sets does (the stand-in engine, with a child it forks, as vLLM's engine core)."""
+    sets does (the stand-in engine, with a child it forks, as vLLM's engine core; stage 2's
+    own process waits beside them, outside the engine's PID namespace)."""
     monkeypatch.setenv("HARNESS_FAKE_ENGINE_MB", "1")
     harness = stand_in_harness(demo_dir, open_tmp)
     try:
         harness.wait_ready()
         list_models(harness, demo_dir)  # it forks its child
-        assert len(process_group(harness.engine_pid)) == 2
+        assert harness.events("namespaces")[0]["pid_in_namespace"] == 2
+        assert len(process_group(harness.engine_pid)) == 3
         [dropped] = harness.events("privilege_drop")
         assert dropped["parent_death_signal"] == "SIGKILL"
         engine = harness.engine_pid

@@ -86,7 +86,8 @@ def prepare_namespaces(
     if cfg.sandbox.namespaces != "off":
         mount_point.mkdir(mode=0o700, exist_ok=True)
     fence = landlock.build(cfg, paths.root, [])
-    root = namespaces.root_plan(mount_point, fence, cfg.engine.shm_bytes, _harness_files(cfg))
+    drop = privileges.build(cfg.engine, os.geteuid())
+    root = namespaces.root_plan(mount_point, fence, cfg.engine.shm_bytes, _harness_files(cfg), drop)
     try:
         return namespaces.prepare(cfg.sandbox.namespaces, root, wrapper)
     except OSError as exc:
@@ -216,7 +217,7 @@ class Engine:
                 stderr=err_w,
             )
         finally:
-            self.spaces.close()  # stage 2 holds them now, or nobody needs them
+            self.spaces.release()  # stage 2 holds them now, or nobody needs them
             os.close(out_w)
             os.close(err_w)
         self.reaper = Reaper(self.proc.pid)  # harness gone, however: the engine goes too
@@ -271,7 +272,7 @@ class Engine:
         ):
             if section is not None and section["mode"] == "off":
                 telemetry.emit("unsafe_setting", "allowed", setting=setting, risk=risk)
-        if dropped is not None:
+        if dropped is not None and "uid" in dropped:  # not when stage 2 stopped before it
             as_root = dropped["uid"] == 0
             telemetry.emit("privilege_drop", "failed" if as_root else "ok", **dropped)
             if as_root and self.cfg.engine.unsafe_run_as_root:

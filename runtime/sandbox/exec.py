@@ -3,7 +3,7 @@ vLLM (as `runc init` does). Never run from `preexec_fn`, never in a process with
 prctl, setns, Landlock and seccomp act on the calling thread alone.
 
 It imports the standard library and harness's stage-2 modules only (runtime.sandbox:
-stage_plan, _linux, namespaces, privileges, landlock): no pydantic, no libseccomp. harness
+stage_plan, _linux, namespaces, pidns, privileges, landlock): no pydantic, no libseccomp. harness
 compiled the filter; here it is loaded as BPF.
 
 Protocol: the plan (runtime.sandbox.stage_plan.StagePlan, strictly parsed) arrives as JSON on
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 # Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
-from runtime.sandbox import _linux, landlock, namespaces, privileges, stage_plan
+from runtime.sandbox import _linux, landlock, namespaces, pidns, privileges, stage_plan
 from runtime.sandbox.stage_plan import StagePlan
 
 
@@ -66,13 +66,18 @@ def apply(plan: StagePlan) -> dict[str, Any]:
     # 2. rlimits (no core dumps, the task cap) and no_new_privs, which Landlock requires of a
     #    process without CAP_SYS_ADMIN.
     step("privileges", lambda: privileges.prepare(drop))
-    # 3. Landlock before the uid change: each rule is made by opening its path, which the
+    # 3. In a PID namespace, only stage 2's children are inside: from here on this process
+    #    is the engine, and stage 2's own waits for it (pidns.py).
+    if "pid" in spaces.fds:
+        step("namespaces", lambda: pidns.fork_engine(drop, plan.seccomp.guard))
+        parent = os.getppid()  # 0: the waiter is outside; the engine dies with it
+    # 4. Landlock before the uid change: each rule is made by opening its path, which the
     #    engine's uid may not be able to reach.
     step("landlock", lambda: landlock.apply(fence))
-    # 4. Leave root and every capability, before the parent-death signal, which a credential
+    # 5. Leave root and every capability, before the parent-death signal, which a credential
     #    change clears.
     step("privileges", lambda: privileges.drop(drop))
-    # 5. Die with harness (SIGKILL), kept across execve.
+    # 6. Die with harness (or init) (SIGKILL), kept across execve.
     step("privileges", lambda: die_with(parent))
     return report
 
@@ -89,7 +94,7 @@ def die_with(parent: int) -> dict[str, Any]:
 
 
 def load_filter(plan: StagePlan) -> int | None:
-    """6. The seccomp filter, last: nothing above may need a call it refuses. Returns the
+    """7. The seccomp filter, last: nothing above may need a call it refuses. Returns the
     notification listener, which the caller hands to harness before anything else."""
     if not plan.seccomp.bpf:
         return None

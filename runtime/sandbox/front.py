@@ -55,6 +55,7 @@ _AF_PACKET = 17
 
 
 ENGINE_SHM = "the engine's /dev/shm (its mount namespace)"
+ENGINE_PROC = "the engine's /proc (its PID namespace)"
 
 # Where the images keep the shipped profiles (the Containerfiles copy seccomp/ there).
 IMAGE_PROFILES = Path("/usr/share/harness/seccomp")
@@ -92,7 +93,12 @@ def container_profile(cfg: Config) -> ContainerProfile:
     return ContainerProfile(seccomp.load_profile(path), str(path))
 
 
-def confine(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> dict[str, Any]:
+def confine(
+    cfg: Config,
+    runtime_root: Path,
+    engine_shm: str | None = None,
+    engine_proc: str | None = None,
+) -> dict[str, Any]:
     """Landlock on harness itself (sandbox.landlock decides, as for the engine). Returns the
     report; raises SandboxError (exit 5) when `required` cannot be met."""
     mode = cfg.sandbox.landlock
@@ -104,10 +110,16 @@ def confine(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> d
             )
         if mode != "off":  # no_new_privs: Landlock's condition without CAP_SYS_ADMIN
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm))
-        if engine_shm and report.get("enforced"):  # named by a descriptor: say what it is
-            written = report["filesystem"]["write"]
-            written[written.index(engine_shm)] = ENGINE_SHM
+        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm, engine_proc))
+        if report.get("enforced"):  # named by a descriptor: say what it is
+            rules = report["filesystem"]
+            for kind, path, label in (
+                ("write", engine_shm, ENGINE_SHM),
+                ("read_execute", engine_proc, ENGINE_PROC),
+                ("write_files", engine_proc, ENGINE_PROC),
+            ):
+                if path and path in rules.get(kind, []):
+                    rules[kind][rules[kind].index(path)] = label
     except OSError as exc:
         if mode == "required":
             raise SandboxError(

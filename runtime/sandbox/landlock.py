@@ -164,14 +164,17 @@ def build(cfg: Config, runtime_root: Path, tcp_ports: list[int]) -> LandlockPlan
     )
 
 
-def build_front(cfg: Config, runtime_root: Path, engine_shm: str | None = None) -> LandlockPlan:
+def build_front(
+    cfg: Config, runtime_root: Path, engine_shm: str | None = None, engine_proc: str | None = None
+) -> LandlockPlan:
     """Harness's own rules: everything the engine may do (its domain is nested in this one,
     so it can never have more), and what only the front reads. TLS files are allowed by
     their folder: a rotation replaces them, often by swapping a symlink there. TCP stays
     open (the front binds its ports and exports OTLP); signals and abstract Unix sockets
     reach only the domain, which holds the engine (ABI >= 6): even as root, harness cannot
     signal processes it did not start. `engine_shm`: the engine's own /dev/shm (a tmpfs in its
-    mount namespace, named through a descriptor), which the engine inherits these rules for."""
+    mount namespace, named through a descriptor), which the engine inherits these rules for;
+    `engine_proc` likewise, its own procfs (its PID namespace's)."""
     engine = build(cfg, runtime_root, [])
     tls, otlp = cfg.front.tls, cfg.telemetry
     front_only = [
@@ -190,12 +193,13 @@ def build_front(cfg: Config, runtime_root: Path, engine_shm: str | None = None) 
         from runtime.sandbox import seccomp  # libseccomp: harness's side only
 
         front_only.append(str(seccomp.profile_path(cfg)))
+    proc = [engine_proc] if engine_proc else []
     return LandlockPlan(
         mode=cfg.sandbox.landlock,
-        read=list(dict.fromkeys([*engine.read, *front_only])),
+        read=list(dict.fromkeys([*engine.read, *front_only, *proc])),
         write=[*engine.write, *([engine_shm] if engine_shm else [])],
         devices=engine.devices,
-        write_files=engine.write_files,
+        write_files=[*engine.write_files, *(proc if "/proc" in engine.write_files else [])],
         remove_dirs=[str(runtime_root.parent)],
         restrict_tcp=False,
     )

@@ -23,8 +23,10 @@ themselves, nothing else mapped), so files look the same and it can become nobod
 A node may refuse: the user.max_user_namespaces sysctl, an AppArmor userns restriction as on
 Ubuntu 24.04, a container profile without `unshare` or `mount`. Under `auto` the engine then
 keeps harness's namespaces and an event says why; `required` refuses to start (exit 5).
-No PID namespace yet: the engine sees other processes in /proc (of its container, in a pod);
-Landlock's signal scope and the seccomp profile's own-pid rules keep it from acting on them.
+- PID: where the node allows a procfs of its own in it (not under a container runtime's masked
+  /proc), so that the engine sees and signals only its own processes (`_pid_namespace`).
+  Elsewhere the event names why not, and Landlock's signal scope and the seccomp profile's
+  own-pid rules keep the engine from acting on the processes it sees.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -43,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.sandbox import _linux
-from runtime.sandbox.stage_plan import NamespacesPlan
+from runtime.sandbox import _linux, privileges
+from runtime.sandbox.stage_plan import NamespacesPlan, PrivilegesPlan
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -64,6 +67,7 @@ MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MS_RELATIME = 1 << 21
 MNT_DETACH = 2
+PROC_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC  # the engine's own procfs (runtime/sandbox/pidns.py)
 _KEEP = {
     os.ST_NOSUID: MS_NOSUID,
     os.ST_NODEV: MS_NODEV,
@@ -73,14 +77,16 @@ _KEEP = {
     os.ST_RELATIME: MS_RELATIME,
 }
 # The order stage 2 enters them: the user namespace first (it grants the rights to the rest).
-KINDS = ("user", "mnt", "net", "ipc")
+# The PID namespace applies to stage 2's children only (runtime/sandbox/pidns.py).
+KINDS = ("user", "mnt", "net", "ipc", "pid")
 _CLONE = {
     "user": _linux.CLONE_NEWUSER,
     "mnt": _linux.CLONE_NEWNS,
     "net": _linux.CLONE_NEWNET,
     "ipc": _linux.CLONE_NEWIPC,
+    "pid": _linux.CLONE_NEWPID,
 }
-_NAMES = {"user": "user", "mnt": "mount", "net": "network", "ipc": "ipc"}
+_NAMES = {"user": "user", "mnt": "mount", "net": "network", "ipc": "ipc", "pid": "pid"}
 SHM = "/dev/shm"  # noqa: S108 - the system path, replaced by the engine's own tmpfs
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -102,6 +108,9 @@ class RootPlan:
     # harness's own files (config, TLS, signature, secrets): covered wherever a folder the
     # engine is given holds them (the image keeps its config in /etc/harness).
     hide: list[str] = field(default_factory=list)
+    # The uid/gid the PID namespace's init runs as once its procfs is mounted (None: keep).
+    init_uid: int | None = None
+    init_gid: int | None = None
 
 
 @dataclass
@@ -121,8 +130,19 @@ class Prepared:
         """The engine's /dev/shm as harness can name it (its own Landlock rules need it)."""
         return f"/proc/self/fd/{self.fds['shm']}" if "shm" in self.fds else None
 
+    @property
+    def proc_path(self) -> str | None:
+        """The engine's own procfs (its PID namespace's), likewise."""
+        return f"/proc/self/fd/{self.fds['proc']}" if "proc" in self.fds else None
+
     def stage2(self) -> NamespacesPlan:
         return NamespacesPlan(self.mode, {k: v for k, v in self.fds.items() if k in KINDS})
+
+    def release(self) -> None:
+        """Once stage 2 holds them: all but the lifeline of the PID namespace's init, which
+        ends the namespace when closed (with `close`, or when harness dies)."""
+        for kind in [k for k in self.fds if k != "lifeline"]:
+            os.close(self.fds.pop(kind))
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -155,7 +175,7 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
             parent.shutdown(socket.SHUT_WR)
             while True:
                 data, fds, _flags, _addr = socket.recv_fds(
-                    parent, 1 << 16, 8, socket.MSG_CMSG_CLOEXEC
+                    parent, 1 << 16, 16, socket.MSG_CMSG_CLOEXEC
                 )
                 received += fds
                 if not data:
@@ -207,11 +227,101 @@ def _create(root: RootPlan) -> tuple[dict[str, Any], dict[str, int]]:
     created += ["mount", "network", "ipc"]
     _loopback_up()
     contents = _build_root(root)
-    kinds = ["user", *KINDS[1:]] if "user" in created else list(KINDS[1:])
+    kinds = ["user", "mnt", "net", "ipc"] if "user" in created else ["mnt", "net", "ipc"]
     fds = {kind: os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC) for kind in kinds}
     fds["shm"] = os.open(SHM, os.O_PATH | os.O_CLOEXEC)
-    report = {"namespaces": created, "interfaces": ["lo"], "root": contents}
+    report: dict[str, Any] = {"namespaces": created, "interfaces": ["lo"], "root": contents}
+    try:  # last: this process can start no other afterwards
+        init, pid_fds = _pid_namespace(root)
+    except OSError as exc:
+        report["pid_refused"] = str(exc)
+    else:
+        created.append("pid")
+        report["pid_init"] = init
+        fds.update(pid_fds)
     return report, fds
+
+
+def _pid_namespace(root: RootPlan) -> tuple[int, dict[str, int]]:
+    """A PID namespace whose init (pid 1) has mounted a procfs of its own on the engine's
+    /proc, then waits. Without a procfs of its own a PID namespace would be worse than none:
+    the engine's pids (1, 2, ...) would name other processes in the outer /proc, which vLLM
+    reads through psutil. It is mounted here because Landlock forbids mounting to harness and all it
+    starts, and by the namespace's first process because a procfs shows the PID namespace of
+    whoever mounts it. Stage 2 enters it with setns, so that the engine, its child, starts
+    inside (runtime/sandbox/pidns.py). A container runtime's masked /proc is the usual
+    refusal: its locked mounts hide parts of the outer procfs, and the kernel refuses a new
+    procfs, which would not, in a user namespace (OSError, reported as `pid_refused`).
+
+    init reaps what the engine's processes leave behind, and exits when harness closes the
+    lifeline or dies; the kernel then kills whatever is left in the namespace. Returns its pid
+    and the fds for harness: the namespace, and harness's end of the lifeline."""
+    _linux.unshare(_linux.CLONE_NEWPID)
+    ours, theirs = socket.socketpair()
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    init = os.fork()
+    if init == 0:
+        os.read(go_r, 1)  # until this process holds the namespace: see below
+        _init(ours, ready_w, root)
+    os.close(ready_w)
+    ours.close()
+    # The namespace can be opened once it has a process, and through this process's /proc
+    # only until init's procfs covers it.
+    namespace = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    os.write(go_w, b"g")
+    os.close(go_w)
+    answer = os.read(ready_r, 64)
+    os.close(ready_r)
+    if answer != b"ok":
+        os.close(namespace)
+        theirs.close()
+        os.waitpid(init, 0)
+        step, _, code = answer.decode().partition(":")
+        err = int(code) if code.isdigit() else errno.EIO
+        raise OSError(err, f"{step or 'init'} in a new PID namespace: {os.strerror(err)}")
+    # harness names it in its own Landlock rules (the engine's are nested in them).
+    proc = os.open("/proc", os.O_PATH | os.O_CLOEXEC)
+    return init, {"pid": namespace, "lifeline": theirs.detach(), "proc": proc}
+
+
+def _init(lifeline: socket.socket, ready_w: int, root: RootPlan) -> None:
+    """pid 1 of the engine's PID namespace: mount its procfs, say so, leave root and every
+    capability, then reap until the lifeline closes. Never returns."""
+    try:
+        step = "mount proc"
+        try:
+            _linux.mount("proc", "/proc", "proc", PROC_FLAGS)
+            step = "leave root"
+            _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
+            privileges.drop(PrivilegesPlan(root.init_uid, root.init_gid))
+        except OSError as exc:
+            os.write(ready_w, f"{step}:{exc.errno}".encode())
+            os._exit(1)
+        os.write(ready_w, b"ok")
+        os.close(ready_w)
+        keep = lifeline.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        poller = select.poll()  # poll(2): select(2) is not in the container's profile
+        poller.register(lifeline, select.POLLIN)
+        while True:
+            readable = poller.poll(1000)
+            _reap()
+            if readable and not lifeline.recv(1):
+                break  # harness closed it, or is gone
+    finally:
+        os._exit(0)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _enter_user_namespace(uid: int, gid: int) -> None:
@@ -265,9 +375,10 @@ def _build_root(plan: RootPlan) -> dict[str, Any]:
             os.makedirs(os.path.dirname(new + path), exist_ok=True)
             os.symlink(real, new + path)
             linked[path] = real
-    # /proc and /sys as the container or host has them (masks included): no PID namespace
-    # yet, so a new procfs would show the same. /proc stays writable for the CUDA driver's
-    # own /proc/<pid>/task/<tid>/comm; Landlock decides what the engine writes there.
+    # /proc and /sys as the container or host has them (masks included); the PID namespace's
+    # init mounts the engine's own procfs over this /proc where the node allows it. /proc
+    # stays writable for the CUDA driver's own /proc/<pid>/task/<tid>/comm; Landlock decides
+    # what the engine writes there.
     for special, read_only in (("/proc", False), ("/sys", True)):
         if os.path.isdir(special):
             _bind(special, new + special, read_only=read_only)
@@ -430,9 +541,12 @@ def main() -> int:
     return 0
 
 
-def root_plan(mount_point: Path, fence: Any, shm_bytes: int, hide: list[str]) -> RootPlan:
+def root_plan(
+    mount_point: Path, fence: Any, shm_bytes: int, hide: list[str], drop: Any
+) -> RootPlan:
     """The root from the engine's Landlock plan (landlock.LandlockPlan): what it may read,
-    write and open as devices is what exists for it."""
+    write and open as devices is what exists for it. `drop`: the engine's PrivilegesPlan,
+    whose uid the PID namespace's init takes too."""
     return RootPlan(
         mount_point=str(mount_point),
         read=list(fence.read),
@@ -440,6 +554,8 @@ def root_plan(mount_point: Path, fence: Any, shm_bytes: int, hide: list[str]) ->
         devices=list(fence.devices),
         shm_bytes=shm_bytes,
         hide=hide,
+        init_uid=drop.uid,
+        init_gid=drop.gid,
     )
 
 

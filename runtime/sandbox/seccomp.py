@@ -352,7 +352,27 @@ def own_thread(name: str, args: Any, caller: int) -> bool:
     if any(int(args[i]) != value for i, value in fixed):
         return False
     target = int(args[index])
-    return 0 < target < _PID_MAX and os.path.exists(f"/proc/{caller}/task/{target}")
+    return 0 < target < _PID_MAX and target in _thread_ids(caller)
+
+
+def _thread_ids(caller: int) -> set[int]:
+    """The ids of the caller's threads as the caller names them: the last of each NSpid
+    (in its own PID namespace, where it has one; otherwise the same as harness's)."""
+    ids: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{caller}/task")
+    except OSError:
+        return ids
+    for task in tasks:
+        try:
+            with open(f"/proc/{caller}/task/{task}/status") as status:
+                for line in status:
+                    if line.startswith("NSpid:"):
+                        ids.add(int(line.split()[-1]))
+                        break
+        except OSError:
+            continue  # a thread that ended meanwhile
+    return ids
 
 
 def no_namespaces() -> Any:
@@ -503,7 +523,12 @@ def compile_plan(mode: str, profile_data: dict[str, Any], profile_path: str) -> 
             "record": "allowed and recorded",
         }[mode],
     }
-    return SeccompPlan(mode, export_bpf(compiled.filter), compiled.notify, report)
+    # Stage 2's waiting processes (runtime/sandbox/pidns.py) run the engine's profile too,
+    # with no supervisor of their own: anything else kills them.
+    guard = export_bpf(compile_profile(profile, "kill").filter) if mode != "record" else b""
+    return SeccompPlan(
+        mode, export_bpf(compiled.filter), compiled.notify, guard=guard, report=report
+    )
 
 
 def recording_plan() -> SeccompPlan:

@@ -24,7 +24,7 @@ class NamespacesPlan:
     namespaces); stage 2 enters them with setns, user first."""
 
     mode: str  # auto | required | off
-    fds: dict[str, int] = field(default_factory=dict)  # kind (user, mnt, net, ipc) -> fd
+    fds: dict[str, int] = field(default_factory=dict)  # kind (user, mnt, net, ipc, pid) -> fd
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class SeccompPlan:
     mode: str  # enforce | kill | complain | record | off
     bpf: bytes = b""  # the compiled filter (struct sock_filter[], native arch); empty: none
     notify: bool = False  # load with a notification listener, handed back to harness
+    # The same profile killing on anything else, for stage 2's own waiting processes (pidns).
+    guard: bytes = b""
     report: dict[str, Any] = field(default_factory=dict)  # what was compiled, for the event
 
 
