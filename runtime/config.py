@@ -443,7 +443,8 @@ class SandboxSection(_Section):
     # refuses fails with ENOSYS and no event; harness's own filter then refuses those calls
     # first, with EPERM and a seccomp_violation event (docs/sandbox.md). `auto`: the image's
     # copy of the shipped profile (/usr/share/harness/seccomp/harness-cpu.json, -gpu on CUDA)
-    # when harness starts under a seccomp filter; `off`: the front's deny list alone.
+    # when harness starts under a filter that refuses as that profile does (times(2): ENOSYS);
+    # `off`: the front's deny list alone. A path: that profile, an allowlist (exit 2 if not).
     container_profile: Literal["auto", "off"] | ConfigPath = "auto"
     # TCP ports the engine may bind or connect to (Landlock ABI >= 4). torch.distributed needs
     # a rendezvous port, which harness picks and adds itself.

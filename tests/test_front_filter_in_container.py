@@ -148,12 +148,30 @@ def test_container_profile_setting(demo_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         front.container_profile(_cfg(demo_dir, f'sandbox.container_profile="{broken}"'))
     assert str(broken) in raised.value.message and raised.value.exit_code == 2
+    # A deny list (default ALLOW) is no profile to stand within: exit 2 at startup, named.
+    deny_list = tmp_path / "deny-list.json"
+    deny_list.write_text(
+        '{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": '
+        '[{"names": ["ptrace"], "action": "SCMP_ACT_ERRNO"}]}'
+    )
+    with pytest.raises(ConfigError) as raised:
+        front.container_profile(_cfg(demo_dir, f'sandbox.container_profile="{deny_list}"'))
+    assert "SCMP_ACT_ALLOW" in raised.value.message and str(deny_list) in raised.value.message
 
 
-def test_auto_reads_the_images_copy_when_harness_starts_under_a_filter(demo_dir: Path) -> None:
+@pytest.mark.parametrize("outer", ["shipped", "allows_times"])
+def test_auto_reads_the_images_copy_when_harness_starts_under_a_filter(
+    demo_dir: Path, tmp_path: Path, outer: str
+) -> None:
     """In a child under the shipped container profile (as runc loads it), `auto` looks for the
     image's copy where the Containerfiles put it; on this host it is not there, and the report
-    names the path it looked for."""
+    names the path it looked for. Under another profile (here: one that allows times(2), as
+    every runtime's default does) it does not hold itself to the shipped one at all."""
+    profile = json.loads(CONTAINER_PROFILE.read_text())
+    if outer == "allows_times":
+        profile["syscalls"][0]["names"].append("times")
+    path = tmp_path / "outer.json"
+    path.write_text(json.dumps(profile))
     child = r"""
 import json, sys
 from runtime import config
@@ -164,18 +182,22 @@ cfg = config.load(sys.argv[2], [])
 print(json.dumps(front.container_profile(cfg).report()))
 """
     result = subprocess.run(
-        [sys.executable, "-c", child, str(CONTAINER_PROFILE), str(demo_dir / "demo.toml")],
+        [sys.executable, "-c", child, str(path), str(demo_dir / "demo.toml")],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    if outer == "allows_times":
+        assert "not the shipped container profile" in found["container_profile_unknown"]
+        return
     expected = front.IMAGE_PROFILES / "harness-cpu.json"
     if expected.exists():
-        assert json.loads(result.stdout) == {"container_profile": str(expected)}
+        assert found == {"container_profile": str(expected)}
     else:
-        assert str(expected) in json.loads(result.stdout)["container_profile_unknown"]
+        assert str(expected) in found["container_profile_unknown"]
 
 
 def test_the_front_keeps_only_typed_non_raw_socket_rules() -> None:
@@ -184,13 +206,22 @@ def test_the_front_keeps_only_typed_non_raw_socket_rules() -> None:
     rules = [r for r in seccomp.load_profile(CONTAINER_PROFILE).rules if "socket" in r.names]
     dropped = [r for r in rules if not front._plain_socket(r)]
     assert len(rules) == 6 and [a.value for r in dropped for a in r.args if a.index == 0] == [16]
-    untyped = seccomp.Rule(names=("socket",), action="SCMP_ACT_ALLOW")
-    packet = seccomp.Rule(
-        names=("socket",),
-        action="SCMP_ACT_ALLOW",
-        args=(
-            seccomp.ArgRule(0, 17, 0, "SCMP_CMP_EQ"),
-            seccomp.ArgRule(1, seccomp.SOCK_TYPE_MASK, 2, "SCMP_CMP_MASKED_EQ"),
-        ),
-    )
-    assert not front._plain_socket(untyped) and not front._plain_socket(packet)
+
+    def rule(*args: seccomp.ArgRule) -> seccomp.Rule:
+        return seccomp.Rule(names=("socket",), action="SCMP_ACT_ALLOW", args=args)
+
+    def family(value: int) -> seccomp.ArgRule:
+        return seccomp.ArgRule(0, value, 0, "SCMP_CMP_EQ")
+
+    def kind(value: int) -> seccomp.ArgRule:
+        return seccomp.ArgRule(1, seccomp.SOCK_TYPE_MASK, value, "SCMP_CMP_MASKED_EQ")
+
+    assert front._plain_socket(rule(family(2), kind(1)))  # TCP
+    for refused in (
+        rule(),  # any socket
+        rule(family(17), kind(2)),  # AF_PACKET
+        rule(kind(2)),  # a type, any family (AF_PACKET among them)
+        rule(seccomp.ArgRule(0, 40, 0, "SCMP_CMP_NE"), kind(2)),  # Docker's way: not vsock
+        rule(family(2), kind(10)),  # SOCK_PACKET
+    ):
+        assert not front._plain_socket(refused), refused

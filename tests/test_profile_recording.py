@@ -28,28 +28,29 @@ _LINE = re.compile(r"^(\d+)\s+(?:<\.\.\. )?([a-z0-9_]+)[( ]")
 
 
 def _after_filter(trace: str) -> set[str]:
-    """Syscalls strace saw once the filter was in place: stage 2's after its
+    """Syscalls strace saw once the filter was in place: those of the process that loaded it
+    (stage 2, or the engine stage 2 forked into its PID namespace) after its
     seccomp(SECCOMP_SET_MODE_FILTER) call, and those of every process started after that.
-    Processes stage 2 ran before (ctypes looking for libseccomp) are not filtered."""
-    lines = trace.splitlines()
-    stage2 = _LINE.match(lines[0]).group(1)  # type: ignore[union-attr]
+    Processes that ran before (ctypes looking for libseccomp, stage 2's own waiting process)
+    are not filtered."""
     before: set[str] = set()
-    filtered = False
+    loader = None
     names: set[str] = set()
-    for line in lines:
+    for line in trace.splitlines():
         match = _LINE.match(line)
         if not match or "resumed>" in line:
             continue
         pid, name = match.groups()
-        if not filtered:
+        if loader is None:
             before.add(pid)
             # libseccomp probes the kernel with NULL filters first; the load is the one that
             # carries a filter and succeeds.
-            filtered = pid == stage2 and "SECCOMP_SET_MODE_FILTER" in line and "= -1" not in line
+            if "SECCOMP_SET_MODE_FILTER" in line and "= -1" not in line:
+                loader = pid
             continue
-        if pid == stage2 or pid not in before:
+        if pid == loader or pid not in before:
             names.add(name)
-    assert filtered, "strace never saw the filter being loaded"
+    assert loader is not None, "strace never saw the filter being loaded"
     return names
 
 

@@ -235,6 +235,7 @@ def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privil
                 f"write:{REPO}/pyproject.toml",
                 "read:/root/.bashrc",
                 "write:/sys/fs/cgroup/harness-probe",  # a mount below a read-only bind
+                "read:/proc/1/environ",  # its PID namespace's init, of its uid in a pod
                 "unshare",
                 "clone_newuser",
                 "tcp",
@@ -248,6 +249,8 @@ def test_the_engine_gets_its_own_mount_network_and_ipc_namespaces_without_privil
     # Its own PID namespace with its own /proc: it is pid 2 (init is 1) and sees no other.
     assert run.report["namespaces"]["pid_in_namespace"] == 2
     assert run.results["getpid"] == 2 and run.results["proc_processes"] == 2
+    # That init is not dumpable: nothing of it to read, even for its own uid (no Landlock here).
+    assert run.results["read:/proc/1/environ"] == -errno.EACCES
     assert run.results["interfaces"] == 1
     assert run.results[f"connect:{port}"] == -errno.ECONNREFUSED
     assert run.results["tcp"] >= 0  # TCP itself works, inside

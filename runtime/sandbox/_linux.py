@@ -138,6 +138,11 @@ def threads() -> int:
     return _status("Threads")
 
 
+def syscall_errno(number: int, *args: int) -> int:
+    """Make a raw syscall: 0 when it succeeded, else its errno (for probes)."""
+    return 0 if _libc.syscall(number, *args) >= 0 else ctypes.get_errno()
+
+
 def seccomp_filtered() -> bool:
     """This process already runs under a seccomp filter (a container runtime's, say)."""
     return _status("Seccomp") == 2  # SECCOMP_MODE_FILTER

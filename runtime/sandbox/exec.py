@@ -70,7 +70,7 @@ def apply(plan: StagePlan) -> dict[str, Any]:
     #    is the engine, and stage 2's own waits for it (pidns.py).
     if "pid" in spaces.fds:
         step("namespaces", lambda: pidns.fork_engine(drop, plan.seccomp.guard))
-        parent = os.getppid()  # 0: the waiter is outside; the engine dies with it
+        parent = 0  # the waiter, outside the namespace: the engine dies with it
     # 4. Landlock before the uid change: each rule is made by opening its path, which the
     #    engine's uid may not be able to reach.
     step("landlock", lambda: landlock.apply(fence))

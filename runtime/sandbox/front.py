@@ -45,13 +45,15 @@ import pyseccomp
 
 from runtime import telemetry
 from runtime.config import Config
-from runtime.errors import SandboxError
+from runtime.errors import ConfigError, SandboxError
 from runtime.sandbox import _linux, landlock, seccomp
 
 # Nothing the front does after startup needs a new program.
 NO_EXEC = ("execve", "execveat")
 DENIED = (*seccomp.FIXED_DENY, *NO_EXEC)
 _AF_PACKET = 17
+_SOCK_PACKET = 10  # the obsolete packet socket type, in any family
+_RAW_TYPES = (socket.SOCK_RAW, _SOCK_PACKET)
 
 
 ENGINE_SHM = "the engine's /dev/shm (its mount namespace)"
@@ -75,14 +77,19 @@ class ContainerProfile:
 
 
 def container_profile(cfg: Config) -> ContainerProfile:
-    """`sandbox.container_profile`, read and checked (ConfigError, exit 2, when it does not
-    parse): called at startup, before harness confines itself."""
+    """`sandbox.container_profile`, read and compiled (not loaded) at startup, before harness
+    confines itself: one that does not parse or compile, or that is no allowlist, is exit 2
+    now rather than after the engine has loaded."""
     setting = cfg.sandbox.container_profile
     if setting == "off":
         return ContainerProfile(None, "sandbox.container_profile = off")
     if setting == "auto":
         if not _linux.seccomp_filtered():
             return ContainerProfile(None, "harness started under no seccomp filter")
+        if not _shipped_profile_applies():
+            return ContainerProfile(
+                None, "the filter harness started under is not the shipped container profile"
+            )
         path = IMAGE_PROFILES / _IMAGE_PROFILE[cfg.engine.device]
         if not path.is_file():
             return ContainerProfile(
@@ -90,7 +97,32 @@ def container_profile(cfg: Config) -> ContainerProfile:
             )
     else:
         path = Path(setting)
-    return ContainerProfile(seccomp.load_profile(path), str(path))
+    profile = seccomp.load_profile(path)
+    if profile.default_action in ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG"):
+        raise ConfigError(
+            f"sandbox.container_profile: {path}: its default action is "
+            f"{profile.default_action}: a deny list, which harness's filter cannot stand within",
+            fix="give the allowlist profile the container runtime applies, or set "
+            'sandbox.container_profile = "off"',
+        )
+    try:
+        _within(profile, pyseccomp.ERRNO(errno.EPERM))
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(
+            f"sandbox.container_profile: {path}: libseccomp refuses it: {exc}",
+            fix="check the profile with `harness seccomp check`, or set "
+            'sandbox.container_profile = "off"',
+        ) from exc
+    return ContainerProfile(profile, str(path))
+
+
+def _shipped_profile_applies() -> bool:
+    """The runtime applied the shipped profile, or one that refuses as it does: times(2),
+    which it does not list and every runtime's default profile allows, comes back ENOSYS.
+    Under Docker's, podman's or Kubernetes' RuntimeDefault it succeeds, and harness keeps its
+    deny list rather than hold itself to a profile that is not the one in force."""
+    number = seccomp.syscall_number("times")
+    return number is not None and _linux.syscall_errno(number, 0) == errno.ENOSYS
 
 
 def confine(
@@ -274,7 +306,7 @@ def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
         "installed": True,
         "threads": "all (TSYNC)",
         "denied": [n for n in DENIED if seccomp.syscall_number(n) is not None],
-        "denied_sockets": ["AF_PACKET", "SOCK_RAW"],
+        "denied_sockets": ["AF_PACKET", "SOCK_RAW", "SOCK_PACKET"],
         "denied_clone_flags": hex(seccomp.CLONE_NAMESPACES),
         "no_new_privs": True,
     }
@@ -291,11 +323,10 @@ def _deny_list(refuse: int) -> Any:
             flt.add_rule(refuse, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 1 << bit, 1 << bit))
     # Raw and packet sockets: the front speaks TCP and Unix sockets only.
     flt.add_rule(refuse, "socket", pyseccomp.Arg(0, pyseccomp.EQ, _AF_PACKET))
-    flt.add_rule(
-        refuse,
-        "socket",
-        pyseccomp.Arg(1, pyseccomp.MASKED_EQ, seccomp.SOCK_TYPE_MASK, socket.SOCK_RAW),
-    )
+    for kind in _RAW_TYPES:
+        flt.add_rule(
+            refuse, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, seccomp.SOCK_TYPE_MASK, kind)
+        )
     return flt
 
 
@@ -323,22 +354,23 @@ def _within(profile: seccomp.Profile, refuse: int) -> tuple[Any, dict[str, Any]]
         flt.add_rule(pyseccomp.ALLOW, name, *args)
     for name in seccomp.ENOSYS_ALWAYS:
         flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
-    denied = seccomp.profile_numbers(DENIED)
+    ruled = seccomp.profile_numbers([*DENIED, *seccomp.ALWAYS_ALLOW, *seccomp.ENOSYS_ALWAYS])
     for number in range(highest + 1, seccomp.STUB_END):
-        if number not in denied:
+        if number not in ruled:
             flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), number)
     return flt, {"mode": "container_profile", "allowed": len(allowed), "enosys_from": highest + 1}
 
 
 def _plain_socket(rule: seccomp.Rule) -> bool:
-    """A socket rule that names a type other than SOCK_RAW, in a family other than AF_PACKET:
-    the front keeps it. Any other (raw, packet, or no type named) is refused."""
+    """A socket rule that names its family (not AF_PACKET) and its type (not SOCK_RAW or
+    SOCK_PACKET): the front keeps it. Any other is refused."""
     args = {(a.index, a.op): a for a in rule.args}
-    kind = args.get((1, "SCMP_CMP_MASKED_EQ"))
     family = args.get((0, "SCMP_CMP_EQ"))
-    typed = kind is not None and kind.value == seccomp.SOCK_TYPE_MASK
+    kind = args.get((1, "SCMP_CMP_MASKED_EQ"))
     return (
-        typed
-        and kind.value_two != socket.SOCK_RAW
-        and (family is None or family.value != _AF_PACKET)
+        family is not None
+        and family.value != _AF_PACKET
+        and kind is not None
+        and kind.value == seccomp.SOCK_TYPE_MASK
+        and kind.value_two not in _RAW_TYPES
     )

@@ -38,6 +38,7 @@ import fcntl
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -163,6 +164,7 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
         try:
             proc = subprocess.Popen(
                 argv,
+                env={},  # it needs none, and its PID namespace's init outlives it
                 stdin=subprocess.DEVNULL,
                 pass_fds=(child.fileno(),),
                 start_new_session=True,
@@ -262,13 +264,23 @@ def _pid_namespace(root: RootPlan) -> tuple[int, dict[str, int]]:
     ready_r, ready_w = os.pipe()
     init = os.fork()
     if init == 0:
-        os.read(go_r, 1)  # until this process holds the namespace: see below
+        # Nothing of the helper's (its channel to harness above all: harness would wait for
+        # its end) stays open here: only the lifeline and the two pipes to the helper.
+        _close_all_but(ours.fileno(), go_r, ready_w)
+        os.read(go_r, 1)  # until the helper holds the namespace: see below
         _init(ours, ready_w, root)
+    os.close(go_r)
     os.close(ready_w)
     ours.close()
-    # The namespace can be opened once it has a process, and through this process's /proc
-    # only until init's procfs covers it.
-    namespace = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # The namespace can be opened once it has a process, and through this process's
+        # /proc only until init's procfs covers it.
+        namespace = os.open("/proc/self/ns/pid_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        os.close(go_w)
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
+        raise
     os.write(go_w, b"g")
     os.close(go_w)
     answer = os.read(ready_r, 64)
@@ -285,24 +297,40 @@ def _pid_namespace(root: RootPlan) -> tuple[int, dict[str, int]]:
     return init, {"pid": namespace, "lifeline": theirs.detach(), "proc": proc}
 
 
+def _close_all_but(*keep: int) -> None:
+    last = 2
+    for fd in sorted(keep):
+        os.closerange(last + 1, fd)
+        last = fd
+    os.closerange(last + 1, os.sysconf("SC_OPEN_MAX"))
+
+
 def _init(lifeline: socket.socket, ready_w: int, root: RootPlan) -> None:
     """pid 1 of the engine's PID namespace: mount its procfs, say so, leave root and every
-    capability, then reap until the lifeline closes. Never returns."""
+    capability, then reap until the lifeline closes. Never returns.
+
+    The engine sees it (pid 1) and may share its uid and user namespace (a pod), but without
+    the engine's filter or Landlock: so it is not dumpable (no /proc/1/mem, environ or fd for
+    the engine's uid), holds no capability, has nothing but /dev/null on stdio, and ignores
+    SIGINT (Python's default handler would make it the one signal that ends it)."""
     try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         step = "mount proc"
         try:
             _linux.mount("proc", "/proc", "proc", PROC_FLAGS)
             step = "leave root"
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
             privileges.drop(PrivilegesPlan(root.init_uid, root.init_gid))
+            _linux.prctl(_linux.PR_SET_DUMPABLE, 0)  # after the uid change, which may reset it
         except OSError as exc:
             os.write(ready_w, f"{step}:{exc.errno}".encode())
             os._exit(1)
         os.write(ready_w, b"ok")
         os.close(ready_w)
-        keep = lifeline.fileno()
-        os.closerange(3, keep)
-        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        _close_all_but(lifeline.fileno())
         poller = select.poll()  # poll(2): select(2) is not in the container's profile
         poller.register(lifeline, select.POLLIN)
         while True:

@@ -42,21 +42,30 @@ def _waiter(engine: int, harness: int, drop: PrivilegesPlan, guard: bytes) -> No
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         privileges.drop(drop)
         _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change clears it
-        if os.getppid() != harness:
-            os.kill(engine, signal.SIGKILL)  # harness is already gone
+        if os.getppid() != harness:  # the engine sees this too (its parent changes) and stops
+            _say("harness exited before the engine started")
             os._exit(125)
         if guard:
             _linux.seccomp_filter(guard, listener=False)
         _pid, status = os.waitpid(engine, 0)
         _end_like(status)
+    except BaseException as exc:  # said, then the exit below
+        _say(f"{type(exc).__name__}: {exc}")
     finally:
         os._exit(126)  # never back into stage 2's code: only the engine returns
+
+
+def _say(what: str) -> None:
+    """One line on stderr (harness tags and relays it): the waiter's own failures must not
+    pass for the engine's."""
+    os.write(2, f"harness stage-2 waiter: {what}\n".encode())
 
 
 def _end_like(status: int) -> None:
     """Exit as the engine did: by the same signal, or with the same code."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
+        _linux.prctl(_linux.PR_SET_DUMPABLE, 0)  # one crash report (the engine's), not two
         if sig != signal.SIGKILL:
             signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)

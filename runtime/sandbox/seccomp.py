@@ -352,27 +352,36 @@ def own_thread(name: str, args: Any, caller: int) -> bool:
     if any(int(args[i]) != value for i, value in fixed):
         return False
     target = int(args[index])
-    return 0 < target < _PID_MAX and target in _thread_ids(caller)
+    return 0 < target < _PID_MAX and _names_own_thread(caller, target)
 
 
-def _thread_ids(caller: int) -> set[int]:
-    """The ids of the caller's threads as the caller names them: the last of each NSpid
-    (in its own PID namespace, where it has one; otherwise the same as harness's)."""
-    ids: set[int] = set()
+def _names_own_thread(caller: int, target: int) -> bool:
+    """`target` is one of the caller's threads as the caller names them: the last of its
+    NSpid (in the engine's PID namespace, where it has one; otherwise harness's own ids)."""
     try:
         tasks = os.listdir(f"/proc/{caller}/task")
     except OSError:
-        return ids
+        return False
     for task in tasks:
-        try:
-            with open(f"/proc/{caller}/task/{task}/status") as status:
-                for line in status:
-                    if line.startswith("NSpid:"):
-                        ids.add(int(line.split()[-1]))
-                        break
-        except OSError:
+        ids = _nspid(f"/proc/{caller}/task/{task}/status")
+        if ids is None:
             continue  # a thread that ended meanwhile
-    return ids
+        if len(ids) == 1:  # no PID namespace of its own: the ids are harness's
+            return str(target) in tasks
+        if ids[-1] == target:
+            return True
+    return False
+
+
+def _nspid(status_path: str) -> list[int] | None:
+    try:
+        with open(status_path) as status:
+            for line in status:
+                if line.startswith("NSpid:"):
+                    return [int(v) for v in line.split()[1:]]
+    except OSError:
+        return None
+    return None
 
 
 def no_namespaces() -> Any:
