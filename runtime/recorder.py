@@ -205,9 +205,9 @@ def record_container(
     with open(events_path, "w+b") as events:  # harness's own events, kept for the record
         proc, report = spawn_stage2(plan, on_listener=supervise, stdout=events)
         try:
-            if "error" in report:
+            if report.error is not None:
                 raise SandboxError(
-                    f"cannot install the recording filter: {report['error']}",
+                    f"cannot install the recording filter: {report.error}",
                     fix="run `harness profile --container` where harness itself may load a "
                     "seccomp filter (no_new_privs is set for it)",
                 )

@@ -92,11 +92,16 @@ class Servers:
     def shared(self) -> Harness:
         if self._shared is None or not self._shared.alive():
             # As a deployment should run: the engine's compute threads on CPUs of their own
-            # (engine.cpus), the front on the last one, where there are two or more.
+            # (engine.cpus), the front on the last one, where there are two or more; the
+            # engine's namespaces required, not merely used where they can be.
             # Its metrics endpoint too, so that the launcher's wiring of the gauges is seen.
             metrics_port = free_port()
             self._shared = self.start(
-                ['engine.cpus="auto"', f'front.metrics_listen="127.0.0.1:{metrics_port}"']
+                [
+                    'engine.cpus="auto"',
+                    f'front.metrics_listen="127.0.0.1:{metrics_port}"',
+                    'sandbox.namespaces="required"',
+                ]
             )
             self._shared.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             self._shared.wait_ready()

@@ -66,6 +66,10 @@ kv_cache_memory_bytes = 67108864
 # default, whose first forward pass kills the worker on this kind of machine (no sandbox
 # needed to see it).
 dtype = "float32"
+
+[sandbox]
+# Not merely where the node allows them: the image must serve with them.
+namespaces = "required"
 """
 
 # Every process in the container, from inside it: pid, process group, /proc/PID/status.

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from runtime.sandbox import _linux, seccomp, stage_plan
 from runtime.sandbox import exec as stage2
@@ -229,16 +230,15 @@ def main() -> int:
             outer = seccomp.parse_profile(json.load(handle), "outer")
         _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
         seccomp.compile_profile(outer, "as_written").filter.load()
-    report: dict[str, object] = {}
+    report = stage_plan.StageReport()
     try:
-        report = stage2.apply(plan)
-        report["seccomp"] = plan.seccomp.report
+        report = replace(stage2.apply(plan), seccomp=plan.seccomp.report)
         listener = stage2.load_filter(plan)
     except (stage2.StageError, OSError) as exc:  # as stage 2 does: nothing runs after
         partial = exc.report if isinstance(exc, stage2.StageError) else report
-        channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
+        channel.sendall(stage_plan.report_to_json(replace(partial, error=str(exc))))
         return 5
-    message = json.dumps(report).encode()
+    message = stage_plan.report_to_json(report)
     if listener is not None:
         socket.send_fds(channel, [message], [listener])
         os.close(listener)

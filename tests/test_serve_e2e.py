@@ -259,13 +259,14 @@ def test_engine_processes_have_no_tcp_listener(harness: Harness) -> None:
 def test_the_engine_has_mount_network_and_ipc_namespaces_of_its_own(
     target: Harness | Container,
 ) -> None:
-    """As root (host) no user namespace is needed; as uid 10001 without capabilities (the
-    image, under the shipped container profile) one comes first. Its root holds what its
-    Landlock rules name, and a /dev/shm of its own. On the host it has a PID namespace with a
-    procfs of its own too (vLLM's first process is pid 2); in the image the runtime's masked
-    /proc makes the kernel refuse a new procfs, and the event says so."""
+    """Required, and served: as root (host) no user namespace is needed; as uid 10001
+    without capabilities (the image, under the shipped container profile) one comes first.
+    Its root holds what its Landlock rules name, and a /dev/shm of its own. On the host it
+    has a PID namespace with a procfs of its own too (vLLM's first process is pid 2); in the
+    image the runtime's masked /proc makes the kernel refuse a new procfs, and the event
+    says so."""
     event = target.events("namespaces")[0]
-    assert event["isolated"] is True and event["mode"] == "auto"
+    assert event["isolated"] is True and event["mode"] == "required"
     as_root = isinstance(target, Harness) and os.geteuid() == 0
     expected = ["mount", "network", "ipc"] if as_root else ["user", "mount", "network", "ipc"]
     if isinstance(target, Container):

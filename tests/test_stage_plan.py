@@ -71,6 +71,43 @@ def test_a_plan_with_a_wrong_unknown_or_missing_key_is_refused(change, message: 
         stage_plan.from_json(json.dumps(raw).encode())
 
 
+def _report() -> stage_plan.StageReport:
+    return stage_plan.StageReport(
+        namespaces=stage_plan.NamespacesReport("required", ["mnt", "net", "pid"], 2, 0.001),
+        privileges=stage_plan.PrivilegesReport(
+            {"core": 0, "nproc": 4096}, True, "empty", 65534, 65534, [], "none", "SIGKILL", 0.0
+        ),
+        landlock=stage_plan.LandlockReport("off", False, reason="disabled by config"),
+        seccomp={"mode": "enforce", "installed": True},
+    )
+
+
+def test_what_stage_two_reports_is_typed_and_parsed_as_strictly() -> None:
+    """Each mechanism's part of stage 2's report is a dataclass; harness parses the whole
+    back strictly, and the events carry exactly what each part has (None is left out)."""
+    report = _report()
+    assert stage_plan.report_from_json(stage_plan.report_to_json(report)) == report
+    wire = json.loads(stage_plan.report_to_json(report))
+    assert "error" not in wire and "abi" not in wire["landlock"]  # None is not sent
+    assert stage_plan.fields(report.landlock) == {
+        "mode": "off",
+        "enforced": False,
+        "reason": "disabled by config",
+    }
+    # A stage 2 that stopped after prepare: the drop's fields are absent, not made up.
+    partial = stage_plan.PrivilegesReport({"core": 0}, True)
+    assert stage_plan.fields(partial) == {"rlimits": {"core": 0}, "no_new_privs": True}
+    for change, message in (
+        (lambda r: r["privileges"].update(ambient=[]), "report.privileges: unknown key"),
+        (lambda r: r["namespaces"].update(pid_in_namespace="2"), "pid_in_namespace must be int"),
+        (lambda r: r["landlock"].pop("enforced"), "report.landlock: missing key 'enforced'"),
+    ):
+        raw = json.loads(stage_plan.report_to_json(report))
+        change(raw)
+        with pytest.raises(ValueError, match=f"stage report: .*{message}"):
+            stage_plan.report_from_json(json.dumps(raw).encode())
+
+
 def _modules(code: str) -> set[str]:
     out = subprocess.run(
         [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import landlock, namespaces, privileges, stage_plan
 from runtime.sandbox.seccomp import compile_plan, engine_profile, exit_event, recording_plan
 from runtime.sandbox.seccomp_notify import Supervisor
-from runtime.sandbox.stage_plan import SeccompPlan, StagePlan
+from runtime.sandbox.stage_plan import SeccompPlan, StagePlan, StageReport, fields
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 _MAX_UDS_PATH = 107
@@ -248,33 +247,35 @@ class Engine:
         self.supervisor = Supervisor(fd, mode, errno_ret=self.errno_ret, report=_violation_event)
         self.supervisor.start()
 
-    def _report_sandbox(self, report: dict[str, Any]) -> None:
-        entered = report.get("namespaces")
+    def _report_sandbox(self, report: StageReport) -> None:
+        entered = report.namespaces
         if entered is not None and self.spaces is not None:
             made = self.spaces.report
-            isolated = made["isolated"] and "error" not in report
-            telemetry.emit("namespaces", "ok" if isolated else "failed", **entered, **made)
-        dropped = report.get("privileges")
-        fenced = report.get("landlock")
+            isolated = made["isolated"] and report.error is None
+            telemetry.emit("namespaces", "ok" if isolated else "failed", **fields(entered), **made)
+        dropped, fenced, filtered = report.privileges, report.landlock, report.seccomp
         if fenced is not None:
-            telemetry.emit("landlock", "ok" if fenced["enforced"] else "failed", **fenced)
-        filtered = report.get("seccomp")
+            telemetry.emit("landlock", "ok" if fenced.enforced else "failed", **fields(fenced))
         if filtered is not None:
             installed = filtered.get("installed")
             telemetry.emit("seccomp_install", "ok" if installed else "failed", **filtered)
-        for section, setting, risk in (
+        for mode, setting, risk in (
             (
-                fenced,
+                fenced.mode if fenced else None,
                 "sandbox.landlock = off",
                 "harness and the engine may use any path their uids may",
             ),
-            (filtered, "sandbox.seccomp = off", "the engine may call any syscall the kernel has"),
+            (
+                filtered["mode"] if filtered else None,
+                "sandbox.seccomp = off",
+                "the engine may call any syscall the kernel has",
+            ),
         ):
-            if section is not None and section["mode"] == "off":
+            if mode == "off":
                 telemetry.emit("unsafe_setting", "allowed", setting=setting, risk=risk)
-        if dropped is not None and "uid" in dropped:  # not when stage 2 stopped before it
-            as_root = dropped["uid"] == 0
-            telemetry.emit("privilege_drop", "failed" if as_root else "ok", **dropped)
+        if dropped is not None and dropped.uid is not None:  # stage 2 got as far as the drop
+            as_root = dropped.uid == 0
+            telemetry.emit("privilege_drop", "failed" if as_root else "ok", **fields(dropped))
             if as_root and self.cfg.engine.unsafe_run_as_root:
                 telemetry.emit(
                     "unsafe_setting",
@@ -282,10 +283,10 @@ class Engine:
                     setting="engine.unsafe_run_as_root",
                     risk="the engine runs as uid 0 (with no capabilities)",
                 )
-        if "error" in report:
+        if report.error is not None:
             self.stop()
             raise SandboxError(
-                f"engine sandbox: {report['error']}",
+                f"engine sandbox: {report.error}",
                 fix="run harness with the privilege it needs (see docs/sandbox.md), or relax "
                 "the setting named in the error for development only",
             )
@@ -406,7 +407,7 @@ def spawn_stage2(
     stdout: int | IO[bytes] = 2,
     stderr: int = 2,
     extra_fds: tuple[int, ...] = (),
-) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+) -> tuple[subprocess.Popen[bytes], StageReport]:
     """Start stage 2 (runtime.sandbox.exec) with `plan` and return it with its report. The
     seccomp listener, when stage 2 sends one, goes to `on_listener` at once: from then on the
     child's filtered syscalls wait for whoever answers it."""
@@ -459,8 +460,11 @@ def spawn_stage2(
             chunks.append(data)
     raw = b"".join(chunks)
     if not raw.strip():
-        return proc, {"error": "stage 2 exited without a report"}
-    return proc, json.loads(raw)
+        return proc, StageReport(error="stage 2 exited without a report")
+    try:
+        return proc, stage_plan.report_from_json(raw)
+    except ValueError as exc:  # harness's own code on both ends: a bug, said as such
+        return proc, StageReport(error=f"stage 2's report does not parse: {exc}")
 
 
 def _free_port() -> int:

@@ -7,49 +7,52 @@ stage_plan, _linux, namespaces, pidns, privileges, landlock): no pydantic, no li
 compiled the filter; here it is loaded as BPF.
 
 Protocol: the plan (runtime.sandbox.stage_plan.StagePlan, strictly parsed) arrives as JSON on
-the inherited fd `--plan-fd`. One JSON report goes back on the Unix socket `--report-fd`,
-then EOF; it carries the seccomp listener fd when there is one (SCM_RIGHTS), and
-{"error": ...} when a step failed and nothing was exec'd (fail closed).
+the inherited fd `--plan-fd`. One report (stage_plan.StageReport, JSON) goes back on the
+Unix socket `--report-fd`, then EOF; it carries the seccomp listener fd when there is one
+(SCM_RIGHTS), and `error` when a step failed and nothing was exec'd (fail closed).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 # Everything stage 2 runs is imported before Landlock, which may hide harness's own files.
 from runtime.sandbox import _linux, landlock, namespaces, pidns, privileges, stage_plan
-from runtime.sandbox.stage_plan import StagePlan
+from runtime.sandbox.stage_plan import StagePlan, StageReport
 
 
 class StageError(Exception):
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
+    def __init__(self, message: str, report: StageReport) -> None:
         super().__init__(message)
         self.report = report
 
 
-def apply(plan: StagePlan) -> dict[str, Any]:
+def apply(plan: StagePlan) -> StageReport:
     """Every step before seccomp, in the order the kernel requires. Raises StageError with
     the report so far on a failure: the caller must then not exec."""
-    report: dict[str, Any] = {}
+    report = StageReport()
     parent = os.getppid()
 
-    def step(key: str, action: Callable[[], dict[str, Any]]) -> None:
+    def step(section: str, action: Callable[[Any], Any]) -> None:
+        """`action` takes the section's report so far (or None) and returns it updated."""
+        nonlocal report
         started = time.monotonic()
+        before = getattr(report, section)
         try:
-            done = action()
+            done = action(before)
         except OSError as exc:
-            raise StageError(f"{key}: {exc}", report) from exc
-        done["seconds"] = round(time.monotonic() - started, 6)
-        report[key] = {**report.get(key, {}), **done}
+            raise StageError(f"{section}: {exc}", report) from exc
+        spent = time.monotonic() - started + (before.seconds or 0.0 if before else 0.0)
+        report = replace(report, **{section: replace(done, seconds=round(spent, 6))})
 
     # setns into a user namespace, and Landlock's and seccomp's thread scope, need one thread.
     if _linux.threads() != 1:
@@ -58,31 +61,31 @@ def apply(plan: StagePlan) -> dict[str, Any]:
     if spaces is None or drop is None or fence is None:
         # `harness profile --container`: harness itself under the recording filter, with
         # only no_new_privs (which loading a filter without CAP_SYS_ADMIN requires).
-        step("privileges", lambda: privileges.prepare(None))
+        step("privileges", lambda _: privileges.prepare(None))
         return report
     # 1. The namespaces first: the user namespace grants the rights to enter the others,
     #    and Landlock, once applied, forbids entering a mount namespace.
-    step("namespaces", lambda: namespaces.enter(spaces))
+    step("namespaces", lambda _: namespaces.enter(spaces))
     # 2. rlimits (no core dumps, the task cap) and no_new_privs, which Landlock requires of a
     #    process without CAP_SYS_ADMIN.
-    step("privileges", lambda: privileges.prepare(drop))
+    step("privileges", lambda _: privileges.prepare(drop))
     # 3. In a PID namespace, only stage 2's children are inside: from here on this process
     #    is the engine, and stage 2's own waits for it (pidns.py).
     if "pid" in spaces.fds:
-        step("namespaces", lambda: pidns.fork_engine(drop, plan.seccomp.guard))
+        step("namespaces", lambda r: replace(r, pid_in_namespace=pidns.fork_engine(drop, plan)))
         parent = 0  # the waiter, outside the namespace: the engine dies with it
     # 4. Landlock before the uid change: each rule is made by opening its path, which the
     #    engine's uid may not be able to reach.
-    step("landlock", lambda: landlock.apply(fence))
+    step("landlock", lambda _: landlock.apply(fence))
     # 5. Leave root and every capability, before the parent-death signal, which a credential
     #    change clears.
-    step("privileges", lambda: privileges.drop(drop))
-    # 6. Die with harness (or init) (SIGKILL), kept across execve.
-    step("privileges", lambda: die_with(parent))
+    step("privileges", lambda r: privileges.drop(drop, r))
+    # 6. Die with harness (or the waiter) (SIGKILL), kept across execve.
+    step("privileges", lambda r: replace(r, parent_death_signal=die_with(parent)))
     return report
 
 
-def die_with(parent: int) -> dict[str, Any]:
+def die_with(parent: int) -> str:
     """SIGKILL when harness dies, whatever kills it: the engine never serves on without its
     front and supervisor. Kept across execve (vLLM is no set-uid program); a credential
     change clears it, so it comes after the privilege drop. If harness is already gone, the
@@ -90,7 +93,7 @@ def die_with(parent: int) -> dict[str, Any]:
     _linux.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         raise OSError(errno.ESRCH, "harness exited before the engine started")
-    return {"parent_death_signal": "SIGKILL"}
+    return "SIGKILL"
 
 
 def load_filter(plan: StagePlan) -> int | None:
@@ -121,22 +124,25 @@ def main() -> int:
         data = plan_file.read()
     channel = socket.socket(fileno=args.report_fd)
     channel.set_inheritable(False)  # the engine never holds a way back to harness
-    report: dict[str, Any] = {}
+    report = StageReport()
     try:
         plan = stage_plan.from_json(data)
         report = apply(plan)
     except (StageError, OSError, ValueError) as exc:
         partial = exc.report if isinstance(exc, StageError) else report
-        channel.sendall(json.dumps({"error": str(exc), **partial}).encode())
+        channel.sendall(stage_plan.report_to_json(replace(partial, error=str(exc))))
         return 5
     # Encoded before the filter is loaded: after it, only the hand-off's own calls are sure
     # to pass before harness's supervisor holds the listener.
-    message = json.dumps({**report, "seccomp": plan.seccomp.report}).encode()
+    report = replace(report, seccomp=plan.seccomp.report)
+    message = stage_plan.report_to_json(report)
     try:
         listener = load_filter(plan)
     except OSError as exc:  # say that it did not load, not only what was compiled
-        report["seccomp"] = {**plan.seccomp.report, "installed": False}
-        channel.sendall(json.dumps({"error": f"seccomp: {exc}", **report}).encode())
+        failed = {**plan.seccomp.report, "installed": False}
+        channel.sendall(
+            stage_plan.report_to_json(replace(report, seccomp=failed, error=f"seccomp: {exc}"))
+        )
         return 5
     # From here on every syscall is filtered: hand the listener over first (HANDOFF_ALLOW).
     if listener is not None:

@@ -46,7 +46,7 @@ import pyseccomp
 from runtime import telemetry
 from runtime.config import Config
 from runtime.errors import ConfigError, SandboxError
-from runtime.sandbox import _linux, landlock, seccomp
+from runtime.sandbox import _linux, landlock, seccomp, stage_plan
 
 # Nothing the front does after startup needs a new program.
 NO_EXEC = ("execve", "execveat")
@@ -142,8 +142,9 @@ def confine(
             )
         if mode != "off":  # no_new_privs: Landlock's condition without CAP_SYS_ADMIN
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-        report = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm, engine_proc))
-        if report.get("enforced"):  # named by a descriptor: say what it is
+        applied = landlock.apply(landlock.build_front(cfg, runtime_root, engine_shm, engine_proc))
+        report = stage_plan.fields(applied)
+        if applied.enforced:  # named by a descriptor: say what it is
             rules = report["filesystem"]
             for kind, path, label in (
                 ("write", engine_shm, ENGINE_SHM),

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.sandbox.stage_plan import LandlockPlan
+from runtime.sandbox.stage_plan import LandlockPlan, LandlockReport
 
 if TYPE_CHECKING:  # stage 2 imports this module: no pydantic there
     from runtime.config import Config
@@ -205,18 +205,18 @@ def build_front(
     )
 
 
-def apply(plan: LandlockPlan) -> dict[str, Any]:
+def apply(plan: LandlockPlan) -> LandlockReport:
     """Restrict this thread and everything it starts from now on (stage 2: the engine;
     sandbox.front: harness itself). Returns the report; raises OSError when `required`
     cannot be met."""
     mode = plan.mode
     if mode == "off":
-        return {"mode": mode, "enforced": False, "reason": "disabled by config"}
+        return LandlockReport(mode, enforced=False, reason="disabled by config")
     abi = abi_version()
     if abi < 1:
         if mode == "required":
             raise OSError(95, "Landlock is not available in this kernel (engine.landlock)")
-        return {"mode": mode, "enforced": False, "abi": 0, "reason": "kernel has no Landlock"}
+        return LandlockReport(mode, enforced=False, abi=0, reason="kernel has no Landlock")
     fs_mask = _FS_BY_ABI[max(a for a in _FS_BY_ABI if a <= abi)]
     attr = _RulesetAttr(handled_access_fs=fs_mask)
     size = ctypes.sizeof(ctypes.c_uint64)
@@ -253,25 +253,25 @@ def apply(plan: LandlockPlan) -> dict[str, Any]:
         _syscall(2, ruleset, ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    return {
-        "mode": mode,
-        "enforced": True,
-        "abi": abi,
-        "filesystem": {
-            "read_execute": plan.read,
-            "write": plan.write,
-            "devices": plan.devices,
-            "write_files": plan.write_files,
-            "remove_empty_dirs": plan.remove_dirs,
+    return LandlockReport(
+        mode,
+        enforced=True,
+        abi=abi,
+        filesystem={
+            "read_execute": list(plan.read),
+            "write": list(plan.write),
+            "devices": list(plan.devices),
+            "write_files": list(plan.write_files),
+            "remove_empty_dirs": list(plan.remove_dirs),
             "missing_paths": skipped,
         },
-        "tcp": {
+        tcp={
             "enforced": tcp,
             "connect_ports": plan.tcp_ports if tcp else "any",
             "bind_ports": [0, *plan.tcp_ports] if tcp else "any",
         },
-        "scoped": ["abstract_unix_socket", "signal"] if scoped else [],
-    }
+        scoped=["abstract_unix_socket", "signal"] if scoped else [],
+    )
 
 
 def _add_path(ruleset: int, path: str, access: int) -> bool:

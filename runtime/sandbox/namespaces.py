@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.sandbox import _linux, privileges
-from runtime.sandbox.stage_plan import NamespacesPlan, PrivilegesPlan
+from runtime.sandbox.stage_plan import NamespacesPlan, NamespacesReport, PrivilegesPlan
 
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
@@ -201,7 +201,7 @@ def prepare(mode: str, root: RootPlan, wrapper: list[str] | None = None) -> Prep
     return Prepared(mode, {"isolated": True, **report}, fds)
 
 
-def enter(plan: NamespacesPlan) -> dict[str, Any]:
+def enter(plan: NamespacesPlan) -> NamespacesReport:
     """Stage 2: join the namespaces the helper made (user first). Single-threaded, as setns
     into a user namespace requires."""
     entered = []
@@ -214,7 +214,7 @@ def enter(plan: NamespacesPlan) -> dict[str, Any]:
             raise OSError(err, f"setns({_NAMES[kind]}): {os.strerror(err)}")
         os.close(fd)
         entered.append(_NAMES[kind])
-    return {"mode": plan.mode, "entered": entered}
+    return NamespacesReport(plan.mode, entered)
 
 
 # --- the helper: a fresh process with no Landlock domain --------------------------------

@@ -21,16 +21,16 @@ import os
 import signal
 
 from runtime.sandbox import _linux, privileges
-from runtime.sandbox.stage_plan import PrivilegesPlan
+from runtime.sandbox.stage_plan import PrivilegesPlan, StagePlan
 
 
-def fork_engine(drop: PrivilegesPlan, guard: bytes) -> dict[str, object]:
-    """Returns in the engine only; the waiter never returns."""
+def fork_engine(drop: PrivilegesPlan, plan: StagePlan) -> int:
+    """Returns in the engine only, its pid in the namespace; the waiter never returns."""
     harness = os.getppid()
     engine = os.fork()
     if engine:
-        _waiter(engine, harness, drop, guard)
-    return {"pid_in_namespace": os.getpid()}
+        _waiter(engine, harness, drop, plan.seccomp.guard)
+    return os.getpid()
 
 
 def _waiter(engine: int, harness: int, drop: PrivilegesPlan, guard: bytes) -> None:

@@ -12,6 +12,7 @@ process_vm_*, and Landlock keeps its processes from tracing anything outside the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import stat
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime.errors import SandboxError
 from runtime.sandbox import _linux
-from runtime.sandbox.stage_plan import PrivilegesPlan
+from runtime.sandbox.stage_plan import PrivilegesPlan, PrivilegesReport
 
 if TYPE_CHECKING:  # stage 2 imports this module: no pydantic there
     from runtime.config import EngineSection
@@ -32,7 +33,7 @@ def build(engine: EngineSection, euid: int) -> PrivilegesPlan:
     return PrivilegesPlan(uid=engine.uid, gid=engine.gid, max_tasks=engine.max_tasks)
 
 
-def prepare(plan: PrivilegesPlan | None) -> dict[str, Any]:
+def prepare(plan: PrivilegesPlan | None) -> PrivilegesReport:
     """Stage 2, first: what must hold before Landlock (which needs no_new_privs). The task
     cap counts per real uid (in the engine's user namespace, only its own tasks); as root it
     starts to count at the uid change."""
@@ -45,16 +46,13 @@ def prepare(plan: PrivilegesPlan | None) -> dict[str, Any]:
         resource.setrlimit(resource.RLIMIT_NPROC, (tasks, tasks))
         limits["nproc"] = tasks
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-    return {
-        "rlimits": limits,
-        "no_new_privs": _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1,
-    }
+    return PrivilegesReport(rlimits=limits, no_new_privs=_no_new_privs())
 
 
-def drop(plan: PrivilegesPlan) -> dict[str, Any]:
-    """Stage 2, after Landlock. Returns the report of what was enforced; raises OSError on a
-    failure that must stop the start (fail closed)."""
-    report: dict[str, Any] = {"bounding_set": _drop_bounding_set()}
+def drop(plan: PrivilegesPlan, report: PrivilegesReport | None = None) -> PrivilegesReport:
+    """Stage 2, after Landlock: `report` (prepare's) with what was enforced; raises OSError
+    on a failure that must stop the start (fail closed)."""
+    bounding_set = _drop_bounding_set()
     if plan.uid is not None:
         gid = plan.gid if plan.gid is not None else plan.uid
         os.setgroups([])
@@ -62,8 +60,18 @@ def drop(plan: PrivilegesPlan) -> dict[str, Any]:
         os.setresuid(plan.uid, plan.uid, plan.uid)
     _linux.prctl(_linux.PR_CAP_AMBIENT, _linux.PR_CAP_AMBIENT_CLEAR_ALL)
     _linux.clear_capabilities()
-    report.update(uid=os.getuid(), gid=os.getgid(), groups=os.getgroups(), capabilities="none")
-    return report
+    return dataclasses.replace(
+        report or PrivilegesReport(rlimits={}, no_new_privs=_no_new_privs()),
+        bounding_set=bounding_set,
+        uid=os.getuid(),
+        gid=os.getgid(),
+        groups=os.getgroups(),
+        capabilities="none",
+    )
+
+
+def _no_new_privs() -> bool:
+    return _linux.prctl(_linux.PR_GET_NO_NEW_PRIVS) == 1
 
 
 def _drop_bounding_set() -> str:
