@@ -79,7 +79,9 @@ EVENTS: dict[str, EventType] = {
     ),
     "engine_start": EventType(
         "the engine was started",
-        "`pid`, `socket`, `device`, `argv`, the names (never the values) of its environment",
+        "`pid` (stage 2's process: with a PID namespace, the one that waits outside it), "
+        "`engine_pid` (then: vLLM's first process, as harness sees it), `socket`, `device`, "
+        "`argv`, the names (never the values) of its environment",
         step=True,
     ),
     "engine_ready": EventType(

@@ -171,6 +171,30 @@ def test_harness_killed_takes_the_engine_with_it(
         harness.kill()
 
 
+def test_the_engine_s_pid_namespace_init_gone_ends_the_engine_and_harness_says_so(
+    demo_dir: Path, open_tmp: Path
+) -> None:
+    """The PID namespace's init is outside harness's process group; if it dies (OOM, say),
+    the kernel kills the engine with it: harness exits 6 and its engine_exit event names the
+    init, not an unexplained SIGKILL. engine_start names vLLM's own pid (pid 2 inside)."""
+    harness = stand_in_harness(demo_dir, open_tmp)
+    try:
+        harness.wait_ready()
+        event = harness.events("namespaces")[0]
+        start = harness.events("engine_start")[0]
+        status = Path(f"/proc/{start['engine_pid']}/status").read_text()
+        assert [line.split()[-1] for line in status.splitlines() if line.startswith("NSpid")] == [
+            "2"
+        ]
+        os.kill(event["pid_init"], signal.SIGKILL)
+        assert harness.proc.wait(timeout=60) == 6
+        [exited] = harness.events("engine_exit")
+        assert exited["exit_code"] == -signal.SIGKILL
+        assert "PID namespace's init ended first" in exited["reason"]
+    finally:
+        harness.kill()
+
+
 def _group_ends(pgid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while process_group(pgid) and time.monotonic() < deadline:

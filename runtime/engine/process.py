@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import select
 import shutil
 import signal
 import socket
@@ -221,10 +222,15 @@ class Engine:
             os.close(err_w)
         self.reaper = Reaper(self.proc.pid)  # harness gone, however: the engine goes too
         self._report_sandbox(report)
+        inside = {}
+        if report.namespaces is not None and report.namespaces.pid_in_namespace is not None:
+            # stage 2's own process waits outside the PID namespace; vLLM is its child.
+            inside["engine_pid"] = _child_of(self.proc.pid)
         telemetry.emit(
             "engine_start",
             "ok",
             pid=self.proc.pid,
+            **inside,
             socket=str(self.socket),
             device=self.cfg.engine.device,
             argv=list(self.plan.argv[1:]),
@@ -349,6 +355,16 @@ class Engine:
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def namespace_init_gone(self) -> bool:
+        """The PID namespace's init ended before harness let it go (its lifeline hung up):
+        then the kernel killed the engine with it, and the engine's SIGKILL is init's doing."""
+        fd = self.spaces.fds.get("lifeline") if self.spaces is not None else None
+        if fd is None:
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
+        return bool(poller.poll(0))  # init never writes: readable means its end is closed
+
     def exit_status(self) -> int | None:
         """The status of an engine known to have exited (its pidfd said so). poll() answers
         None while another thread (the watchdog, the liveness check) holds Popen's lock for
@@ -465,6 +481,16 @@ def spawn_stage2(
         return proc, stage_plan.report_from_json(raw)
     except ValueError as exc:  # harness's own code on both ends: a bug, said as such
         return proc, StageReport(error=f"stage 2's report does not parse: {exc}")
+
+
+def _child_of(pid: int) -> int | None:
+    """The first child of `pid` (from /proc: psutil would scan every process)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            first = children.read().split()
+    except OSError:
+        return None
+    return int(first[0]) if first else None
 
 
 def _free_port() -> int:

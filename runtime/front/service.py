@@ -106,12 +106,11 @@ class Front:
             code = engine.exit_status()
             died.append(code if code is not None else -1)
             engine.report_sigsys(code)
+            reason = engine.stop_reason or "exited"
+            if engine.stop_reason is None and engine.namespace_init_gone():
+                reason = "its PID namespace's init ended first, and the kernel ended the engine"
             telemetry.emit(
-                "engine_exit",
-                "failed",
-                pid=engine.pid,
-                exit_code=died[0],
-                reason=engine.stop_reason or "exited",
+                "engine_exit", "failed", pid=engine.pid, exit_code=died[0], reason=reason
             )
             front.request_stop()
 
