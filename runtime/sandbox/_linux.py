@@ -22,22 +22,6 @@ def unshare(flags: int) -> None:
         raise OSError(err, f"unshare(0x{flags:x}): {os.strerror(err)}")
 
 
-_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
-
-def mount(source: str, target: str, fstype: str, flags: int) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, None) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} on {target}: {os.strerror(err)}")
-
-
-def umount(target: str, flags: int = 0) -> None:
-    if _libc.umount2(target.encode(), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
 # prctl(2) options and the capability ABI (linux/prctl.h, linux/capability.h).
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4

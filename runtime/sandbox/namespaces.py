@@ -317,7 +317,7 @@ def _init(lifeline: socket.socket, ready_w: int, root: RootPlan) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         step = "mount proc"
         try:
-            _linux.mount("proc", "/proc", "proc", PROC_FLAGS)
+            _mount("proc", "/proc", "proc", PROC_FLAGS)
             step = "leave root"
             _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
             privileges.drop(PrivilegesPlan(root.init_uid, root.init_gid))
