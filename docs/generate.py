@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime import telemetry  # noqa: E402 - after the path is set
+from runtime import startup, telemetry  # noqa: E402 - after the path is set
 
 
 def events_table() -> str:
@@ -25,8 +25,16 @@ def events_table() -> str:
     return "\n".join(rows)
 
 
+def controls_table() -> str:
+    rows = ["| control (`harness check`) | step | enforces | settings |", "|---|---|---|---|"]
+    for name, control in startup.CONTROLS.items():
+        rows.append(f"| `{name}` | {control.step} | {control.enforces} | {control.settings} |")
+    return "\n".join(rows)
+
+
 PARTS: dict[str, tuple[str, Callable[[], str]]] = {
     "events": ("docs/events.md", events_table),
+    "controls": ("docs/design.md", controls_table),
 }
 
 

@@ -103,7 +103,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from runtime import config as config_mod
-    from runtime import launcher, recorder
+    from runtime import recorder, weights
 
     telemetry.set_stream(sys.stderr)  # stdout says where the profile went
     cfg = config_mod.load(args.config, args.set)
@@ -129,7 +129,7 @@ def _profile(args: argparse.Namespace) -> int:
             )
         )
     elif not args.merge_only:
-        launcher.verify_weights(cfg)  # the engine about to run loads these weights
+        weights.verify_weights(cfg)  # the engine about to run loads these weights
         workload = recorder.load_workload(args.workload, cfg.model.served_name)
         recordings.append(recorder.record(cfg, workload, args.concurrency))
     merged = recorder.merge(recordings)

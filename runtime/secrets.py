@@ -14,6 +14,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runtime.config import SECRET_LIKE, SecretsSection
 from runtime.errors import SecretsError
@@ -247,6 +248,19 @@ def _version_dir(root: str) -> str:
                 fix=fix,
             )
     return os.path.join(root, version)
+
+
+def describe(section: SecretsSection, names: list[str]) -> dict[str, Any]:
+    """`harness check`: where secrets come from and where they may not go."""
+    allowed = f" (allowed: {', '.join(section.allow_env)})" if section.allow_env else ""
+    return {
+        "status": "enforced",
+        "environment": "no secret-like variables" + allowed,
+        "dir": str(section.dir) if section.dir else None,
+        "filesystem": "tmpfs/ramfs required",
+        "names": sorted(names),
+        "engine": "gets none (allowlisted environment)",
+    }
 
 
 def secret_env_names(environ: dict[str, str], allowed: list[str]) -> list[str]:

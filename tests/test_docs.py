@@ -4,6 +4,7 @@ profiles cite exists."""
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import get_args
 import pytest
 from pydantic import BaseModel
 
-from runtime import telemetry, vllm_options
+from runtime import startup, telemetry, vllm_options
 from runtime.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,3 +161,25 @@ def test_the_configuration_reference_shows_every_key_and_no_other() -> None:
     assert not missing, f"keys of runtime/config.py missing from docs/configuration.md: {missing}"
     unknown = sorted(".".join(k) for k in documented - keys if k[0] != "engine.vllm")
     assert not unknown, f"docs/configuration.md shows keys that do not exist: {unknown}"
+
+
+def test_every_setting_the_controls_table_names_is_a_configuration_key() -> None:
+    """docs/design.md's controls table (from startup.CONTROLS) names the settings that govern
+    each control: each one, or each table ending in `.*`, exists in the config models."""
+    keys = {f"{table}.{key}".lstrip(".") for table, key in _model_keys(Config, "")}
+    named = [
+        name
+        for control in startup.CONTROLS.values()
+        for name in re.findall(r"`([a-z_.*]+)`", control.settings)
+    ]
+    assert named
+    unknown = [
+        name
+        for name in named
+        if not (
+            name in keys
+            or (name.endswith(".*") and name[:-2] in keys)
+            or ("*" in name.removesuffix(".*") and any(fnmatch.fnmatch(k, name) for k in keys))
+        )
+    ]
+    assert not unknown, f"startup.CONTROLS names settings that do not exist: {unknown}"

@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime import vllm_options
 from runtime.config import ENGINE_ENV_REFUSED, SECRET_LIKE, Config, format_cpu_list
@@ -179,6 +180,28 @@ def build_env(
         ):
             env[name] = parent_env[name]
     return env
+
+
+def describe(cfg: Config, plan: EnginePlan) -> dict[str, dict[str, Any]]:
+    """What the engine's command line and environment enforce (`harness check`)."""
+    return {
+        "token_cap": {
+            "status": "enforced",
+            "max_tokens": cfg.limits.max_tokens,
+            "where": "engine (vLLM max_new_tokens override, clamps)",
+        },
+        "engine_network": {
+            "status": "enforced",
+            "listener": "unix socket only (--uds)",
+            "offline": True,
+            "namespaces": cfg.sandbox.namespaces,
+        },
+        "engine_environment": {
+            "status": "enforced",
+            "mode": "allowlist",
+            "names": sorted(plan.env),
+        },
+    }
 
 
 def build_plan(

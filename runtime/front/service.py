@@ -14,7 +14,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime import telemetry
 from runtime.config import Config
@@ -22,7 +22,7 @@ from runtime.engine.resources import CpuPlacement
 from runtime.errors import EngineError
 from runtime.front import metrics, server, tls
 from runtime.front.admission import Admission
-from runtime.front.proxy import FrontApp, FrontState
+from runtime.front.proxy import FORWARDED, LOCAL, FrontApp, FrontState
 from runtime.front.server import ServerState
 from runtime.sandbox import front as front_sandbox
 
@@ -35,20 +35,56 @@ class Front:
     cfg: Config
     tls_material: tls.RotatingContext
     files: dict[str, int]  # open files needed and the limit (front_listen, harness check)
-    listener: socket.socket
+    listener: socket.socket | None  # None for `harness check`, which binds nothing
     admission: Admission
     connections: ServerState = field(default_factory=ServerState)  # uvicorn's record of them
 
     @classmethod
-    def prepare(cls, cfg: Config) -> Front:
-        """Everything that can fail before the engine starts (exit 2). The soft open-files
-        limit is raised to what the caps need; the port is bound (not yet listening)."""
+    def prepare(cls, cfg: Config, *, bind: bool = True) -> Front:
+        """Everything that can fail before the engine starts (exit 2). With `bind` (serve), the
+        soft open-files limit is raised to what the caps need and the port is bound (not yet
+        listening); without (check), only whether the hard limit allows it."""
         server.check_versions()
         tls_material = tls.RotatingContext(cfg.front.tls)
-        files = server.open_files(cfg.front, apply=True)
-        return cls(
-            cfg, tls_material, files, server.bind(cfg.front), Admission.from_config(cfg.front)
-        )
+        files = server.open_files(cfg.front, apply=bind)
+        listener = server.bind(cfg.front) if bind else None
+        return cls(cfg, tls_material, files, listener, Admission.from_config(cfg.front))
+
+    def describe(self, vocab_size: int | None) -> dict[str, dict[str, Any]]:
+        """The front's controls, as `harness check` reports them (runtime/startup.py)."""
+        cfg = self.cfg
+        return {
+            "front_tls": {
+                "status": "enforced",
+                "listen": cfg.front.listen,
+                "minimum_version": "TLSv1.3",
+                "client_certificate": "required",
+                "client_ca": str(cfg.front.tls.client_ca),
+                "allowed_identities": list(cfg.front.allowed_identities),
+            },
+            "route_allowlist": {
+                "status": "enforced",
+                "forwarded": {k.decode(): sorted(v) for k, v in FORWARDED.items()},
+                "answered_by_front": sorted(p.decode() for p in LOCAL),
+                "match": "exact raw request target; query string dropped",
+            },
+            "request_body_limit": {"status": "enforced", "max_bytes": cfg.front.max_body_bytes},
+            "request_model": {
+                "status": "enforced",
+                "vocab_size": vocab_size,
+                "structured_outputs": cfg.limits.structured_outputs.allow,
+                "media_parts": list(cfg.limits.media.parts),
+                "tools": cfg.limits.tools.allow,
+                "tool_call_parser": cfg.engine.vllm.get("tool_call_parser"),
+            },
+            "connections": {
+                "status": "enforced",
+                "max_connections": cfg.front.max_connections,
+                "max_handshakes": cfg.front.max_handshakes,
+                "handshake_timeout_s": cfg.front.handshake_timeout_s,
+                **self.files,
+            },
+        }
 
     @property
     def gauges(self) -> metrics.Gauges:
@@ -94,6 +130,7 @@ class Front:
             vocab_size=vocab_size,
             tool_parser=cfg.engine.vllm.get("enable_auto_tool_choice", False),
         )
+        assert self.listener is not None, "prepared by harness check: nothing bound"
         front = server.build_server(cfg.front, app, state, self.tls_material, self.connections)
         died: list[int] = []
 

@@ -75,6 +75,18 @@ class ContainerProfile:
         key = "container_profile" if self.profile is not None else "container_profile_unknown"
         return {key: self.source}
 
+    def describe(self, cfg: Config) -> dict[str, Any]:
+        """harness's own filter, loaded once the engine is ready (`harness check`)."""
+        if cfg.sandbox.seccomp == "off":
+            return {"status": "off (unsafe)"}
+        return {
+            "status": "enforced",
+            "mode": "container_profile" if self.profile is not None else "deny_list",
+            **self.report(),
+            "denied": list(DENIED),
+            "violations": "seccomp_violation events, scope front",
+        }
+
 
 def container_profile(cfg: Config) -> ContainerProfile:
     """`sandbox.container_profile`, read and compiled (not loaded) at startup, before harness

@@ -205,6 +205,39 @@ def build_front(
     )
 
 
+def describe(cfg: Config, runtime_root: Path, ranks: int) -> dict[str, dict[str, Any]]:
+    """The engine's rules and harness's own (`harness check`); `ranks`: the engine's
+    processes that meet over TCP (tensor and pipeline parallel)."""
+    abi = abi_version()
+    tcp = "connect only to the rendezvous ports" if abi >= 4 else "not restricted"
+    if ranks > 1:
+        tcp = "not restricted: the ranks meet over gloo; served only in the engine's own netns"
+    front = build_front(cfg, runtime_root)
+    return {
+        "landlock": {**_describe_rules(build(cfg, runtime_root, []), abi), "tcp": tcp},
+        "front_landlock": {
+            **_describe_rules(front, abi),
+            "scope": "harness itself, from start-up (the engine's domain is nested in it)",
+            "remove_empty_dirs": front.remove_dirs,
+            "tcp": "not restricted (the front binds and exports)",
+        },
+    }
+
+
+def _describe_rules(rules: LandlockPlan, abi: int) -> dict[str, Any]:
+    mode = rules.mode
+    return {
+        "status": "off (unsafe)" if mode == "off" else "enforced" if abi else "unavailable",
+        "mode": mode,
+        "abi": abi,
+        "read_execute": rules.read,
+        "write": rules.write,
+        "devices": rules.devices,
+        "write_existing_files": rules.write_files,
+        "scoped": ["abstract_unix_socket", "signal"] if abi >= 6 and rules.scoped else [],
+    }
+
+
 def apply(plan: LandlockPlan) -> LandlockReport:
     """Restrict this thread and everything it starts from now on (stage 2: the engine;
     sandbox.front: harness itself). Returns the report; raises OSError when `required`

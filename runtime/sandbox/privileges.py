@@ -33,6 +33,19 @@ def build(engine: EngineSection, euid: int) -> PrivilegesPlan:
     return PrivilegesPlan(uid=engine.uid, gid=engine.gid, max_tasks=engine.max_tasks)
 
 
+def describe(engine: EngineSection, euid: int) -> dict[str, Any]:
+    """What stage 2 will leave the engine with (`harness check`)."""
+    drop = build(engine, euid)
+    return {
+        "status": "enforced" if drop.uid is not None or euid != 0 else "uid 0 (unsafe)",
+        "uid": drop.uid if drop.uid is not None else euid,
+        "gid": drop.gid if drop.gid is not None else os.getegid(),
+        "capabilities": "none (bounding, ambient, inheritable, permitted, effective)",
+        "no_new_privs": True,
+        "rlimits": {"core": 0},
+    }
+
+
 def prepare(plan: PrivilegesPlan | None) -> PrivilegesReport:
     """Stage 2, first: what must hold before Landlock (which needs no_new_privs). The task
     cap counts per real uid (in the engine's user namespace, only its own tasks); as root it

@@ -662,6 +662,27 @@ def check_config(cfg: Any) -> Profile | None:
     return profile
 
 
+def describe(cfg: Any) -> dict[str, Any]:
+    """The engine's filter as `harness check` reports it."""
+    mode = cfg.sandbox.seccomp
+    if mode == "off":
+        return {"status": "off (unsafe)", "mode": mode}
+    data, path, multi_gpu = engine_profile(cfg)
+    summary = summarise(parse_profile(data, str(path)))
+    return {
+        "status": "enforced" if mode in ("enforce", "kill") else "complain (reports only)",
+        "mode": mode,
+        "profile": summary["profile"],
+        # Several GPUs: the shipped profile plus MULTI_GPU_RULES, not yet run on a GPU.
+        "multi_gpu_rules": "added, not yet run on a GPU" if multi_gpu else "none",
+        "allowed": summary["allowed"],
+        "allowed_with_argument_checks": summary["allowed_with_argument_checks"],
+        "fixed_deny_list": list(FIXED_DENY),
+        "clone_namespace_flags_refused": hex(CLONE_NAMESPACES),
+        "enosys": list(ENOSYS_ALWAYS),
+    }
+
+
 def exit_event(returncode: int | None, *, mode: str) -> dict[str, Any] | None:
     """A `seccomp_violation` record for a process the kernel killed with SIGSYS (`kill`
     mode), or None. The kernel leaves no trace of which syscall it was."""
