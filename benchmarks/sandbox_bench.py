@@ -74,7 +74,8 @@ async def compare(socks: dict[str, str], args: argparse.Namespace) -> dict[str, 
 # in a fresh process, with or without Landlock and the engine's filter (enforce), alternated.
 _SYSCALL_LOOP = r"""
 import json, os, sys, time
-from runtime.sandbox import _linux, landlock, seccomp
+from runtime.sandbox import _linux, landlock
+from runtime.sandbox.seccomp import bpf
 from runtime.sandbox.stage_plan import LandlockPlan
 
 def loop(n=100_000):
@@ -86,7 +87,7 @@ def loop(n=100_000):
     return n / (time.perf_counter() - started)
 
 if sys.argv[2] == "sandbox":
-    plan = seccomp.compile_plan("enforce", json.load(open(sys.argv[1])), sys.argv[1])
+    plan = bpf.compile_plan("enforce", json.load(open(sys.argv[1])), sys.argv[1])
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     landlock.apply(LandlockPlan(mode="required", read=["/"], devices=["/dev/null"]))
     # The listener stays open: allowed calls never reach it.

@@ -13,12 +13,12 @@ from typing import Any
 from runtime import __version__, startup
 from runtime import config as config_mod
 from runtime.sandbox import front as front_sandbox
-from runtime.sandbox import seccomp
+from runtime.sandbox.seccomp import configured
 
 
 def report(config_path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = config_mod.load(config_path, overrides)
-    seccomp.check_config(cfg)  # as serve does: a broken profile is exit 2
+    configured.check_config(cfg)  # as serve does: a broken profile is exit 2
     container = front_sandbox.container_profile(cfg)  # likewise
     prepared = startup.prepare(cfg, startup.Site.planned(cfg), container, bind=False)
     return {

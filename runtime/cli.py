@@ -157,9 +157,9 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _seccomp_check(args: argparse.Namespace) -> int:
-    from runtime.sandbox import seccomp
+    from runtime.sandbox.seccomp import bpf, oci
 
-    summary = seccomp.summarise(seccomp.load_profile(Path(args.profile)))
+    summary = bpf.summarise(oci.load_profile(Path(args.profile)))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -17,8 +17,9 @@ from runtime.engine import liveness, resources, watchdog
 from runtime.engine import process as engine_process
 from runtime.engine.process import Engine
 from runtime.errors import EngineError
-from runtime.sandbox import _linux, seccomp
+from runtime.sandbox import _linux
 from runtime.sandbox import front as front_sandbox
+from runtime.sandbox.seccomp import configured
 from runtime.weights import recheck_weights
 
 ENGINE_FAILED = EngineError.exit_code
@@ -42,7 +43,7 @@ def serve(
 
     # 1. Configuration: validated, typed, unknown keys refused (exit 2).
     cfg = config_mod.load(config_path, overrides)
-    seccomp.check_config(cfg)  # the engine's profile exists and compiles, before any work
+    configured.check_config(cfg)  # the engine's profile exists and compiles, before any work
     container = front_sandbox.container_profile(cfg)  # the runtime's, for harness's own filter
     export = otel.install(cfg)  # OTLP, when configured: events are held until step 3
     telemetry.emit("config_loaded", "ok", config=str(cfg.source), model=str(cfg.model.dir))

@@ -26,8 +26,8 @@ import httpx
 from runtime.config import Config
 from runtime.engine.process import Engine, spawn_stage2
 from runtime.errors import ConfigError, EngineError, SandboxError
-from runtime.sandbox import seccomp
-from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.seccomp import bpf, oci, policy
+from runtime.sandbox.seccomp.notify import Supervisor
 from runtime.sandbox.stage_plan import StagePlan
 
 _SOCKET_TYPES = {1: "SOCK_STREAM", 2: "SOCK_DGRAM", 3: "SOCK_RAW", 5: "SOCK_SEQPACKET"}
@@ -147,7 +147,7 @@ def run_workload(client: httpx.Client, requests: list[dict[str, Any]], concurren
 
 def _recording(supervisor: Supervisor, also: frozenset[str] = frozenset()) -> Recording:
     names = supervisor.recorded_names() | also
-    deny = set(seccomp.FIXED_DENY)
+    deny = set(policy.FIXED_DENY)
     return Recording(names - deny, set(supervisor.sockets), names & deny)
 
 
@@ -192,9 +192,7 @@ def record_container(
     # recording, which therefore also sees what the engine's own profile would refuse.
     for item in [*overrides, 'sandbox.seccomp="off"']:
         argv += ["--set", item]
-    plan = StagePlan(
-        argv=argv, env=dict(os.environ), cwd=os.getcwd(), seccomp=seccomp.recording_plan()
-    )
+    plan = StagePlan(argv=argv, env=dict(os.environ), cwd=os.getcwd(), seccomp=bpf.recording_plan())
     supervisors: list[Supervisor] = []
 
     def supervise(fd: int) -> None:
@@ -255,7 +253,7 @@ def merge(recordings: list[Recording]) -> Recording:
 
 def from_profile(path: Path) -> Recording:
     """Read back a profile this module wrote, so that `--merge` can union recordings."""
-    profile = seccomp.load_profile(path)
+    profile = oci.load_profile(path)
     rec = Recording()
     for rule in profile.rules:
         if rule.action != "SCMP_ACT_ALLOW":
@@ -279,11 +277,11 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
     """An engine profile (default ERRNO/EPERM), or with `container` the container's profile
     (default TRACE, see CONTAINER_DEFAULT), which keeps what the engine's namespaces need
     (STAGE2: the engine's own filter refuses those calls)."""
-    deny = set(seccomp.FIXED_DENY) - (STAGE2 if container else set())
+    deny = set(policy.FIXED_DENY) - (STAGE2 if container else set())
     names = sorted(
-        (rec.names - {"socket"} - deny - set(seccomp.ENOSYS_ALWAYS))
-        | set(seccomp.ALWAYS_ALLOW)
-        | set(seccomp.HANDOFF_ALLOW)
+        (rec.names - {"socket"} - deny - set(policy.ENOSYS_ALWAYS))
+        | set(policy.ALWAYS_ALLOW)
+        | set(policy.HANDOFF_ALLOW)
     )
     rules: list[dict[str, Any]] = [{"names": names, "action": "SCMP_ACT_ALLOW"}]
     for domain, kind in sorted(rec.sockets):
@@ -293,7 +291,7 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
             {"index": 0, "value": domain, "op": "SCMP_CMP_EQ"},
             {
                 "index": 1,
-                "value": seccomp.SOCK_TYPE_MASK,
+                "value": policy.SOCK_TYPE_MASK,
                 "valueTwo": kind,
                 "op": "SCMP_CMP_MASKED_EQ",
             },
@@ -311,7 +309,7 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
             rules.append(rule)
     rules.append(
         {
-            "names": list(seccomp.ENOSYS_ALWAYS),
+            "names": list(policy.ENOSYS_ALWAYS),
             "action": "SCMP_ACT_ERRNO",
             "errnoRet": 38,
             "comment": "ENOSYS, so that glibc falls back to clone",
@@ -323,6 +321,6 @@ def to_profile(rec: Recording, comment: str, container: bool = False) -> dict[st
     return {
         "comment": comment,
         **default,
-        "architectures": [seccomp.native_arch()],
+        "architectures": [oci.native_arch()],
         "syscalls": rules,
     }

@@ -20,8 +20,9 @@ from runtime.config import Config
 from runtime.engine import command, resources
 from runtime.errors import SecretsError
 from runtime.front.service import Front
-from runtime.sandbox import landlock, namespaces, privileges, seccomp
+from runtime.sandbox import landlock, namespaces, privileges
 from runtime.sandbox.front import ContainerProfile
+from runtime.sandbox.seccomp import configured
 from runtime.weights import Weights, verify_weights
 
 
@@ -162,7 +163,7 @@ class Prepared:
             "secrets": secrets.describe(cfg.secrets, list(self.secrets)),
             "privilege_drop": privileges.describe(cfg.engine, os.geteuid()),
             **landlock.describe(cfg, self.site.runtime_root, vllm_options.ranks(cfg.engine.vllm)),
-            "seccomp": seccomp.describe(cfg),
+            "seccomp": configured.describe(cfg),
             "front_seccomp": self.container.describe(cfg),
             "memory_caps": {
                 **self.caps.describe(),

@@ -18,15 +18,16 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from runtime.sandbox import _linux, seccomp, stage_plan
+from runtime.sandbox import _linux, stage_plan
 from runtime.sandbox import exec as stage2
+from runtime.sandbox.seccomp import bpf, oci
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 
 def _raw(name: str, *args: int | None) -> int:
-    number = seccomp.syscall_number(name)
+    number = bpf.syscall_number(name)
     assert number is not None, name
     result = _libc.syscall(number, *args)
     return 0 if result >= 0 else -ctypes.get_errno()
@@ -50,7 +51,7 @@ def _thread() -> int:
 
 def _clone(flags: int) -> int:
     """Raw clone(2) like fork (SIGCHLD, no new stack); the child leaves at once."""
-    number = seccomp.syscall_number("clone")
+    number = bpf.syscall_number("clone")
     result = _libc.syscall(number, flags | signal.SIGCHLD, None, None, None, None)
     if result == 0:
         os._exit(0)
@@ -227,9 +228,9 @@ def main() -> int:
     outer_path = os.environ.get("HARNESS_TEST_OUTER_PROFILE")
     if outer_path:  # the container's profile, loaded first as runc loads it
         with open(outer_path) as handle:
-            outer = seccomp.parse_profile(json.load(handle), "outer")
+            outer = oci.parse_profile(json.load(handle), "outer")
         _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
-        seccomp.compile_profile(outer, "as_written").filter.load()
+        bpf.compile_profile(outer, "as_written").filter.load()
     report = stage_plan.StageReport()
     try:
         report = replace(stage2.apply(plan), seccomp=plan.seccomp.report)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from runtime import config as config_mod
-from runtime.sandbox import seccomp
+from runtime.sandbox.seccomp import bpf, configured, oci, policy
 from tests.support import REPO
 
 SCAN = REPO / ".venv-scan"
@@ -442,14 +442,14 @@ def test_shipped_config_validates_and_matches_the_deployment(
     # The engine's seccomp profile is one the image ships (the Containerfiles copy seccomp/
     # to /usr/share/harness/seccomp), and it compiles in the configured mode.
     assert cfg.sandbox.seccomp == "enforce"  # every overlay, the GPU one too
-    shipped = seccomp.shipped_profiles()[-1]
-    path = seccomp.profile_path(cfg)
+    shipped = configured.shipped_profiles()[-1]
+    path = configured.profile_path(cfg)
     if cfg.sandbox.seccomp_profile is not None:
         assert path.parent == shipped, "a profile outside the image"
         for containerfile in CONTAINERFILES:
             assert f"COPY seccomp/ {shipped}/" in containerfile.read_text()
         path = REPO / "seccomp" / path.name
-    seccomp.compile_profile(seccomp.load_profile(path), cfg.sandbox.seccomp)
+    bpf.compile_profile(oci.load_profile(path), cfg.sandbox.seccomp)
 
 
 # -- the images ----------------------------------------------------------------------------
@@ -487,8 +487,8 @@ def test_the_cuda_profile_is_the_cpu_profile_and_what_cuda_added() -> None:
     cpu = recorder.from_profile(REPO / "seccomp" / "engine-cpu.json")
     cuda = recorder.from_profile(REPO / "seccomp" / "engine-cuda.json")
     assert cpu.names <= cuda.names and cpu.sockets <= cuda.sockets
-    assert not cuda.names & set(seccomp.FIXED_DENY)
+    assert not cuda.names & set(policy.FIXED_DENY)
     # What the CUDA driver and torch's CUDA start called beyond vLLM's CPU engine.
     assert {"sched_get_priority_max", "sched_get_priority_min"} <= cuda.names - cpu.names
     assert (1, 5) in cuda.sockets - cpu.sockets  # AF_UNIX, SOCK_SEQPACKET
-    seccomp.compile_profile(seccomp.load_profile(REPO / "seccomp" / "engine-cuda.json"), "enforce")
+    bpf.compile_profile(oci.load_profile(REPO / "seccomp" / "engine-cuda.json"), "enforce")

@@ -20,7 +20,8 @@ import pytest
 
 from runtime import config as config_mod
 from runtime.errors import ConfigError
-from runtime.sandbox import front, seccomp
+from runtime.sandbox import front
+from runtime.sandbox.seccomp import oci, policy
 from tests.support import POD
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,16 +30,17 @@ CONTAINER_PROFILE = REPO / "seccomp" / "harness-cpu.json"
 _CHILD = r"""
 import ctypes, json, os, socket, subprocess, sys, threading, time
 from pathlib import Path
-from runtime.sandbox import _linux, front, seccomp
+from runtime.sandbox import _linux, front
+from runtime.sandbox.seccomp import bpf, oci, policy
 
 PROFILE, WITHIN = Path(sys.argv[1]), sys.argv[2] == "1"
-outer = seccomp.load_profile(PROFILE)
+outer = oci.load_profile(PROFILE)
 _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)  # as runc does with no-new-privileges
-seccomp.compile_profile(outer, "as_written").filter.load()
+bpf.compile_profile(outer, "as_written").filter.load()
 libc = ctypes.CDLL(None, use_errno=True)
 
 def call(name_or_nr, *args):
-    nr = seccomp.syscall_number(name_or_nr) if isinstance(name_or_nr, str) else name_or_nr
+    nr = bpf.syscall_number(name_or_nr) if isinstance(name_or_nr, str) else name_or_nr
     return 0 if libc.syscall(nr, *args) >= 0 else -ctypes.get_errno()
 
 def attempt(action):
@@ -175,9 +177,10 @@ def test_auto_reads_the_images_copy_when_harness_starts_under_a_filter(
     child = r"""
 import json, sys
 from runtime import config
-from runtime.sandbox import _linux, front, seccomp
+from runtime.sandbox import _linux, front
+from runtime.sandbox.seccomp import bpf, oci, policy
 _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-seccomp.compile_profile(seccomp.load_profile(sys.argv[1]), "as_written").filter.load()
+bpf.compile_profile(oci.load_profile(sys.argv[1]), "as_written").filter.load()
 cfg = config.load(sys.argv[2], [])
 print(json.dumps(front.container_profile(cfg).report()))
 """
@@ -203,25 +206,25 @@ print(json.dumps(front.container_profile(cfg).report()))
 def test_the_front_keeps_only_typed_non_raw_socket_rules() -> None:
     """The container's socket rules the front keeps: a type named, not SOCK_RAW, not
     AF_PACKET. Of the shipped profile's, all but AF_NETLINK/SOCK_RAW."""
-    rules = [r for r in seccomp.load_profile(CONTAINER_PROFILE).rules if "socket" in r.names]
+    rules = [r for r in oci.load_profile(CONTAINER_PROFILE).rules if "socket" in r.names]
     dropped = [r for r in rules if not front._plain_socket(r)]
     assert len(rules) == 6 and [a.value for r in dropped for a in r.args if a.index == 0] == [16]
 
-    def rule(*args: seccomp.ArgRule) -> seccomp.Rule:
-        return seccomp.Rule(names=("socket",), action="SCMP_ACT_ALLOW", args=args)
+    def rule(*args: oci.ArgRule) -> oci.Rule:
+        return oci.Rule(names=("socket",), action="SCMP_ACT_ALLOW", args=args)
 
-    def family(value: int) -> seccomp.ArgRule:
-        return seccomp.ArgRule(0, value, 0, "SCMP_CMP_EQ")
+    def family(value: int) -> oci.ArgRule:
+        return oci.ArgRule(0, value, 0, "SCMP_CMP_EQ")
 
-    def kind(value: int) -> seccomp.ArgRule:
-        return seccomp.ArgRule(1, seccomp.SOCK_TYPE_MASK, value, "SCMP_CMP_MASKED_EQ")
+    def kind(value: int) -> oci.ArgRule:
+        return oci.ArgRule(1, policy.SOCK_TYPE_MASK, value, "SCMP_CMP_MASKED_EQ")
 
     assert front._plain_socket(rule(family(2), kind(1)))  # TCP
     for refused in (
         rule(),  # any socket
         rule(family(17), kind(2)),  # AF_PACKET
         rule(kind(2)),  # a type, any family (AF_PACKET among them)
-        rule(seccomp.ArgRule(0, 40, 0, "SCMP_CMP_NE"), kind(2)),  # Docker's way: not vsock
+        rule(oci.ArgRule(0, 40, 0, "SCMP_CMP_NE"), kind(2)),  # Docker's way: not vsock
         rule(family(2), kind(10)),  # SOCK_PACKET
     ):
         assert not front._plain_socket(refused), refused

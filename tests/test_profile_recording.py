@@ -17,7 +17,7 @@ import pytest
 
 from runtime import config as config_mod
 from runtime import recorder
-from runtime.sandbox import seccomp
+from runtime.sandbox.seccomp import policy
 from tests import fake_engine
 
 pytestmark = pytest.mark.skipif(
@@ -64,7 +64,7 @@ def test_recording_matches_strace_of_the_same_run(demo_dir: Path, open_tmp: Path
     )
     traced = _after_filter(trace.read_text())
     # The kernel answers these itself: the supervisor never sees them.
-    kernel = {*seccomp.ALWAYS_ALLOW, *seccomp.HANDOFF_ALLOW, *seccomp.ENOSYS_ALWAYS}
+    kernel = {*policy.ALWAYS_ALLOW, *policy.HANDOFF_ALLOW, *policy.ENOSYS_ALWAYS}
     recorded = rec.names | rec.denied_seen
     assert recorded, "nothing was recorded"
     assert traced - kernel == recorded - kernel, (

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from runtime import recorder
-from runtime.sandbox import landlock, namespaces, seccomp, stage_plan
-from runtime.sandbox.seccomp_notify import EVENTS_PER_SECOND, Supervisor
+from runtime.sandbox import landlock, namespaces, stage_plan
+from runtime.sandbox.seccomp import bpf, configured, oci, policy
+from runtime.sandbox.seccomp.notify import EVENTS_PER_SECOND, Supervisor
 from runtime.sandbox.stage_plan import LandlockPlan, NamespacesPlan, PrivilegesPlan, StagePlan
 from tests.support import POD
 
@@ -51,7 +52,7 @@ def _plan(
         namespaces=spaces or NamespacesPlan("off"),
         privileges=drop,
         landlock=fence or NO_LANDLOCK,
-        seccomp=seccomp.compile_plan(mode, profile, str(PROFILE)),
+        seccomp=bpf.compile_plan(mode, profile, str(PROFILE)),
     )
 
 
@@ -348,15 +349,14 @@ def test_a_flooding_engine_gets_bounded_events_and_bounded_supervisor_memory(
     exist and one call each of every syscall its profile refuses: all refused, all counted,
     but the log gets at most EVENTS_PER_SECOND events a second in all plus summaries, the
     unknown numbers are one name, and nothing of the engine's choosing is kept."""
-    compiled = seccomp.compile_profile(seccomp.load_profile(PROFILE), "enforce")
+    compiled = bpf.compile_profile(oci.load_profile(PROFILE), "enforce")
     stub_from = compiled.stub_from
     assert stub_from is not None
-    permitted = {*compiled.allowed, *compiled.conditional, *seccomp.ENOSYS_ALWAYS}
+    permitted = {*compiled.allowed, *compiled.conditional, *policy.ENOSYS_ALWAYS}
     refused = [
         nr
         for nr in range(stub_from)
-        if seccomp.syscall_name(nr) not in permitted
-        and not seccomp.syscall_name(nr).startswith("syscall_")
+        if bpf.syscall_name(nr) not in permitted and not bpf.syscall_name(nr).startswith("syscall_")
     ]
     assert len(refused) > 3 * EVENTS_PER_SECOND
     probes = [
@@ -444,7 +444,7 @@ def test_under_the_container_profile_the_engines_refusals_still_reach_harness(
     if outer_default != "shipped":
         outer["defaultAction"] = outer_default
     probes = ["ptrace", "bpf", "io_uring_setup", "packet"]
-    allowed = seccomp.compile_profile(seccomp.parse_profile(outer, "outer")).allowed
+    allowed = bpf.compile_profile(oci.parse_profile(outer, "outer")).allowed
     assert not {"ptrace", "bpf", "io_uring_setup"} & set(allowed)  # both refuse them
     run = sandboxed(open_tmp, "enforce", [*probes, "unix", "thread"], outer=outer)
     assert all(run.results[p] == -errno.EPERM for p in probes), run.results
@@ -469,7 +469,7 @@ def test_under_the_container_profile_the_engines_refusals_still_reach_harness(
     ],
 )
 def test_startup_probe_labels(name: str, args: list[int], label: str | None) -> None:
-    assert seccomp.startup_probe(name, args) == label
+    assert policy.startup_probe(name, args) == label
 
 
 @pytest.mark.parametrize("spaces", ["off", "required"])
@@ -481,9 +481,9 @@ def test_kill_mode_kills_the_process_with_sigsys(open_tmp: Path, spaces: str) ->
     assert run.returncode == -signal.SIGSYS
     assert list(run.results) == ["unix"]  # nothing ran after the forbidden call
     assert run.events == []  # no supervisor in kill mode: the kernel acts alone
-    event = seccomp.exit_event(run.returncode, mode="kill")
+    event = policy.exit_event(run.returncode, mode="kill")
     assert event is not None and event["signal"] == "SIGSYS"
-    assert seccomp.exit_event(1, mode="kill") is None
+    assert policy.exit_event(1, mode="kill") is None
 
 
 def test_complain_mode_lets_calls_through_and_reports_them(open_tmp: Path) -> None:
@@ -573,14 +573,14 @@ def test_inside_the_sandbox_paths_and_ports_are_fenced(open_tmp: Path) -> None:
 
 
 def test_shipped_profile_compiles_in_every_mode_and_allows_nothing_on_the_deny_list() -> None:
-    profile = seccomp.load_profile(PROFILE)
+    profile = oci.load_profile(PROFILE)
     for mode in ("enforce", "kill", "complain"):
-        compiled = seccomp.compile_profile(profile, mode)
-        assert not set(seccomp.FIXED_DENY) & set(compiled.allowed + compiled.conditional)
+        compiled = bpf.compile_profile(profile, mode)
+        assert not set(policy.FIXED_DENY) & set(compiled.allowed + compiled.conditional)
         assert compiled.stub_from is not None and compiled.stub_from > 400
     names = {n for rule in profile.rules if rule.action == "SCMP_ACT_ALLOW" for n in rule.names}
     assert {"clone", "rseq", "execve", "futex"} <= names
-    assert "clone3" not in names and not set(seccomp.FIXED_DENY) & names
+    assert "clone3" not in names and not set(policy.FIXED_DENY) & names
 
 
 def _harness(*args: str) -> subprocess.CompletedProcess[str]:
@@ -633,7 +633,7 @@ def test_profile_round_trip_and_merge_keep_the_fixed_rules(tmp_path: Path) -> No
     assert "ptrace" not in back.names  # the fixed deny list wins over any recording
     # UDP and packet sockets never make it into a profile; stream sockets do.
     assert back.sockets == {(1, 1), (2, 1), (10, 1)}
-    seccomp.compile_profile(seccomp.load_profile(path), "enforce")
+    bpf.compile_profile(oci.load_profile(path), "enforce")
     # An INET stream socket is TCP only: protocol 0 or IPPROTO_TCP, never MPTCP or SCTP.
     assert _inet_stream_protocols(profile) == {2: {0, 6}, 10: {0, 6}}
 
@@ -699,16 +699,16 @@ def test_a_multi_gpu_engine_gets_the_prepared_rules_and_the_kernel_applies_them(
     handle passing; prepared, not yet run on a GPU); one GPU, the CPU, or a profile of one's
     own: the file as it is. The calls are refused under engine-cuda.json alone and allowed
     with the rules, by this kernel (a child under each profile, as runc loads one)."""
-    data, path, multi = seccomp.engine_profile(_engine_cfg(tmp_path, "cuda", 2))
+    data, path, multi = configured.engine_profile(_engine_cfg(tmp_path, "cuda", 2))
     assert multi and path.name == "engine-cuda.json"
-    assert data["syscalls"][-len(seccomp.MULTI_GPU_RULES) :] == list(seccomp.MULTI_GPU_RULES)
-    seccomp.check_config(_engine_cfg(tmp_path, "cuda", 2))  # compiles here
+    assert data["syscalls"][-len(policy.MULTI_GPU_RULES) :] == list(policy.MULTI_GPU_RULES)
+    configured.check_config(_engine_cfg(tmp_path, "cuda", 2))  # compiles here
     for cfg in (
         _engine_cfg(tmp_path, "cuda", 1),
         _engine_cfg(tmp_path, "cpu", 2),
         _engine_cfg(tmp_path, "cuda", 2, str(REPO / "seccomp" / "engine-cuda.json")),
     ):
-        assert seccomp.engine_profile(cfg)[2] is False
+        assert configured.engine_profile(cfg)[2] is False
     outcomes = {}
     for name, profile in (
         ("alone", json.loads(path.read_text())),
@@ -770,13 +770,14 @@ def test_a_refreshed_container_profile_keeps_the_shipped_ones_calls_and_its_trac
 
 _FRONT_CHILD = r"""
 import errno, json, os, socket, subprocess, threading
-from runtime.sandbox import front, seccomp
+from runtime.sandbox import front
+from runtime.sandbox.seccomp import bpf, configured, oci, policy
 from tests.sandbox_probe import PROBES
 import ctypes
 libc = ctypes.CDLL(None, use_errno=True)
 
 def ptrace():
-    nr = seccomp.syscall_number("ptrace")
+    nr = bpf.syscall_number("ptrace")
     return 0 if libc.syscall(nr, 0, 0, None, None) >= 0 else -ctypes.get_errno()
 
 def sock(domain, kind):

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.sandbox import seccomp, stage_plan
+from runtime.sandbox import stage_plan
+from runtime.sandbox.seccomp import bpf
 from runtime.sandbox.stage_plan import (
     LandlockPlan,
     NamespacesPlan,
@@ -35,7 +36,7 @@ def _plan() -> StagePlan:
         namespaces=NamespacesPlan("off"),
         privileges=PrivilegesPlan(None, None, 4096),
         landlock=LandlockPlan("off"),
-        seccomp=seccomp.compile_plan("enforce", json.loads(PROFILE.read_text()), str(PROFILE)),
+        seccomp=bpf.compile_plan("enforce", json.loads(PROFILE.read_text()), str(PROFILE)),
     )
 
 
@@ -43,7 +44,7 @@ def test_a_plan_goes_through_json_unchanged_with_its_compiled_filter() -> None:
     plan = _plan()
     assert plan.seccomp.notify and len(plan.seccomp.bpf) % 8 == 0 and len(plan.seccomp.bpf) > 800
     assert stage_plan.from_json(stage_plan.to_json(plan)) == plan
-    recording = seccomp.recording_plan()
+    recording = bpf.recording_plan()
     assert recording.mode == "record" and recording.notify and recording.bpf
 
 
@@ -142,8 +143,16 @@ def test_stage_two_imports_only_the_standard_library_and_its_own_modules() -> No
     foreign = sorted(m for m in added - ours if m.split(".")[0] not in sys.stdlib_module_names)
     assert foreign == [], f"stage 2 imports {foreign}"
     # The check can fail: harness's own side of the sandbox pulls in libseccomp and pydantic.
-    heavy = _modules("import runtime.sandbox.seccomp, runtime.config")
+    heavy = _modules("import runtime.sandbox.seccomp.bpf, runtime.config")
     assert {"pyseccomp", "pydantic"} <= {m.split(".")[0] for m in heavy}
+
+
+def test_seccomp_profiles_and_harness_rules_are_read_without_libseccomp() -> None:
+    """oci.py and policy.py are pure: parsing a profile and harness's own rules need no
+    libseccomp (only bpf.py compiles, and it is the one that imports pyseccomp)."""
+    pure = _modules("import runtime.sandbox.seccomp.oci, runtime.sandbox.seccomp.policy")
+    assert "pyseccomp" not in pure
+    assert "pyseccomp" in _modules("import runtime.sandbox.seccomp.bpf")
 
 
 def _stage2(data: bytes, wrapper: tuple[str, ...] = ()) -> tuple[int, dict]:
@@ -231,7 +240,7 @@ def test_a_filter_that_cannot_load_stops_stage_two_and_says_why(pod: bool) -> No
             argv=["/bin/true"],
             env={},
             cwd="/",
-            seccomp=seccomp.compile_plan(mode, profile, str(PROFILE)),
+            seccomp=bpf.compile_plan(mode, profile, str(PROFILE)),
         )
         for mode in ("enforce", "kill")
     }

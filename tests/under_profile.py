@@ -7,15 +7,16 @@ import json
 import os
 import sys
 
-from runtime.sandbox import _linux, seccomp
+from runtime.sandbox import _linux
+from runtime.sandbox.seccomp import bpf, oci
 
 
 def main() -> None:
     profile_path, *argv = sys.argv[1:]
     with open(profile_path) as handle:
-        profile = seccomp.parse_profile(json.load(handle), "outer")
+        profile = oci.parse_profile(json.load(handle), "outer")
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
-    seccomp.compile_profile(profile, "as_written").filter.load()
+    bpf.compile_profile(profile, "as_written").filter.load()
     os.execv(argv[0], argv)
 
 

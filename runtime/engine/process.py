@@ -35,8 +35,10 @@ from runtime.engine.reaper import Reaper
 from runtime.engine.resources import MemoryCaps
 from runtime.errors import ConfigError, EngineError, SandboxError
 from runtime.sandbox import landlock, namespaces, privileges, stage_plan
-from runtime.sandbox.seccomp import compile_plan, engine_profile, exit_event, recording_plan
-from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.seccomp.bpf import compile_plan, recording_plan
+from runtime.sandbox.seccomp.configured import engine_profile
+from runtime.sandbox.seccomp.notify import Supervisor
+from runtime.sandbox.seccomp.policy import exit_event
 from runtime.sandbox.stage_plan import SeccompPlan, StagePlan, StageReport, fields
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.

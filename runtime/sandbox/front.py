@@ -46,11 +46,12 @@ import pyseccomp
 from runtime import telemetry
 from runtime.config import Config
 from runtime.errors import ConfigError, SandboxError
-from runtime.sandbox import _linux, landlock, seccomp, stage_plan
+from runtime.sandbox import _linux, landlock, stage_plan
+from runtime.sandbox.seccomp import bpf, oci, policy
 
 # Nothing the front does after startup needs a new program.
 NO_EXEC = ("execve", "execveat")
-DENIED = (*seccomp.FIXED_DENY, *NO_EXEC)
+DENIED = (*policy.FIXED_DENY, *NO_EXEC)
 _AF_PACKET = 17
 _SOCK_PACKET = 10  # the obsolete packet socket type, in any family
 _RAW_TYPES = (socket.SOCK_RAW, _SOCK_PACKET)
@@ -68,7 +69,7 @@ _IMAGE_PROFILE = {"cpu": "harness-cpu.json", "cuda": "harness-gpu.json"}
 class ContainerProfile:
     """The seccomp profile the container runtime applied to harness, when harness knows it."""
 
-    profile: seccomp.Profile | None
+    profile: oci.Profile | None
     source: str  # its path, or why there is none
 
     def report(self) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def container_profile(cfg: Config) -> ContainerProfile:
             )
     else:
         path = Path(setting)
-    profile = seccomp.load_profile(path)
+    profile = oci.load_profile(path)
     if profile.default_action in ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG"):
         raise ConfigError(
             f"sandbox.container_profile: {path}: its default action is "
@@ -133,7 +134,7 @@ def _shipped_profile_applies() -> bool:
     which it does not list and every runtime's default profile allows, comes back ENOSYS.
     Under Docker's, podman's or Kubernetes' RuntimeDefault it succeeds, and harness keeps its
     deny list rather than hold itself to a profile that is not the one in force."""
-    number = seccomp.syscall_number("times")
+    number = bpf.syscall_number("times")
     return number is not None and _linux.syscall_errno(number, 0) == errno.ENOSYS
 
 
@@ -300,7 +301,7 @@ def apply(
     return report
 
 
-def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
+def _load(notify: bool, within: oci.Profile | None) -> dict[str, Any]:
     _linux.prctl(_linux.PR_SET_NO_NEW_PRIVS, 1)
     refuse = pyseccomp.NOTIFY if notify else pyseccomp.ERRNO(errno.EPERM)
     if within is not None:
@@ -310,7 +311,7 @@ def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
     flt.set_attr(pyseccomp.Attr.CTL_TSYNC, 1)  # every thread, not just this one
     flt.load()
     listener: dict[str, int] = {}
-    if notify:  # as in seccomp.load: pyseccomp has no public accessor for it
+    if notify:  # pyseccomp has no public accessor for the listener fd
         listener["listener"] = int(pyseccomp._libseccomp.seccomp_notify_fd(flt._filter))
     return {
         **listener,
@@ -318,9 +319,9 @@ def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
         **extra,
         "installed": True,
         "threads": "all (TSYNC)",
-        "denied": [n for n in DENIED if seccomp.syscall_number(n) is not None],
+        "denied": [n for n in DENIED if bpf.syscall_number(n) is not None],
         "denied_sockets": ["AF_PACKET", "SOCK_RAW", "SOCK_PACKET"],
-        "denied_clone_flags": hex(seccomp.CLONE_NAMESPACES),
+        "denied_clone_flags": hex(policy.CLONE_NAMESPACES),
         "no_new_privs": True,
     }
 
@@ -328,53 +329,53 @@ def _load(notify: bool, within: seccomp.Profile | None) -> dict[str, Any]:
 def _deny_list(refuse: int) -> Any:
     flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     for name in DENIED:
-        if seccomp.syscall_number(name) is not None:
+        if bpf.syscall_number(name) is not None:
             flt.add_rule(refuse, name)
     # New namespaces through clone(2) (unshare is on the deny list already).
     for bit in range(64):
-        if seccomp.CLONE_NAMESPACES & (1 << bit):
+        if policy.CLONE_NAMESPACES & (1 << bit):
             flt.add_rule(refuse, "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, 1 << bit, 1 << bit))
     # Raw and packet sockets: the front speaks TCP and Unix sockets only.
     flt.add_rule(refuse, "socket", pyseccomp.Arg(0, pyseccomp.EQ, _AF_PACKET))
     for kind in _RAW_TYPES:
         flt.add_rule(
-            refuse, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, seccomp.SOCK_TYPE_MASK, kind)
+            refuse, "socket", pyseccomp.Arg(1, pyseccomp.MASKED_EQ, policy.SOCK_TYPE_MASK, kind)
         )
     return flt
 
 
-def _within(profile: seccomp.Profile, refuse: int) -> tuple[Any, dict[str, Any]]:
+def _within(profile: oci.Profile, refuse: int) -> tuple[Any, dict[str, Any]]:
     """The container's allowlist less the deny list; the rest refused (`refuse`)."""
     flt = pyseccomp.SyscallFilter(refuse)
     flt.set_attr(pyseccomp.Attr.CTL_OPTIMIZE, 2)
-    arch = seccomp.native_arch()
-    withheld = {*DENIED, *seccomp.ALWAYS_ALLOW, *seccomp.ENOSYS_ALWAYS}
+    arch = oci.native_arch()
+    withheld = {*DENIED, *policy.ALWAYS_ALLOW, *policy.ENOSYS_ALWAYS}
     highest, allowed = 0, set()
     for rule in profile.rules:
-        numbers = [seccomp.syscall_number(name) for name in rule.names]
+        numbers = [bpf.syscall_number(name) for name in rule.names]
         highest = max([highest, *(n for n in numbers if n is not None)])
-        if rule.action != "SCMP_ACT_ALLOW" or not seccomp.applies(rule, arch, frozenset()):
+        if rule.action != "SCMP_ACT_ALLOW" or not oci.applies(rule, arch, frozenset()):
             continue  # the container's own ERRNO rules win over any notification anyway
         for name, number in zip(rule.names, numbers, strict=True):
             if number is None or name in withheld:
                 continue
             if name == "socket" and not _plain_socket(rule):
                 continue
-            flt.add_rule(pyseccomp.ALLOW, name, *seccomp.rule_args(rule))
+            flt.add_rule(pyseccomp.ALLOW, name, *bpf.rule_args(rule))
             allowed.add(name)
-    for name in seccomp.ALWAYS_ALLOW:
-        args = [seccomp.no_namespaces()] if name == "clone" else []
+    for name in policy.ALWAYS_ALLOW:
+        args = [bpf.no_namespaces()] if name == "clone" else []
         flt.add_rule(pyseccomp.ALLOW, name, *args)
-    for name in seccomp.ENOSYS_ALWAYS:
+    for name in policy.ENOSYS_ALWAYS:
         flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), name)
-    ruled = seccomp.profile_numbers([*DENIED, *seccomp.ALWAYS_ALLOW, *seccomp.ENOSYS_ALWAYS])
-    for number in range(highest + 1, seccomp.STUB_END):
+    ruled = bpf.profile_numbers([*DENIED, *policy.ALWAYS_ALLOW, *policy.ENOSYS_ALWAYS])
+    for number in range(highest + 1, policy.STUB_END):
         if number not in ruled:
             flt.add_rule(pyseccomp.ERRNO(errno.ENOSYS), number)
     return flt, {"mode": "container_profile", "allowed": len(allowed), "enosys_from": highest + 1}
 
 
-def _plain_socket(rule: seccomp.Rule) -> bool:
+def _plain_socket(rule: oci.Rule) -> bool:
     """A socket rule that names its family (not AF_PACKET) and its type (not SOCK_RAW or
     SOCK_PACKET): the front keeps it. Any other is refused."""
     args = {(a.index, a.op): a for a in rule.args}
@@ -384,6 +385,6 @@ def _plain_socket(rule: seccomp.Rule) -> bool:
         family is not None
         and family.value != _AF_PACKET
         and kind is not None
-        and kind.value == seccomp.SOCK_TYPE_MASK
+        and kind.value == policy.SOCK_TYPE_MASK
         and kind.value_two not in _RAW_TYPES
     )

@@ -21,7 +21,7 @@ import socket
 import threading
 from typing import Any
 
-from runtime.sandbox.seccomp_notify import Supervisor
+from runtime.sandbox.seccomp.notify import Supervisor
 
 
 def main() -> int:
@@ -39,7 +39,7 @@ def main() -> int:
             channel.sendall(json.dumps({"scope": "front", **record}).encode() + b"\n")
 
     # "startup" until harness says its event loop runs: creating it, uvloop probes io_uring
-    # once (and falls back to epoll), a known probe and no alert (seccomp.startup_probe).
+    # once (and falls back to epoll), a known probe and no alert (policy.startup_probe).
     supervisor = Supervisor(fds[0], "enforce", report=send, phase="startup")
     supervisor.start()
     with channel.makefile("rb") as lines:

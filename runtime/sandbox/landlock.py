@@ -190,9 +190,9 @@ def build_front(
             front_only += [str(sig.path), *(str(p) for p in sig.certificate_chain)]
             front_only += [str(p) for p in (sig.public_key, sig.trust_config) if p is not None]
     if cfg.sandbox.seccomp != "off":
-        from runtime.sandbox import seccomp  # libseccomp: harness's side only
+        from runtime.sandbox.seccomp import configured  # libseccomp: harness's side only
 
-        front_only.append(str(seccomp.profile_path(cfg)))
+        front_only.append(str(configured.profile_path(cfg)))
     proc = [engine_proc] if engine_proc else []
     return LandlockPlan(
         mode=cfg.sandbox.landlock,

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from runtime.sandbox import seccomp
+from runtime.sandbox.seccomp import bpf, policy
 
 # linux/seccomp.h: the ioctls on the listener fd, _IOWR('!', n, struct).
 _NOTIF_RECV = 0xC0502100  # struct seccomp_notif (80 bytes)
@@ -79,7 +79,7 @@ _MAX_DOMAIN = 64
 
 @functools.lru_cache(maxsize=1024)
 def _name(nr: int) -> str:
-    name = seccomp.syscall_name(nr)
+    name = bpf.syscall_name(nr)
     return UNKNOWN if name.startswith("syscall_") else name
 
 
@@ -103,7 +103,7 @@ class Supervisor(threading.Thread):
         self.mode = mode
         self.errno_ret = errno_ret
         self.report = report
-        self.deny = seccomp.profile_numbers(seccomp.FIXED_DENY)
+        self.deny = bpf.profile_numbers(policy.FIXED_DENY)
         self.seen: Counter[int] = Counter()
         self.sockets: set[tuple[int, int]] = set()  # (domain, type) of socket() calls
         self.violations: Counter[str] = Counter()
@@ -114,11 +114,11 @@ class Supervisor(threading.Thread):
         self._pending: Counter[str] = Counter()
         self._pending_phase: dict[str, str] = {}
         self._refused: set[str] = set()  # names refused so far, for the held-back counts
-        self._socket_nr = seccomp.syscall_number(_SOCKET)
+        self._socket_nr = bpf.syscall_number(_SOCKET)
         self._stopping = threading.Event()
         # "startup" until the engine is ready: vLLM probes a few things while it starts
         # (io_uring, UDP sockets) that the profile refuses; counted here, not alerted
-        # (seccomp.startup_probe), and alerts again once the phase is "serving".
+        # (policy.startup_probe), and alerts again once the phase is "serving".
         self.phase = phase
         self.probes: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -174,7 +174,7 @@ class Supervisor(threading.Thread):
                 self.sockets.add((domain, int(notif.data.args[1]) & 0xF))
         # The fixed deny list is refused in every mode, so that a recording behaves as
         # enforcement will.
-        fixed = nr in self.deny or seccomp.creates_namespace(nr, notif.data.args)
+        fixed = nr in self.deny or bpf.creates_namespace(nr, notif.data.args)
         refuse = self.mode == "enforce" or fixed
         if self._own_thread(nr, notif):
             self._answer(_Resp(id=notif.id, flags=_FLAG_CONTINUE))
@@ -199,11 +199,11 @@ class Supervisor(threading.Thread):
 
     def _own_thread(self, nr: int, notif: _Notif) -> bool:
         """sched_setaffinity and the like aimed at a thread of the caller's own process: let
-        through, no event (see seccomp.SELF_ONLY). Only if the caller still waits after /proc
+        through, no event (see policy.SELF_ONLY). Only if the caller still waits after /proc
         was read: otherwise its thread id may already be another process's. (The target may
         exit and its id be reused within that microsecond window: then another process of the
         same uid gets the engine's own scheduling request, no more.)"""
-        if self.mode == "record" or not seccomp.own_thread(_name(nr), notif.data.args, notif.pid):
+        if self.mode == "record" or not policy.own_thread(_name(nr), notif.data.args, notif.pid):
             return False
         try:
             fcntl.ioctl(self.fd, _NOTIF_ID_VALID, ctypes.c_uint64(notif.id))
@@ -214,7 +214,7 @@ class Supervisor(threading.Thread):
     def _violation(self, nr: int, notif: _Notif, *, refused: bool, fixed: bool) -> None:
         name = _name(nr)
         with self._lock:
-            probe = self.phase == "startup" and seccomp.startup_probe(name, notif.data.args)
+            probe = self.phase == "startup" and policy.startup_probe(name, notif.data.args)
             if probe:
                 self.probes[probe] += 1
                 return
@@ -247,10 +247,10 @@ class Supervisor(threading.Thread):
             record["socket_domain"] = int(notif.data.args[0])
             record["socket_type"] = int(notif.data.args[1]) & 0xF
             record["socket_protocol"] = int(notif.data.args[2])
-        elif name in seccomp.SELF_ONLY:  # aimed at another process (or a group, a user)
-            record["target"] = int(notif.data.args[seccomp.SELF_ONLY[name][-1][0]])
+        elif name in policy.SELF_ONLY:  # aimed at another process (or a group, a user)
+            record["target"] = int(notif.data.args[policy.SELF_ONLY[name][-1][0]])
         elif fixed and nr not in self.deny:  # clone asking for a namespace
-            record["clone_namespace_flags"] = hex(notif.data.args[0] & seccomp.CLONE_NAMESPACES)
+            record["clone_namespace_flags"] = hex(notif.data.args[0] & policy.CLONE_NAMESPACES)
         if refused:
             self._refused.add(name)
         if self.report is not None:
@@ -289,4 +289,4 @@ class Supervisor(threading.Thread):
                     )
 
     def recorded_names(self) -> set[str]:
-        return {seccomp.syscall_name(nr) for nr in self.seen}
+        return {bpf.syscall_name(nr) for nr in self.seen}
