@@ -171,23 +171,10 @@ def _trust(sig: SignatureSection) -> signature.Trust:
 def recheck_weights(weights: Weights) -> None:
     """Step 6: every file the engine loaded is the one verified (same inode, size, times)."""
     for label, verified in weights.all().items():
+        fields = {"model": str(verified.root), "artifact": label, "stage": "after_load"}
         try:
             model_dir.recheck(verified)
         except IntegrityError as exc:
-            telemetry.emit(
-                "weight_integrity_check",
-                "blocked",
-                model=str(verified.root),
-                artifact=label,
-                stage="after_load",
-                error=exc.message,
-            )
+            telemetry.emit("weight_integrity_check", "blocked", **fields, error=exc.message)
             raise
-        telemetry.emit(
-            "weight_integrity_check",
-            "ok",
-            model=str(verified.root),
-            artifact=label,
-            stage="after_load",
-            files=len(verified.files),
-        )
+        telemetry.emit("weight_integrity_check", "ok", **fields, files=len(verified.files))
