@@ -34,13 +34,14 @@ GPU_IMAGE ?= localhost/harness:gpu
 CONTAINER_DEBS := podman buildah runc debootstrap
 export CONTAINERS_CONF := $(CURDIR)/images/containers.conf
 
-.PHONY: help install system-deps container-deps demo demo-init test test-fast test-engine lint clean \
+.PHONY: help install system-deps container-deps demo demo-init test test-unit test-fast test-engine lint clean \
 	scan-tools gpu-smoke image image-test image-gpu image-gpu-test docs
 
 help:
 	@echo "make demo       build the venv, demo model, PKI and config, then serve on https://127.0.0.1:8443"
 	@echo "make test       install everything and run the whole suite (what CI runs)"
-	@echo "make test-fast  unit + in-process tier, no vLLM engine (the edit loop)"
+	@echo "make test-unit  tests/unit: pure, no sockets or processes (seconds)"
+	@echo "make test-fast  tests/unit and tests/integration: no vLLM engine (the edit loop)"
 	@echo "make image      build $(IMAGE) from images/cpu/Containerfile with podman"
 	@echo "make image-test the end-to-end tests against that image under podman + runc"
 	@echo "make image-gpu  build $(GPU_IMAGE) from images/gpu/Containerfile (runs on GPU nodes only)"
@@ -87,8 +88,11 @@ test: $(STAMP) $(SCAN_STAMP) lint image
 	HARNESS_REQUIRE_SCAN_TOOLS=1 HARNESS_REQUIRE_IMAGE=1 HARNESS_HYPOTHESIS_PROFILE=repeatable \
 	  $(PY) -m pytest
 
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
 test-fast: $(STAMP) lint
-	$(PY) -m pytest -m "not engine"
+	$(PY) -m pytest tests/unit tests/integration
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -m engine

@@ -1,7 +1,7 @@
 """Regenerate the parts of docs/ that are written from the code (`make docs`).
 
 Each generated part sits between `<!-- generated: NAME -->` and `<!-- end: NAME -->`;
-tests/test_docs.py fails when one differs from what this writes.
+tests/unit/test_docs.py fails when one differs from what this writes.
 """
 
 from __future__ import annotations

@@ -10,15 +10,20 @@ import pytest
 from hypothesis import settings
 
 from runtime.demo import assets
-from tests import container, otlp_receiver
-from tests.container import Container
-from tests.support import Harness, free_port
+from tests.support import Harness, container, free_port, otlp_receiver
+from tests.support.container import Container
 
 # `make test` (what CI runs) draws the same examples on every run, so a pass here is a pass
 # there; `make test-fast` and plain pytest draw new ones each time and keep finding cases.
 settings.register_profile("repeatable", derandomize=True, print_blob=True)
 if os.environ.get("HARNESS_HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["HARNESS_HYPOTHESIS_PROFILE"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that end the session's shared server (marker `ends_server`) run after every test
+    that shares it, whatever the file order: each restart of the real engine costs ~50 s."""
+    items.sort(key=lambda item: item.get_closest_marker("ends_server") is not None)
 
 
 def _open_dir() -> Path:
@@ -119,7 +124,7 @@ class Servers:
 
 @pytest.fixture(scope="session")
 def otlp() -> Iterator[otlp_receiver.Receiver]:
-    """An OTLP/HTTP receiver for the session's servers (tests/otlp_receiver.py)."""
+    """An OTLP/HTTP receiver for the session's servers (tests/support/otlp_receiver.py)."""
     server, receiver = otlp_receiver.serve()
     yield receiver
     server.shutdown()
@@ -140,7 +145,7 @@ def harness(servers: Servers) -> Harness:
 
 
 class Containers:
-    """As Servers, for harness inside its image under podman + runc (tests/container.py)."""
+    """As Servers, for harness inside its image under podman + runc (tests/support/container.py)."""
 
     def __init__(self, demo_dir: Path, workdir: Path) -> None:
         self.demo_dir = demo_dir

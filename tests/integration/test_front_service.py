@@ -1,0 +1,112 @@
+"""The front as an object: it serves only on the uvicorn and uvloop releases it was tested
+with (those pyproject.toml pins), and it reports how the engine died."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from runtime.engine.process import Engine
+from runtime.errors import ConfigError
+from runtime.front import server
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_the_installed_releases_are_the_tested_ones() -> None:
+    server.check_versions()
+
+
+def test_another_release_or_a_missing_library_is_refused_by_name() -> None:
+    def installed(name: str) -> str:
+        if name == "httptools":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return {"uvicorn": "0.56.1"}.get(name) or importlib.metadata.version(name)
+
+    with pytest.raises(ConfigError) as caught:
+        server.check_versions(installed)
+    assert "uvicorn 0.56.1 (tested: 0.55.x)" in caught.value.message
+    assert "httptools none (tested: 0.9.x)" in caught.value.message
+    assert "uvloop" not in caught.value.message
+    assert ConfigError.exit_code == 2
+
+
+def test_the_tested_releases_are_what_pyproject_pins() -> None:
+    deps = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
+    for name, release in server.TESTED_RELEASES.items():
+        (spec,) = [d for d in deps if re.match(rf"{name}(\[|>|=|<)", d)]
+        major, minor = release.split(".")
+        assert f">={release}," in spec and f",<{major}.{int(minor) + 1}" in spec, spec
+
+
+def test_the_engines_exit_status_is_collected_while_another_thread_polls() -> None:
+    """The front learns of the engine's death from its pidfd and reports the exit status.
+    The watchdog and the liveness check poll the same process from their threads; while one
+    holds Popen's lock, poll() answers None, and the engine_exit event said exit_code -1."""
+    engine = Engine(None, None, None)  # type: ignore[arg-type]  # only its process is used
+    engine.proc = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    pidfd = os.pidfd_open(engine.proc.pid)
+    select.select([pidfd], [], [], 30)  # readable: the process has exited
+    os.close(pidfd)
+    lock = engine.proc._waitpid_lock  # what another thread's poll() holds for an instant
+    lock.acquire()
+    threading.Timer(0.2, lock.release).start()
+    assert engine.returncode() is None  # the race, as it was
+    assert engine.exit_status() == -signal.SIGKILL
+
+
+class _Recorded:
+    """Records what reaches the TLS transport (only its writes and closing matter here)."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def write(self, data: bytes) -> None:
+        self.calls.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls or "abort" in self.calls
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+def test_a_response_head_goes_out_with_its_body_and_nothing_is_held_past_a_turn() -> None:
+    async def scenario() -> list[list[object]]:
+        loop = asyncio.get_running_loop()
+        seen = []
+        for ending in ("body", "turn", "close", "abort"):
+            inner = _Recorded()
+            transport = server.CoalescingTransport(inner, loop)  # type: ignore[arg-type]
+            transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            assert inner.calls == []
+            if ending == "body":
+                transport.write(bytearray(b"{}"))
+                transport.write(b"more")  # not a head: straight through
+            elif ending == "close":
+                transport.close()
+            elif ending == "abort":
+                transport.abort()
+            await asyncio.sleep(0)  # one turn of the loop
+            seen.append(inner.calls)
+        return seen
+
+    body, turn, close, abort = asyncio.run(scenario())
+    assert body == [b"HTTP/1.1 200 OK\r\n\r\n{}", b"more"]
+    assert turn == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    assert close == [b"HTTP/1.1 200 OK\r\n\r\n", "close"]
+    assert abort == [b"HTTP/1.1 200 OK\r\n\r\n", "abort"]
