@@ -14,8 +14,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from runtime import __version__, telemetry, vault
+from runtime import __version__, telemetry
 from runtime.errors import ConfigError, HarnessError
+from runtime.secrets import vault
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from runtime import __version__, telemetry
 from runtime.config import Config, TelemetrySection
 from runtime.errors import HarnessError, SecretsError
 from runtime.front.metrics import GAUGES, LATENCY_BUCKETS, Gauges, measurement
-from runtime.secrets import Secret
+from runtime.secrets.tmpfs import Secret
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
@@ -185,9 +185,9 @@ class OtlpExport(NoExport):
         section = self._cfg.telemetry
         try:
             if section.otlp_headers_file or section.otlp_client_key_file:
-                from runtime import secrets
+                from runtime.secrets import tmpfs
 
-                loaded = secrets.load(self._cfg.secrets) if self._cfg.secrets.dir else {}
+                loaded = tmpfs.load(self._cfg.secrets) if self._cfg.secrets.dir else {}
             self.start(loaded)
         except HarnessError as exc:
             _log.warning("telemetry export: not started: %s", exc.message)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime import otel, secrets, telemetry, vllm_options
+from runtime import otel, telemetry, vllm_options
 from runtime.config import Config
 from runtime.engine import command, resources
 from runtime.errors import SecretsError
@@ -23,6 +23,7 @@ from runtime.front.service import Front
 from runtime.sandbox import landlock, namespaces, privileges
 from runtime.sandbox.front import ContainerProfile
 from runtime.sandbox.seccomp import configured
+from runtime.secrets import tmpfs
 from runtime.weights import Weights, verify_weights
 
 
@@ -147,7 +148,7 @@ class Prepared:
     site: Site
     container: ContainerProfile  # the runtime's seccomp profile, for harness's own filter
     weights: Weights
-    secrets: dict[str, secrets.Secret]
+    secrets: dict[str, tmpfs.Secret]
     caps: resources.MemoryCaps
     placement: resources.CpuPlacement | None
     front: Front
@@ -160,7 +161,7 @@ class Prepared:
             **self.front.describe(self.weights.model.vocab_size),
             **command.describe(cfg, plan),
             "weight_integrity": self.weights.describe(cfg),
-            "secrets": secrets.describe(cfg.secrets, list(self.secrets)),
+            "secrets": tmpfs.describe(cfg.secrets, list(self.secrets)),
             "privilege_drop": privileges.describe(cfg.engine, os.geteuid()),
             **landlock.describe(cfg, self.site.runtime_root, vllm_options.ranks(cfg.engine.vllm)),
             "seccomp": configured.describe(cfg),
@@ -197,7 +198,7 @@ def prepare(
     container: ContainerProfile,
     *,
     bind: bool = True,
-    on_secrets: Callable[[dict[str, secrets.Secret]], None] | None = None,
+    on_secrets: Callable[[dict[str, tmpfs.Secret]], None] | None = None,
 ) -> Prepared:
     """Steps 2 to 4. `bind`: serve binds the front's port and raises its open-files limit;
     check only checks they can be had. `on_secrets`: handed the secrets once loaded (the
@@ -248,17 +249,17 @@ def _engine_identity(cfg: Config) -> tuple[int, set[int]]:
 
 def load_secrets(
     cfg: Config, reach: list[str] | None, hidden: list[str] | None = None
-) -> dict[str, secrets.Secret]:
+) -> dict[str, tmpfs.Secret]:
     """Step 3. `reach`, `hidden`: the paths the engine may open and those its mount namespace
     covers (engine_reach, namespaces): a private file within reach and readable is exit 4."""
     try:
-        secrets.check_environment(dict(os.environ), cfg.secrets.allow_env)
-        loaded = secrets.load(cfg.secrets) if cfg.secrets.dir is not None else {}
+        tmpfs.check_environment(dict(os.environ), cfg.secrets.allow_env)
+        loaded = tmpfs.load(cfg.secrets) if cfg.secrets.dir is not None else {}
         private = [("front.tls.key", cfg.front.tls.key)]
         if cfg.secrets.dir is not None:
             private.insert(0, ("secrets.dir", cfg.secrets.dir))
         uid, groups = _engine_identity(cfg)
-        secrets.check_engine_cannot_read(private, reach, uid, groups, hidden)
+        tmpfs.check_engine_cannot_read(private, reach, uid, groups, hidden)
     except SecretsError as exc:
         telemetry.emit("secret_injection", "blocked", error=exc.message)
         raise

@@ -20,7 +20,7 @@ from runtime import config as config_mod
 from runtime import otel, telemetry
 from runtime.demo import assets
 from runtime.errors import ConfigError, SecretsError
-from runtime.secrets import Secret
+from runtime.secrets.tmpfs import Secret
 from tests.support import REPO, Harness, clean_environ, client_context, fake_engine, otlp_receiver
 
 TOKEN = "otlp-token-that-must-stay-in-the-headers"

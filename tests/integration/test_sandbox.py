@@ -918,7 +918,7 @@ seen = {
     "read_signature": attempt(lambda: cfg.model.signature.path.read_bytes()),
     "read_tls_key": attempt(lambda: Path(cfg.front.tls.key).read_bytes()),
     "read_secrets": attempt(lambda: list(cfg.secrets.dir.iterdir())),
-    "lazy_import": attempt(lambda: __import__("runtime.vault")),
+    "lazy_import": attempt(lambda: __import__("runtime.secrets.vault")),
     "read_outside": attempt(lambda: (OUTSIDE / "other-secret").read_bytes()),
     "write_outside": attempt(lambda: (OUTSIDE / "planted").write_text("x")),
     "write_next_to_runtime": attempt(lambda: paths.root.with_suffix(".planted").mkdir()),

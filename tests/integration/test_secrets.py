@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime import secrets
 from runtime.config import SecretsSection
 from runtime.demo import assets
 from runtime.errors import SecretsError
+from runtime.secrets import tmpfs
 from tests.support import REPO
 
 
@@ -30,7 +30,7 @@ def test_tmpfs_secrets_load_in_all_formats(shm_dir: Path) -> None:
     _write(shm_dir / "tls.key", "-----BEGIN PRIVATE KEY-----\n")
     _write(shm_dir / "otlp.json", json.dumps({"authorization": "Bearer abc"}), 0o600)
     _write(shm_dir / "db.env", "# comment\nUSER=app\nPASSWORD = s3cret\n")
-    loaded = secrets.load(SecretsSection(dir=shm_dir, required=["tls.key", "db.env:PASSWORD"]))
+    loaded = tmpfs.load(SecretsSection(dir=shm_dir, required=["tls.key", "db.env:PASSWORD"]))
     assert loaded["otlp.json:authorization"].value == b"Bearer abc"
     assert loaded["db.env:PASSWORD"].value == b"s3cret"
     assert "s3cret" not in repr(loaded) and "Bearer" not in repr(loaded)
@@ -58,7 +58,7 @@ def test_unsafe_secret_files_are_refused(shm_dir: Path, case: str) -> None:
     mutate, needle = REFUSED[case]
     mutate(shm_dir)
     with pytest.raises(SecretsError) as info:
-        secrets.load(
+        tmpfs.load(
             SecretsSection(dir=shm_dir, required=["k"] if case.startswith("missing") else [])
         )
     assert needle in info.value.message and info.value.exit_code == 4 and info.value.fix
@@ -84,7 +84,7 @@ def test_a_kubernetes_secret_volume_is_read_from_its_current_version(shm_dir: Pa
     _write(shm_dir / "..2026_11_26_04_00.2" / "otlp.json", '{"a": "c"}')
     os.symlink("..2026_11_26_04_00.2", shm_dir / "..data.tmp")
     os.rename(shm_dir / "..data.tmp", shm_dir / "..data")
-    loaded = secrets.load(SecretsSection(dir=shm_dir, required=["server-key.pem"]))
+    loaded = tmpfs.load(SecretsSection(dir=shm_dir, required=["server-key.pem"]))
     assert loaded["server-key.pem"].value == b"new"
     assert loaded["otlp.json:a"].value == b"c"
     assert sorted(loaded) == ["otlp.json:a", "server-key.pem"]
@@ -109,7 +109,7 @@ def test_a_kubernetes_secret_volume_out_of_shape_is_refused(
     _kubelet_volume(shm_dir, {"key": "v"})
     mutate(shm_dir)
     with pytest.raises(SecretsError) as info:
-        secrets.load(SecretsSection(dir=shm_dir))
+        tmpfs.load(SecretsSection(dir=shm_dir))
     assert needle in info.value.message and info.value.exit_code == 4
 
 
@@ -119,16 +119,16 @@ def test_a_version_removed_while_read_is_a_clear_refusal(
     """The kubelet deletes the old version right after swapping ..data: if that happens
     between finding the version and reading it, the start fails with exit 4, not a trace."""
     _kubelet_volume(shm_dir, {"key": "v"})
-    real = secrets._version_dir
+    real = tmpfs._version_dir
 
     def swapped_away(root: str) -> str:
         folder = real(root)
         shutil.rmtree(folder)
         return folder
 
-    monkeypatch.setattr(secrets, "_version_dir", swapped_away)
+    monkeypatch.setattr(tmpfs, "_version_dir", swapped_away)
     with pytest.raises(SecretsError, match="went away while it was read") as info:
-        secrets.load(SecretsSection(dir=shm_dir))
+        tmpfs.load(SecretsSection(dir=shm_dir))
     assert info.value.exit_code == 4
 
 
@@ -136,16 +136,16 @@ def test_a_version_removed_while_read_is_a_clear_refusal(
 def test_secret_owned_by_another_user_is_refused(shm_dir: Path) -> None:
     os.chown(_write(shm_dir / "k", "x"), 12345, 12345)
     with pytest.raises(SecretsError, match="owned by uid 12345"):
-        secrets.load(SecretsSection(dir=shm_dir))
+        tmpfs.load(SecretsSection(dir=shm_dir))
 
 
 def test_secrets_dir_on_disk_is_refused(tmp_path: Path) -> None:
     _write(tmp_path / "k", "x")
     with pytest.raises(SecretsError) as info:
-        secrets.load(SecretsSection(dir=tmp_path))
+        tmpfs.load(SecretsSection(dir=tmp_path))
     assert "not in memory: a secret there has reached a disk" in info.value.message
     with pytest.raises(SecretsError, match="No such file"):
-        secrets.load(SecretsSection(dir=tmp_path / "absent"))
+        tmpfs.load(SecretsSection(dir=tmp_path / "absent"))
 
 
 def test_filesystem_of_reads_mountinfo() -> None:
@@ -156,13 +156,13 @@ def test_filesystem_of_reads_mountinfo() -> None:
         "41 22 0:7 / /mnt/my\\040secrets rw - ramfs none rw\n"
         "42 40 8:1 /x /vault/secrets/sub rw - ext4 /dev/sda1 rw\n"
     )
-    assert secrets.filesystem_of("/vault/secrets", mountinfo) == ("/vault/secrets", "tmpfs")
-    assert secrets.filesystem_of("/vault/secretsX", mountinfo) == ("/", "ext4")
-    assert secrets.filesystem_of("/vault/secrets/sub/a", mountinfo) == (
+    assert tmpfs.filesystem_of("/vault/secrets", mountinfo) == ("/vault/secrets", "tmpfs")
+    assert tmpfs.filesystem_of("/vault/secretsX", mountinfo) == ("/", "ext4")
+    assert tmpfs.filesystem_of("/vault/secrets/sub/a", mountinfo) == (
         "/vault/secrets/sub",
         "ext4",
     )
-    assert secrets.filesystem_of("/mnt/my secrets", mountinfo) == ("/mnt/my secrets", "ramfs")
+    assert tmpfs.filesystem_of("/mnt/my secrets", mountinfo) == ("/mnt/my secrets", "ramfs")
 
 
 @pytest.mark.parametrize(
@@ -179,10 +179,10 @@ def test_filesystem_of_reads_mountinfo() -> None:
 )
 def test_secret_like_environment_variables_are_refused(name: str) -> None:
     with pytest.raises(SecretsError) as info:
-        secrets.check_environment({"PATH": "/bin", name: "value-not-shown"}, [])
+        tmpfs.check_environment({"PATH": "/bin", name: "value-not-shown"}, [])
     assert name in info.value.message and "value-not-shown" not in info.value.message
-    secrets.check_environment({name: "x"}, [name])  # allowlisted: fine
-    secrets.check_environment({"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false"}, [])
+    tmpfs.check_environment({name: "x"}, [name])  # allowlisted: fine
+    tmpfs.check_environment({"PATH": "/bin", "TOKENIZERS_PARALLELISM": "false"}, [])
 
 
 def test_serve_refuses_a_secret_in_the_environment_with_exit_4(tmp_path: Path) -> None:
@@ -224,17 +224,17 @@ def test_a_private_file_the_engine_could_read_is_refused(shm_dir: Path, tmp_path
     ):
         key.chmod(0o640 if uid != me else 0o600)
         with pytest.raises(SecretsError) as info:
-            secrets.check_engine_cannot_read(private, reach, uid, gids)
+            tmpfs.check_engine_cannot_read(private, reach, uid, gids)
         assert "server-key.pem: the engine could read it: secrets.dir" in info.value.message
         assert info.value.exit_code == 4 and "secrets.dir" in info.value.fix
     key.chmod(0o600)
     with pytest.raises(SecretsError, match=r"front\.tls\.key"):
-        secrets.check_engine_cannot_read([("front.tls.key", key)], [parent], me, groups)
+        tmpfs.check_engine_cannot_read([("front.tls.key", key)], [parent], me, groups)
     # Out of the engine's paths, covered, or unreadable by its uid (root mode): fine.
-    secrets.check_engine_cannot_read(private, ["/usr", "/etc"], me, groups)
-    secrets.check_engine_cannot_read(private, [parent], me, groups, hidden=[str(shm_dir)])
-    secrets.check_engine_cannot_read(private, [parent], 54321, {54321})
-    secrets.check_engine_cannot_read([("front.tls.key", tmp_path / "nope")], None, me, groups)
+    tmpfs.check_engine_cannot_read(private, ["/usr", "/etc"], me, groups)
+    tmpfs.check_engine_cannot_read(private, [parent], me, groups, hidden=[str(shm_dir)])
+    tmpfs.check_engine_cannot_read(private, [parent], 54321, {54321})
+    tmpfs.check_engine_cannot_read([("front.tls.key", tmp_path / "nope")], None, me, groups)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the demo's secrets are root's")

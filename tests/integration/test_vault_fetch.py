@@ -34,7 +34,7 @@ from runtime import cli, telemetry
 from runtime.config import SECRET_LIKE
 from runtime.demo import pki
 from runtime.errors import ConfigError, SecretsError
-from runtime.vault import SecretSpec, parse_spec, render
+from runtime.secrets.vault import SecretSpec, parse_spec, render
 from tests.support import REPO, clean_environ
 
 JWT = "eyJhbGciOiJSUzI1NiJ9.standin-service-account.sig"

@@ -214,12 +214,12 @@ def fetch(
 ) -> list[str]:
     """Log in, read, revoke, write. Returns the names written. `progress` (if given) records
     how far it got, for the event of a failure: `contacted`, `token_revoked`."""
-    from runtime import secrets  # pydantic: only paid by this command, not by the whole CLI
+    from runtime.secrets import tmpfs  # pydantic: only paid by this command, not by the whole CLI
 
     state = progress if progress is not None else {}
     state.update(contacted=False, token_revoked=None)
     # 1. Nothing secret-like in the environment (hvac would use VAULT_TOKEN as is).
-    found = secrets.secret_env_names(dict(environ), list(ALLOWED_ENV))
+    found = tmpfs.secret_env_names(dict(environ), list(ALLOWED_ENV))
     if found:
         raise SecretsError(
             f"secret-like environment variables are set: {', '.join(found)} (values not shown)",
@@ -293,12 +293,12 @@ def _open_memory_dir(out: Path, mountinfo_path: str) -> int:
             f"--out {out}: {exc.strerror}",
             fix="mount an in-memory volume there (Kubernetes: emptyDir with medium: Memory)",
         ) from None
-    from runtime import secrets
+    from runtime.secrets import tmpfs
 
     # The folder actually opened, whatever symlinks led to it.
     resolved = os.readlink(f"/proc/self/fd/{fd}")
-    point, fstype = secrets.filesystem_of(resolved, Path(mountinfo_path).read_text())
-    if fstype not in secrets.MEMORY_FILESYSTEMS:
+    point, fstype = tmpfs.filesystem_of(resolved, Path(mountinfo_path).read_text())
+    if fstype not in tmpfs.MEMORY_FILESYSTEMS:
         os.close(fd)
         raise SecretsError(
             f"--out {out} is on {fstype or 'an unknown filesystem'} (mounted at "
