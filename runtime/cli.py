@@ -1,5 +1,10 @@
 """Command line. The only place where errors become exit codes (docs/design.md):
-0 ok · 2 usage/config · 3 weight integrity · 4 secrets · 5 sandbox · 6 engine · 1 a bug."""
+0 ok · 2 usage/config · 3 weight integrity · 4 secrets · 5 sandbox · 6 engine · 1 a bug.
+
+Why one module of this size: it is the only place where errors become exit codes; each
+subcommand is a short function over a library call (arguments in, printing out), so one file
+shows every command, every flag and every exit code.
+"""
 
 from __future__ import annotations
 

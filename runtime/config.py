@@ -2,6 +2,10 @@
 
 Every module reads this one schema. Unknown keys are errors (a typo in a security setting
 must never be silently ignored); relative paths are resolved against the config file's folder.
+
+Why one module of this size: the schema is one document. Every section, its defaults, bounds
+and cross-field checks sit together, so that a reviewer reads every setting harness accepts
+in one place; docs/configuration.md and `harness check` are generated from these models.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ prompts, completions or secret values:
 Without `telemetry.otlp_endpoint` nothing here runs: no SDK import, no thread, no subscriber.
 With one, events are held from step 1 and exported once step 3 has loaded the collector's
 credentials from the secrets dir; a run that fails before step 3 still exports what it held.
+
+Why one module of this size: the OpenTelemetry SDK is imported here only, and only when an
+endpoint is configured; one file keeps that boundary visible.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 The engine runs in its own session (process group) so that a terminal's Ctrl+C reaches only
 the front, which then drains before stopping the engine, and so that stopping it also stops
 vLLM's own children (EngineCore, workers).
+
+Why one module of this size: the engine's life (its runtime dir, namespaces prepared, stage 2
+spawned, readiness, its exit status, stop and the kill of its process group) is one sequence
+owned by `Engine`; its helpers are small and used nowhere else.
 """
 
 from __future__ import annotations

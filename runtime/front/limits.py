@@ -6,6 +6,11 @@ reach outside (media URLs). The front therefore lets through only requests that 
 positive model in request_model.py, within the caps of `[limits]` and the model's vocabulary,
 and forwards its own strict re-serialisation of what it checked, so the engine parses exactly
 what was validated.
+
+Why one module of this size: `check` and its steps are one pure function over one body, in
+the order they run; kept together, a reviewer sees that every field is checked before
+anything is forwarded. It is fuzzed and held against vLLM's own request models
+(tests/integration/test_request_model_vllm.py).
 """
 
 from __future__ import annotations

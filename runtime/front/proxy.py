@@ -4,6 +4,9 @@ Routes are matched on the raw request target exactly as received (`scope["raw_pa
 on a decoded or normalised form: `/%761/models`, `/v1/../pause` and `//v1/models` are unknown
 routes, and the engine never sees them. The upstream path sent is our constant, not the
 client's bytes, and the query string is dropped.
+
+Why one module of this size: it is the path of every request (route, admission, body budget,
+relay to the engine, audit event); read top to bottom, it is what a request goes through.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ the same allowlist less the deny list above, with everything else notified: the 
 container would refuse are refused the same, one step earlier, and reported. Calls newer than
 any the profile names keep their ENOSYS without an event, as in the engine's filter (a newer
 libc probes them and falls back).
+
+Why one module of this size: harness's own confinement is one policy in two halves
+(`confine` at start, `apply` once ready) over the same paths and rules, and the container
+profile it must fit; the supervisor that reports refusals is its own module
+(front_reporter.py).
 """
 
 from __future__ import annotations

@@ -27,6 +27,11 @@ keeps harness's namespaces and an event says why; `required` refuses to start (e
   /proc), so that the engine sees and signals only its own processes (`_pid_namespace`).
   Elsewhere the event names why not, and Landlock's signal scope and the seccomp profile's
   own-pid rules keep the engine from acting on the processes it sees.
+
+Why one module of this size: it is also a program of its own, the helper above, run before
+harness confines itself; the user, mount, network, IPC and PID steps happen in that order in
+one process and share its mount helpers. Besides the standard library it imports only
+runtime/sandbox's own modules and runtime/errors.py.
 """
 
 from __future__ import annotations

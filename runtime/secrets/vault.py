@@ -11,6 +11,12 @@ Output mapping, one `--secret NAME=PATH[#FIELD]` each, PATH relative to `--kv-mo
   `NAME=PATH`        file NAME holds the value of the entry's only field (several: refused)
   `NAME.json=PATH`   file NAME.json holds every field as a JSON object of strings, which the
                      front's loader reads as `NAME.json:FIELD`
+
+Why one module of this size: `harness secrets fetch` is one transaction (log in, read every
+secret, revoke the token, then write), and its guarantees (nothing written on failure, no
+value logged, the token revoked on every path) are easiest to review when the whole of it is
+in view. It is a library with a typed options object (`FetchOptions`); its argument parsing
+is in runtime/cli.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The code's layering: no import cycle between harness's packages (`runtime.engine`,
 `runtime.sandbox`, `runtime.front`, `runtime.integrity`, and the top-level modules). A
-cycle means two phases that cannot be read, tested or replaced one without the other."""
+cycle means two phases that cannot be read, tested or replaced one without the other. And
+no module grows past ~350 lines without saying at its top why it is one module."""
 
 from __future__ import annotations
 
@@ -69,3 +70,19 @@ def test_no_import_cycle_between_packages() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": {"c"}}) is None
+
+
+LARGE = 350  # lines; a module past this says at its top why it is one module
+
+
+def test_every_large_module_says_why_it_is_one() -> None:
+    unexplained = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if len(text.splitlines()) > LARGE and "Why one module" not in doc:
+            unexplained.append(f"{path.relative_to(RUNTIME.parent)} ({len(text.splitlines())})")
+    assert not unexplained, (
+        f"modules over {LARGE} lines with no 'Why one module' in their docstring: split them, "
+        f"or say why not: {unexplained}"
+    )
