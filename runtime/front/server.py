@@ -22,6 +22,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -275,317 +276,345 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What every connection of one server shares: its allowlist, limits and event throttles."""
+
+    allowed: tuple[str, ...]
+    header_timeout: float
+    tls_material: RotatingContext
+    max_connections: int
+    # An allowed client could otherwise open connections without end, each holding a socket
+    # and TLS buffers until the keep-alive timeout; the events for it are throttled.
+    refused_connections: telemetry.Throttled
+    # Requests refused by their framing (the parser's refusals included), before the app:
+    # one event a second per reason and detail, as refused handshakes are.
+    refused_requests: telemetry.Throttled
+    header_timed_out: framing.Refusal
+
+
+class IdentityCheckingProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with the client's identity checked right after the
+    handshake and the request head and body framed before the parser sees them. One
+    subclass per server carries that server's `settings` (`_identity_protocol`)."""
+
+    settings: ProtocolSettings
+    rejected = False  # refused: whatever else arrives is dropped, the app never runs
+    header_timer: asyncio.TimerHandle | None = None
+    # The parser's position, for feeding it in segments (_feed): the head in progress
+    # (its bytes so far, their last 3, its headers), the body bytes still to come in
+    # bulk, and in a chunked body the chunk-size line in progress.
+    head_bytes = 0
+    head_tail = b""
+    head: framing.Head | None = None
+    in_body = False  # the head is done, the body is not
+    body_seen = False  # and some of it has been parsed
+    body_left = 0
+    chunked = False
+    chunks = 0
+    chunk_line = b""
+    between_requests = False  # idle: a new connection, or a response went out; no request yet
+    client_ca_generation = 0  # the client CA this connection's certificate was checked by
+    not_after = float("inf")  # when that certificate expires (epoch seconds)
+    running_scope: dict[str, Any] | None = None  # the request the app is running
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # now one of server_state.connections
+        # Responses go out through it (flow control keeps the transport itself).
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
+        address = self.client[0] if self.client else None  # uvicorn's (host, port)
+        ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        # What OpenSSL's purpose check lets through: no EKU, or a CA certificate. (With no
+        # certificate OpenSSL ends the handshake; refused here too, should one get by.)
+        unfit = client_certificate_unfit(der) if der else ("no_client_certificate", "none")
+        if unfit is not None:
+            self._refuse_connection()
+            reason, detail = unfit
+            self.settings.tls_material.handshakes.events.record(
+                address, reason=reason, detail=detail
+            )
+            return
+        if len(self.server_state.connections) > self.settings.max_connections:
+            self._refuse_connection()
+            self.settings.refused_connections.record(
+                address, reason="too_many_connections", limit=self.settings.max_connections
+            )
+            return
+        peercert = ssl_object.getpeercert() if ssl_object else None
+        sans = peer_identities(peercert)
+        self.client_ca_generation = self.settings.tls_material.client_ca_generation
+        if peercert and "notAfter" in peercert:
+            self.not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
+        identity = match_identity(sans, self.settings.allowed)
+        if identity is None:
+            self._refuse_connection()
+            # Throttled as the other refused handshakes: one event a second per set of
+            # SANs presented (bounded: only certificates the client CA issued get here).
+            self.settings.tls_material.handshakes.events.record(
+                address,
+                reason="identity_not_allowed",
+                detail="no SAN is in front.allowed_identities",
+                presented=tuple(f"{kind}:{value}"[:256] for kind, value in sans[:8]),
+            )
+            return
+        inner = self.app
+
+        async def app_with_identity(scope: Any, receive: Any, send: Any) -> None:
+            scope[IDENTITY_KEY] = identity
+            self.running_scope = scope
+            try:
+                await inner(scope, receive, send)
+            finally:
+                self.running_scope = None
+
+        self.app = app_with_identity
+        # Until its first byte a connection is idle, not slow (a gateway may open one
+        # before it has a request for it): uvicorn's keep-alive timer closes it quietly,
+        # as between requests, and the header timer starts with the first byte.
+        self.between_requests = True
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def _refuse_connection(self) -> None:
+        # The client's first request may arrive in the same read as its handshake, and
+        # asyncio delivers it even after abort(): drop it in data_received, and never let
+        # the app run for this connection.
+        self.rejected = True
+        self.app = _refuse
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.rejected:
+            return
+        if self.between_requests:  # the next request's first bytes: its head is timed
+            self.between_requests = False
+            self._arm_header_timer()
+        self._unset_keepalive_if_required()
+        # Not uvicorn's handling of the parser's errors: a 400 with an unthrottled log line
+        # and no event, and for an error inside a body, a client that left for the app.
+        try:
+            self._feed(data)
+        except httptools.HttpParserUpgrade:
+            if not self.rejected:  # CONNECT and upgrades are refused with their head
+                self._refuse(framing.UPGRADE)
+        except httptools.HttpParserError as exc:
+            if not self.rejected:
+                self._refuse(framing.parser_refusal(exc, self.body_seen))
+
+    # httptools hands a header over only once it is whole, gluing its pieces together as
+    # they arrive: one endless header line grew without bound (32 MB took 19 s of CPU)
+    # before any count taken in a callback could see it. So the parser is fed in
+    # segments that end where a head, a body or a chunk-size line ends, and heads and
+    # chunk-size lines are counted in raw bytes before the parser sees them (llhttp gives
+    # no hook for chunk extensions). A head and body that come in one read, the usual
+    # case, take two calls into the parser instead of one.
+    def _feed(self, data: bytes) -> None:
+        view, pos, end = memoryview(data), 0, len(data)
+        while pos < end and not self.rejected:
+            line_done = False
+            if self.body_left:  # body bytes (and a chunk's CRLF): in bulk
+                stop = min(end, pos + self.body_left)
+                self.body_left -= stop - pos
+                self.body_seen = True
+            elif self.chunked:  # a chunk-size line, a trailer, the final blank line
+                self.body_seen = True
+                lf = data.find(b"\n", pos)
+                stop, line_done = (end, False) if lf < 0 else (lf + 1, True)
+                if len(self.chunk_line) + stop - pos > framing.MAX_CHUNK_LINE_BYTES:
+                    self._refuse(framing.CHUNK_LINE_TOO_LONG)
+                    return
+                self.chunk_line += data[pos:stop]
+            else:  # a head, up to its blank line
+                stop = self._head_end(data, pos)
+                self.head_bytes += stop - pos
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self._refuse(framing.head_too_large(MAX_HEAD_BYTES))
+                    return
+                self.head_tail = (self.head_tail + data[max(pos, stop - 3) : stop])[-3:]
+            self.parser.feed_data(view[pos:stop])
+            if line_done:
+                self.chunk_line = b""
+            pos = stop
+
+    def _head_end(self, data: bytes, pos: int) -> int:
+        """Just past the blank line that ends the head in progress, or the end of data."""
+        split = (self.head_tail + data[pos : pos + 3]).find(b"\r\n\r\n")  # across reads
+        if split >= 0:
+            return pos + split + 4 - len(self.head_tail)
+        found = data.find(b"\r\n\r\n", pos)
+        return len(data) if found < 0 else found + 4
+
+    # uvicorn has no timeout for reading a request head, and any byte received cancels
+    # its keep-alive timer: a client trickling header bytes (slowloris) would hold the
+    # connection forever. The head must be complete within header_timeout_s of the
+    # request's first byte; the idle time before it, on a new connection or between
+    # requests, is the keep-alive timeout's.
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self.header_timer = self.loop.call_later(
+            self.settings.header_timeout, self._header_timed_out
+        )
+
+    def _cancel_header_timer(self) -> None:
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self.header_timer = None
+        self._refuse(self.settings.header_timed_out, answer=False)
+
+    def _refuse(self, refusal: framing.Refusal, *, answer: bool = True) -> None:
+        """Refuse what this connection sent and end it; the parser is not fed again. A
+        refusal inside the body the app is reading is the app's to answer (its event
+        then has the route, and this status rather than a client that left). Otherwise
+        a throttled event, and `refusal` is the answer, or, with a response under way,
+        that response is the connection's last (on_response_complete closes it)."""
+        self.rejected = True
+        self._cancel_header_timer()
+        queued, cycle = bool(self.pipeline), self.cycle
+        self.pipeline.clear()  # requests parsed behind the refused one never run
+        if cycle is not None and not cycle.response_complete:
+            if cycle.more_body and not queued and not cycle.response_started:
+                cycle.keep_alive = False  # the answer says `connection: close`
+                cycle.scope[REFUSED_KEY] = refusal.rejected()
+                cycle.message_event.set()  # wakes the app's receive()
+                return
+            self._record(refusal)
+            return
+        self._record(refusal)
+        if answer:
+            self.transport.write(refusal.response())
+        self.transport.close()
+
+    def _record(self, refusal: framing.Refusal) -> None:
+        ssl_object: ssl.SSLObject | None = self.transport.get_extra_info("ssl_object")
+        sans = peer_identities(ssl_object.getpeercert() if ssl_object else None)
+        self.settings.refused_requests.record(
+            self.client[0] if self.client else None,  # uvicorn's (host, port)
+            reason=refusal.code,
+            status=refusal.status,
+            identity=match_identity(sans, self.settings.allowed),
+            **refusal.fields,
+        )
+
+    def on_message_begin(self) -> None:
+        self.head = framing.Head()
+        super().on_message_begin()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.rejected:
+            return
+        if self.in_body:  # a trailer: uvicorn adds it to the headers the app has read
+            self._refuse(framing.TRAILERS)
+            return
+        assert self.head is not None
+        refusal = self.head.add(name.lower(), value)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.rejected:
+            return
+        self._cancel_header_timer()
+        self.head_bytes, self.head_tail = 0, b""
+        head = self.head
+        assert head is not None
+        version, upgrade = self.parser.get_http_version(), self.parser.should_upgrade()
+        refusal = head.check(version, self.url, upgrade)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self.in_body, self.body_seen, self.chunked, self.chunks = True, False, head.chunked, 0
+        self.body_left = 0 if head.chunked else head.body_bytes
+        super().on_headers_complete()
+        if head.chunked or head.body_bytes:
+            # For the app to call when it answers before the body is whole (a refusal):
+            # the response then says `connection: close`, as the connection ends.
+            last = functools.partial(_last_response, weakref.ref(self.cycle))  # no cycle
+            self.cycle.scope[LAST_RESPONSE_KEY] = last
+        # A keep-alive connection outlives its handshake. Once the client CA has changed
+        # or the client's certificate has expired, this request is its last: the response
+        # says `connection: close`, and the client shows its certificate again on a new
+        # connection (the old CA's clients are then refused).
+        self.settings.tls_material.reload_if_changed()
+        stale = self.settings.tls_material.client_ca_generation != self.client_ca_generation
+        if (stale or time.time() >= self.not_after) and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def on_chunk_header(self) -> None:
+        if self.rejected:
+            return
+        size = framing.chunk_size(self.chunk_line)  # the line just fed, whole
+        if size is None:
+            self._refuse(framing.BAD_CHUNK_SIZE)
+        elif size:  # its data and CRLF are body bytes
+            self.chunks += 1
+            self.body_left = size + 2
+            if self.chunks > framing.MAX_CHUNKS:
+                self._refuse(framing.TOO_MANY_CHUNKS)
+        # After the last chunk (size 0): trailers, or the final blank line.
+
+    def on_body(self, body: bytes) -> None:
+        if not self.rejected:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.in_body = self.chunked = False
+        self.body_left = 0
+        if not self.rejected:
+            super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        # Answered before its body was whole (a refusal: 413, 408...): the rest of that
+        # body is not read, and the connection ends with this response.
+        cycle = self.cycle
+        if self.rejected or (cycle is not None and cycle.more_body and not self.pipeline):
+            self.rejected = True
+            self.transport.close()
+        super().on_response_complete()  # starts uvicorn's keep-alive timer, if still open
+        self.between_requests = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        # The request the app is running, not uvicorn's current cycle: with a request
+        # pipelined behind it, that cycle is the queued one. An answered request's watch
+        # is disarmed and ignores this.
+        scope = self.running_scope
+        watch = scope.get(WATCH_KEY) if scope is not None else None
+        if watch is not None:  # the client left mid-request: the engine must stop
+            watch.client_left()
+        super().connection_lost(exc)
+        # The identity wrapper (self.app) closes over self, and queued requests hold it:
+        # a reference cycle, which kept the connection, its TLS objects and their read
+        # buffers (~600 KiB after a 1 MB body) until a full garbage collection, long
+        # after a flood of slow bodies was gone. Without it, they go now.
+        self.app = _refuse
+        self.pipeline.clear()
+
+
 def _identity_protocol(
     allowed: tuple[str, ...],
     header_timeout: float,
     tls_material: RotatingContext,
     max_connections: int,
 ) -> type[HttpToolsProtocol]:
-    # An allowed client could otherwise open connections without end, each holding a socket
-    # and TLS buffers until the keep-alive timeout; the events for it are throttled.
-    refused_connections = telemetry.Throttled("request_rejected", "blocked")
-    # Requests refused by their framing (the parser's refusals included), before the app:
-    # one event a second per reason and detail, as refused handshakes are.
-    refused_requests = telemetry.Throttled("request_rejected", "blocked")
-    header_timed_out = framing.Refusal(
-        408, "header_timeout", "The request head took too long", {"seconds": header_timeout}
+    settings = ProtocolSettings(
+        allowed=allowed,
+        header_timeout=header_timeout,
+        tls_material=tls_material,
+        max_connections=max_connections,
+        refused_connections=telemetry.Throttled("request_rejected", "blocked"),
+        refused_requests=telemetry.Throttled("request_rejected", "blocked"),
+        header_timed_out=framing.Refusal(
+            408, "header_timeout", "The request head took too long", {"seconds": header_timeout}
+        ),
     )
-
-    class IdentityCheckingProtocol(HttpToolsProtocol):
-        rejected = False  # refused: whatever else arrives is dropped, the app never runs
-        header_timer: asyncio.TimerHandle | None = None
-        # The parser's position, for feeding it in segments (_feed): the head in progress
-        # (its bytes so far, their last 3, its headers), the body bytes still to come in
-        # bulk, and in a chunked body the chunk-size line in progress.
-        head_bytes = 0
-        head_tail = b""
-        head: framing.Head | None = None
-        in_body = False  # the head is done, the body is not
-        body_seen = False  # and some of it has been parsed
-        body_left = 0
-        chunked = False
-        chunks = 0
-        chunk_line = b""
-        between_requests = False  # idle: a new connection, or a response went out; no request yet
-        client_ca_generation = 0  # the client CA this connection's certificate was checked by
-        not_after = float("inf")  # when that certificate expires (epoch seconds)
-        running_scope: dict[str, Any] | None = None  # the request the app is running
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)  # now one of server_state.connections
-            # Responses go out through it (flow control keeps the transport itself).
-            self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
-            address = self.client[0] if self.client else None  # uvicorn's (host, port)
-            ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-            # What OpenSSL's purpose check lets through: no EKU, or a CA certificate. (With no
-            # certificate OpenSSL ends the handshake; refused here too, should one get by.)
-            unfit = client_certificate_unfit(der) if der else ("no_client_certificate", "none")
-            if unfit is not None:
-                self._refuse_connection()
-                reason, detail = unfit
-                tls_material.handshakes.events.record(address, reason=reason, detail=detail)
-                return
-            if len(self.server_state.connections) > max_connections:
-                self._refuse_connection()
-                refused_connections.record(
-                    address, reason="too_many_connections", limit=max_connections
-                )
-                return
-            peercert = ssl_object.getpeercert() if ssl_object else None
-            sans = peer_identities(peercert)
-            self.client_ca_generation = tls_material.client_ca_generation
-            if peercert and "notAfter" in peercert:
-                self.not_after = ssl.cert_time_to_seconds(str(peercert["notAfter"]))
-            identity = match_identity(sans, allowed)
-            if identity is None:
-                self._refuse_connection()
-                # Throttled as the other refused handshakes: one event a second per set of
-                # SANs presented (bounded: only certificates the client CA issued get here).
-                tls_material.handshakes.events.record(
-                    address,
-                    reason="identity_not_allowed",
-                    detail="no SAN is in front.allowed_identities",
-                    presented=tuple(f"{kind}:{value}"[:256] for kind, value in sans[:8]),
-                )
-                return
-            inner = self.app
-
-            async def app_with_identity(scope: Any, receive: Any, send: Any) -> None:
-                scope[IDENTITY_KEY] = identity
-                self.running_scope = scope
-                try:
-                    await inner(scope, receive, send)
-                finally:
-                    self.running_scope = None
-
-            self.app = app_with_identity
-            # Until its first byte a connection is idle, not slow (a gateway may open one
-            # before it has a request for it): uvicorn's keep-alive timer closes it quietly,
-            # as between requests, and the header timer starts with the first byte.
-            self.between_requests = True
-            self.timeout_keep_alive_task = self.loop.call_later(
-                self.timeout_keep_alive, self.timeout_keep_alive_handler
-            )
-
-        def _refuse_connection(self) -> None:
-            # The client's first request may arrive in the same read as its handshake, and
-            # asyncio delivers it even after abort(): drop it in data_received, and never let
-            # the app run for this connection.
-            self.rejected = True
-            self.app = _refuse
-            self.transport.abort()
-
-        def data_received(self, data: bytes) -> None:
-            if self.rejected:
-                return
-            if self.between_requests:  # the next request's first bytes: its head is timed
-                self.between_requests = False
-                self._arm_header_timer()
-            self._unset_keepalive_if_required()
-            # Not uvicorn's handling of the parser's errors: a 400 with an unthrottled log line
-            # and no event, and for an error inside a body, a client that left for the app.
-            try:
-                self._feed(data)
-            except httptools.HttpParserUpgrade:
-                if not self.rejected:  # CONNECT and upgrades are refused with their head
-                    self._refuse(framing.UPGRADE)
-            except httptools.HttpParserError as exc:
-                if not self.rejected:
-                    self._refuse(framing.parser_refusal(exc, self.body_seen))
-
-        # httptools hands a header over only once it is whole, gluing its pieces together as
-        # they arrive: one endless header line grew without bound (32 MB took 19 s of CPU)
-        # before any count taken in a callback could see it. So the parser is fed in
-        # segments that end where a head, a body or a chunk-size line ends, and heads and
-        # chunk-size lines are counted in raw bytes before the parser sees them (llhttp gives
-        # no hook for chunk extensions). A head and body that come in one read, the usual
-        # case, take two calls into the parser instead of one.
-        def _feed(self, data: bytes) -> None:
-            view, pos, end = memoryview(data), 0, len(data)
-            while pos < end and not self.rejected:
-                line_done = False
-                if self.body_left:  # body bytes (and a chunk's CRLF): in bulk
-                    stop = min(end, pos + self.body_left)
-                    self.body_left -= stop - pos
-                    self.body_seen = True
-                elif self.chunked:  # a chunk-size line, a trailer, the final blank line
-                    self.body_seen = True
-                    lf = data.find(b"\n", pos)
-                    stop, line_done = (end, False) if lf < 0 else (lf + 1, True)
-                    if len(self.chunk_line) + stop - pos > framing.MAX_CHUNK_LINE_BYTES:
-                        self._refuse(framing.CHUNK_LINE_TOO_LONG)
-                        return
-                    self.chunk_line += data[pos:stop]
-                else:  # a head, up to its blank line
-                    stop = self._head_end(data, pos)
-                    self.head_bytes += stop - pos
-                    if self.head_bytes > MAX_HEAD_BYTES:
-                        self._refuse(framing.head_too_large(MAX_HEAD_BYTES))
-                        return
-                    self.head_tail = (self.head_tail + data[max(pos, stop - 3) : stop])[-3:]
-                self.parser.feed_data(view[pos:stop])
-                if line_done:
-                    self.chunk_line = b""
-                pos = stop
-
-        def _head_end(self, data: bytes, pos: int) -> int:
-            """Just past the blank line that ends the head in progress, or the end of data."""
-            split = (self.head_tail + data[pos : pos + 3]).find(b"\r\n\r\n")  # across reads
-            if split >= 0:
-                return pos + split + 4 - len(self.head_tail)
-            found = data.find(b"\r\n\r\n", pos)
-            return len(data) if found < 0 else found + 4
-
-        # uvicorn has no timeout for reading a request head, and any byte received cancels
-        # its keep-alive timer: a client trickling header bytes (slowloris) would hold the
-        # connection forever. The head must be complete within header_timeout_s of the
-        # request's first byte; the idle time before it, on a new connection or between
-        # requests, is the keep-alive timeout's.
-        def _arm_header_timer(self) -> None:
-            self._cancel_header_timer()
-            self.header_timer = self.loop.call_later(header_timeout, self._header_timed_out)
-
-        def _cancel_header_timer(self) -> None:
-            if self.header_timer is not None:
-                self.header_timer.cancel()
-                self.header_timer = None
-
-        def _header_timed_out(self) -> None:
-            self.header_timer = None
-            self._refuse(header_timed_out, answer=False)
-
-        def _refuse(self, refusal: framing.Refusal, *, answer: bool = True) -> None:
-            """Refuse what this connection sent and end it; the parser is not fed again. A
-            refusal inside the body the app is reading is the app's to answer (its event
-            then has the route, and this status rather than a client that left). Otherwise
-            a throttled event, and `refusal` is the answer, or, with a response under way,
-            that response is the connection's last (on_response_complete closes it)."""
-            self.rejected = True
-            self._cancel_header_timer()
-            queued, cycle = bool(self.pipeline), self.cycle
-            self.pipeline.clear()  # requests parsed behind the refused one never run
-            if cycle is not None and not cycle.response_complete:
-                if cycle.more_body and not queued and not cycle.response_started:
-                    cycle.keep_alive = False  # the answer says `connection: close`
-                    cycle.scope[REFUSED_KEY] = refusal.rejected()
-                    cycle.message_event.set()  # wakes the app's receive()
-                    return
-                self._record(refusal)
-                return
-            self._record(refusal)
-            if answer:
-                self.transport.write(refusal.response())
-            self.transport.close()
-
-        def _record(self, refusal: framing.Refusal) -> None:
-            ssl_object: ssl.SSLObject | None = self.transport.get_extra_info("ssl_object")
-            sans = peer_identities(ssl_object.getpeercert() if ssl_object else None)
-            refused_requests.record(
-                self.client[0] if self.client else None,  # uvicorn's (host, port)
-                reason=refusal.code,
-                status=refusal.status,
-                identity=match_identity(sans, allowed),
-                **refusal.fields,
-            )
-
-        def on_message_begin(self) -> None:
-            self.head = framing.Head()
-            super().on_message_begin()
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            if self.rejected:
-                return
-            if self.in_body:  # a trailer: uvicorn adds it to the headers the app has read
-                self._refuse(framing.TRAILERS)
-                return
-            assert self.head is not None
-            refusal = self.head.add(name.lower(), value)
-            if refusal is not None:
-                self._refuse(refusal)
-                return
-            super().on_header(name, value)
-
-        def on_headers_complete(self) -> None:
-            if self.rejected:
-                return
-            self._cancel_header_timer()
-            self.head_bytes, self.head_tail = 0, b""
-            head = self.head
-            assert head is not None
-            version, upgrade = self.parser.get_http_version(), self.parser.should_upgrade()
-            refusal = head.check(version, self.url, upgrade)
-            if refusal is not None:
-                self._refuse(refusal)
-                return
-            self.in_body, self.body_seen, self.chunked, self.chunks = True, False, head.chunked, 0
-            self.body_left = 0 if head.chunked else head.body_bytes
-            super().on_headers_complete()
-            if head.chunked or head.body_bytes:
-                # For the app to call when it answers before the body is whole (a refusal):
-                # the response then says `connection: close`, as the connection ends.
-                last = functools.partial(_last_response, weakref.ref(self.cycle))  # no cycle
-                self.cycle.scope[LAST_RESPONSE_KEY] = last
-            # A keep-alive connection outlives its handshake. Once the client CA has changed
-            # or the client's certificate has expired, this request is its last: the response
-            # says `connection: close`, and the client shows its certificate again on a new
-            # connection (the old CA's clients are then refused).
-            tls_material.reload_if_changed()
-            stale = tls_material.client_ca_generation != self.client_ca_generation
-            if (stale or time.time() >= self.not_after) and self.cycle is not None:
-                self.cycle.keep_alive = False
-
-        def on_chunk_header(self) -> None:
-            if self.rejected:
-                return
-            size = framing.chunk_size(self.chunk_line)  # the line just fed, whole
-            if size is None:
-                self._refuse(framing.BAD_CHUNK_SIZE)
-            elif size:  # its data and CRLF are body bytes
-                self.chunks += 1
-                self.body_left = size + 2
-                if self.chunks > framing.MAX_CHUNKS:
-                    self._refuse(framing.TOO_MANY_CHUNKS)
-            # After the last chunk (size 0): trailers, or the final blank line.
-
-        def on_body(self, body: bytes) -> None:
-            if not self.rejected:
-                super().on_body(body)
-
-        def on_message_complete(self) -> None:
-            self.in_body = self.chunked = False
-            self.body_left = 0
-            if not self.rejected:
-                super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            # Answered before its body was whole (a refusal: 413, 408...): the rest of that
-            # body is not read, and the connection ends with this response.
-            cycle = self.cycle
-            if self.rejected or (cycle is not None and cycle.more_body and not self.pipeline):
-                self.rejected = True
-                self.transport.close()
-            super().on_response_complete()  # starts uvicorn's keep-alive timer, if still open
-            self.between_requests = True
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel_header_timer()
-            # The request the app is running, not uvicorn's current cycle: with a request
-            # pipelined behind it, that cycle is the queued one. An answered request's watch
-            # is disarmed and ignores this.
-            scope = self.running_scope
-            watch = scope.get(WATCH_KEY) if scope is not None else None
-            if watch is not None:  # the client left mid-request: the engine must stop
-                watch.client_left()
-            super().connection_lost(exc)
-            # The identity wrapper (self.app) closes over self, and queued requests hold it:
-            # a reference cycle, which kept the connection, its TLS objects and their read
-            # buffers (~600 KiB after a 1 MB body) until a full garbage collection, long
-            # after a flood of slow bodies was gone. Without it, they go now.
-            self.app = _refuse
-            self.pipeline.clear()
-
-    return IdentityCheckingProtocol
+    return type("IdentityCheckingProtocol", (IdentityCheckingProtocol,), {"settings": settings})
 
 
 def _last_response(cycle: weakref.ref[RequestResponseCycle]) -> None:
@@ -666,8 +695,10 @@ def build_server(
         access_log=False,  # the front emits its own audit events
         proxy_headers=False,  # never trust X-Forwarded-* from clients
         server_header=False,
-        timeout_keep_alive=max(1, round(front.keepalive_timeout_s)),
-        timeout_graceful_shutdown=max(1, round(front.drain_timeout_s)),
+        # uvicorn annotates these as int but only hands them to call_later and asyncio.timeout:
+        # the configured seconds are kept as they are, not rounded (0.4 s is not 1 s).
+        timeout_keep_alive=front.keepalive_timeout_s,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=front.drain_timeout_s,  # type: ignore[arg-type]
     )
     return FrontServer(config, state, handshakes=tls_material.handshakes, server_state=server_state)
 
