@@ -91,8 +91,10 @@ test: $(STAMP) $(SCAN_STAMP) lint image
 test-unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
+# Four workers: most of these tests wait on sockets, timers and child processes, not the CPU.
+# `make test` runs serially, so that what CI runs does not depend on the machine's load.
 test-fast: $(STAMP) lint
-	$(PY) -m pytest tests/unit tests/integration
+	$(PY) -m pytest -n 4 tests/unit tests/integration
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -m engine

@@ -20,10 +20,22 @@ if os.environ.get("HARNESS_HYPOTHESIS_PROFILE"):
     settings.load_profile(os.environ["HARNESS_HYPOTHESIS_PROFILE"])
 
 
+TIERS = ("unit", "integration", "gpu", "e2e")  # the order a whole run takes
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that end the session's shared server (marker `ends_server`) run after every test
-    that shares it, whatever the file order: each restart of the real engine costs ~50 s."""
-    items.sort(key=lambda item: item.get_closest_marker("ends_server") is not None)
+    """A whole run goes tier by tier, fastest first, so the real engine starts only once the
+    other tiers are done and does not share the CPUs with their timing. Within e2e, the tests
+    that end the session's shared server (marker `ends_server`) run after every test that
+    shares it, whatever the file order: each restart of the real engine costs ~50 s."""
+    here = Path(__file__).parent
+
+    def order(item: pytest.Item) -> tuple[int, bool]:
+        tier = item.path.relative_to(here).parts[0]
+        rank = TIERS.index(tier) if tier in TIERS else len(TIERS)
+        return rank, item.get_closest_marker("ends_server") is not None
+
+    items.sort(key=order)
 
 
 def _open_dir() -> Path:
