@@ -27,9 +27,8 @@ from runtime.front.tls import RotatingContext
 from tests.support import client_context, free_port
 
 ALLOWED = "spiffe://test.local/ns/gateway/sa/ai-gateway"
-
-
 CHAT = {"model": "demo", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 4}
 
 
 @dataclass
@@ -214,9 +213,6 @@ def make_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 @pytest.fixture()
 def front(make_front: Callable[..., Front]) -> Front:
     return make_front()
-
-
-COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 4}
 
 
 def wait_until(condition: Callable[[], object], message: str, timeout: float = 10) -> None:
