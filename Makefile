@@ -41,7 +41,7 @@ help:
 	@echo "make demo       build the venv, demo model, PKI and config, then serve on https://127.0.0.1:8443"
 	@echo "make test       install everything and run the whole suite (what CI runs)"
 	@echo "make test-unit  tests/unit: pure, no sockets or processes (seconds)"
-	@echo "make test-fast  tests/unit and tests/integration: no vLLM engine (the edit loop)"
+	@echo "make test-fast  tests/unit, tests/integration, tests/gpu: no vLLM engine (the edit loop)"
 	@echo "make image      build $(IMAGE) from images/cpu/Containerfile with podman"
 	@echo "make image-test the end-to-end tests against that image under podman + runc"
 	@echo "make image-gpu  build $(GPU_IMAGE) from images/gpu/Containerfile (runs on GPU nodes only)"
@@ -94,7 +94,7 @@ test-unit: $(STAMP)
 # Four workers: most of these tests wait on sockets, timers and child processes, not the CPU.
 # `make test` runs serially, so that what CI runs does not depend on the machine's load.
 test-fast: $(STAMP) lint
-	$(PY) -m pytest -n 4 tests/unit tests/integration
+	$(PY) -m pytest -n 4 tests/unit tests/integration tests/gpu
 
 test-engine: $(STAMP)
 	$(PY) -m pytest -m engine

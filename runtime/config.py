@@ -5,7 +5,7 @@ must never be silently ignored); relative paths are resolved against the config 
 
 Why one module of this size: the schema is one document. Every section, its defaults, bounds
 and cross-field checks sit together, so that a reviewer reads every setting harness accepts
-in one place; docs/configuration.md and `harness check` are generated from these models.
+in one place; docs/configuration.md is held to these models key by key (tests/unit/test_docs.py).
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import settings
 
 from runtime.demo import assets
-from tests.support import Harness, container, free_port, otlp_receiver
+from runtime.demo.model import write_model
+from tests.support import container, free_port, otlp_receiver
 from tests.support.container import Container
+from tests.support.harness import Harness
 
 # `make test` (what CI runs) draws the same examples on every run, so a pass here is a pass
 # there; `make test-fast` and plain pytest draw new ones each time and keep finding cases.
@@ -26,14 +28,16 @@ TIERS = ("unit", "integration", "gpu", "e2e")  # the order a whole run takes
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A whole run goes tier by tier, fastest first, so the real engine starts only once the
     other tiers are done and does not share the CPUs with their timing. Within e2e, the tests
-    that end the session's shared server (marker `ends_server`) run after every test that
-    shares it, whatever the file order: each restart of the real engine costs ~50 s."""
+    that end the session's shared server (those given `own_target`, and those marked
+    `ends_server`) run after every test that shares it, whatever the file order: each restart
+    of the real engine costs ~50 s."""
     here = Path(__file__).parent
 
     def order(item: pytest.Item) -> tuple[int, bool]:
-        tier = item.path.relative_to(here).parts[0]
-        rank = TIERS.index(tier) if tier in TIERS else len(TIERS)
-        return rank, item.get_closest_marker("ends_server") is not None
+        parts = item.path.relative_to(here).parts if item.path.is_relative_to(here) else ()
+        rank = TIERS.index(parts[0]) if parts and parts[0] in TIERS else len(TIERS)
+        ends = "own_target" in getattr(item, "fixturenames", ())
+        return rank, ends or item.get_closest_marker("ends_server") is not None
 
     items.sort(key=order)
 
@@ -62,6 +66,12 @@ def demo_dir() -> Iterator[Path]:
     yield root
     shutil.rmtree(assets.secrets_dir(root), ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model, written once per test module: tests copy it before they change it."""
+    return write_model(tmp_path_factory.mktemp("clean") / "model")
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ so the identity is taken from the TLS connection itself and attached to each req
 Why one module of this size: everything that reaches into uvicorn's and uvloop's internals
 (the httptools protocol it extends, the loop and its SSL protocol, the server state) is here
 and nowhere else, so that an upgrade of either is reviewed in one file; their versions are
-pinned to the tested range and checked at import (`check_versions`).
+pinned to the tested range and checked when the front is prepared (`check_versions`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ keeps harness's namespaces and an event says why; `required` refuses to start (e
 Why one module of this size: it is also a program of its own, the helper above, run before
 harness confines itself; the user, mount, network, IPC and PID steps happen in that order in
 one process and share its mount helpers. Besides the standard library it imports only
-runtime/sandbox's own modules and runtime/errors.py.
+runtime/sandbox's own modules.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Supervision with the real engine. These tests end the server they use: they take the
-session's shared server, and the marker `ends_server` runs them after every test that shares
-it (tests/conftest.py), so the engine is not started again for those."""
+"""Supervision with the real engine. Most of these tests end the server they use: those that
+take the session's shared one (`own_target`, or marked `ends_server`) run after every test
+that shares it (tests/conftest.py), so that the engine is not started again for those."""
 
 from __future__ import annotations
 
@@ -17,17 +17,11 @@ import pytest
 
 from runtime.demo import assets
 from tests.conftest import Servers
-from tests.support import (
-    Harness,
-    client_context,
-    list_models,
-    openai_client,
-    process_group,
-    stand_in_harness,
-)
+from tests.support import client_context, process_group
 from tests.support.container import Container
+from tests.support.harness import Harness, list_models, openai_client, stand_in_harness
 
-pytestmark = [pytest.mark.engine, pytest.mark.ends_server]
+pytestmark = pytest.mark.engine
 
 
 def _engine_counters(harness: Harness) -> dict[str, float]:
@@ -236,6 +230,7 @@ def test_engine_death_makes_harness_exit_6(own_target: Harness | Container) -> N
     assert harness.gone()
 
 
+@pytest.mark.ends_server
 def test_harness_killed_takes_vllm_with_it(servers: Servers) -> None:
     """The same with vLLM, whose engine core is a child of its API server: before the reaper
     it ran on for good. Last in the session: it ends the shared server."""

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from runtime import telemetry
-from tests.support import Harness, client_context, openai_client, otlp_receiver
+from tests.support import client_context, otlp_receiver
+from tests.support.harness import Harness, openai_client
 
 pytestmark = pytest.mark.engine
 

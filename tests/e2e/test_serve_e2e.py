@@ -19,18 +19,10 @@ from runtime import config
 from runtime.demo import assets
 from runtime.sandbox.front import ENGINE_SHM
 from tests.conftest import Containers, Servers
-from tests.support import (
-    DRAFT,
-    LORA,
-    LORA_NAME,
-    Harness,
-    client_context,
-    openai_client,
-    process_group,
-    raw_request,
-)
+from tests.support import DRAFT, LORA, LORA_NAME, client_context, process_group, raw_request
 from tests.support import container as image
 from tests.support.container import Container
+from tests.support.harness import Harness, openai_client
 
 pytestmark = pytest.mark.engine
 

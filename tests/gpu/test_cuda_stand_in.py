@@ -13,7 +13,8 @@ import pytest
 
 from runtime.demo import assets
 from tests.gpu import cuda_engine
-from tests.support import Harness, client_context, engine_lines, openai_client
+from tests.support import client_context
+from tests.support.harness import Harness, engine_lines, openai_client
 
 torch = pytest.importorskip("torch")
 

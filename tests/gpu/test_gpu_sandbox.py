@@ -27,13 +27,8 @@ from runtime.demo import assets
 from runtime.engine import watchdog
 from runtime.sandbox import landlock
 from tests.gpu import cuda_engine
-from tests.support import (
-    Harness,
-    client_context,
-    engine_lines,
-    openai_client,
-    process_group,
-)
+from tests.support import client_context, process_group
+from tests.support.harness import Harness, engine_lines, openai_client
 
 pytestmark = [pytest.mark.gpu]
 

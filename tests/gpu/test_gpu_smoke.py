@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from runtime.demo import assets
-from tests.support import Harness, client_context, openai_client
+from tests.support import client_context
+from tests.support.harness import Harness, openai_client
 
 pytestmark = [pytest.mark.gpu, pytest.mark.engine]
 

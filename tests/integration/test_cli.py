@@ -15,15 +15,8 @@ import httpx
 import pytest
 
 from runtime.demo import assets
-from tests.support import (
-    REPO,
-    Harness,
-    clean_environ,
-    client_context,
-    fake_engine,
-    free_port,
-    run_cli,
-)
+from tests.support import REPO, clean_environ, client_context, fake_engine, free_port, run_cli
+from tests.support.harness import Harness
 
 
 def _harness(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

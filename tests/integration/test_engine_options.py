@@ -254,7 +254,7 @@ def test_a_parallel_engine_without_its_own_network_namespace_is_refused(
     """vLLM's ranks meet over TCP on ports they pick: allowed only inside the engine's own
     network namespace. Without one, harness refuses to start the engine (exit 5), saying why
     (the stand-in engine; nothing is served)."""
-    from tests.support import stand_in_harness
+    from tests.support.harness import stand_in_harness
 
     harness = stand_in_harness(
         demo_dir, open_tmp, 'sandbox.namespaces="off"', "engine.vllm.tensor_parallel_size=2"

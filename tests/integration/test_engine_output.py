@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from runtime.engine import output
-from tests.support import list_models, stand_in_harness
+from tests.support.harness import list_models, stand_in_harness
 
 
 def test_a_line_of_the_engine_never_looks_like_harness_s() -> None:

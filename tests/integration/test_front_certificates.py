@@ -22,6 +22,7 @@ from tests.support.front import (
     CHAT,
     Front,
     audit_events,
+    load_ca,
     read_status,
 )
 
@@ -146,18 +147,6 @@ def _peer_serial(front: Front, name: str = "client") -> int:
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def _ca(front: Front) -> pki.Issued:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
-    return pki.Issued(
-        x509.load_pem_x509_certificate((front.pki_dir / "ca.pem").read_bytes()),
-        serialization.load_pem_private_key(  # type: ignore[arg-type]
-            (front.pki_dir / "ca-key.pem").read_bytes(), None
-        ),
-    )
-
-
 def test_server_certificate_rotation_keeps_open_streams(front: Front) -> None:
     before = _peer_serial(front)
     with (
@@ -167,7 +156,7 @@ def test_server_certificate_rotation_keeps_open_streams(front: Front) -> None:
         lines = response.iter_lines()
         assert next(lines) == "data: 1"
         # Rotate in place, as cert-manager or Vault Agent would.
-        fresh = pki.server_cert(_ca(front))
+        fresh = pki.server_cert(load_ca(front.pki_dir))
         fresh.write(front.pki_dir / "server.pem.new", front.pki_dir / "server-key.pem.new")
         os.replace(front.pki_dir / "server-key.pem.new", front.pki_dir / "server-key.pem")
         os.replace(front.pki_dir / "server.pem.new", front.pki_dir / "server.pem")
@@ -278,7 +267,7 @@ def test_an_expired_client_certificate_ends_its_kept_alive_connection(
     now = dt.datetime.now(dt.UTC)
     expires = now.replace(microsecond=0) + dt.timedelta(seconds=3)
     pki.client_cert(
-        _ca(front), ALLOWED, not_before=now - dt.timedelta(minutes=1), not_after=expires
+        load_ca(front.pki_dir), ALLOWED, not_before=now - dt.timedelta(minutes=1), not_after=expires
     ).write(front.pki_dir / "brief.pem", front.pki_dir / "brief-key.pem")
 
     def expire() -> None:

@@ -22,9 +22,8 @@ from runtime import config as config_mod
 from runtime.errors import ConfigError
 from runtime.sandbox import front
 from runtime.sandbox.seccomp import oci, policy
-from tests.support import POD
+from tests.support import POD, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CONTAINER_PROFILE = REPO / "seccomp" / "harness-cpu.json"
 
 _CHILD = r"""

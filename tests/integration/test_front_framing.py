@@ -27,12 +27,11 @@ from runtime.front.server import MAX_HEAD_BYTES
 from tests.support import free_port
 from tests.support.front import (
     ALLOWED,
+    COMPLETION,
     Front,
     audit_events,
     wait_until,
 )
-
-COMPLETION = {"model": "demo", "prompt": "hi", "max_tokens": 4}
 
 
 @contextlib.contextmanager

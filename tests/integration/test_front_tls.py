@@ -32,20 +32,12 @@ from tests.support.front import (
     ALLOWED,
     Front,
     audit_events,
+    load_ca,
     read_status,
     wait_until,
 )
 
 REQUEST = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"
-
-
-def _ca(pki_dir: Path) -> pki.Issued:
-    return pki.Issued(
-        x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes()),
-        serialization.load_pem_private_key(  # type: ignore[arg-type]
-            (pki_dir / "ca-key.pem").read_bytes(), None
-        ),
-    )
 
 
 def _leaf(
@@ -171,7 +163,7 @@ def test_certificates_openssl_accepts_but_unfit_for_client_auth_are_refused(
     """Signed by the client CA, valid, with an allowed identity: OpenSSL's purpose check
     passes both (no EKU: any purpose; CA:TRUE: not looked at for a leaf). The front closes the
     connection before any HTTP is read, and reports it."""
-    issued = _leaf(_ca(front.pki_dir), eku=None if variant == "no_eku" else [
+    issued = _leaf(load_ca(front.pki_dir), eku=None if variant == "no_eku" else [
         ExtendedKeyUsageOID.CLIENT_AUTH
     ], is_ca=variant == "ca_leaf")  # fmt: skip
     issued.write(front.pki_dir / f"{variant}.pem", front.pki_dir / f"{variant}-key.pem")
@@ -442,7 +434,9 @@ def test_the_front_refuses_x448_and_p521_and_reports_it(front: Front) -> None:
 @needs_openssl
 def test_rotated_contexts_keep_the_groups(pki_dir: Path) -> None:
     material = RotatingContext(_section(pki_dir))
-    pki.server_cert(_ca(pki_dir)).write(pki_dir / "server.pem.new", pki_dir / "server-key.pem.new")
+    pki.server_cert(load_ca(pki_dir)).write(
+        pki_dir / "server.pem.new", pki_dir / "server-key.pem.new"
+    )
     os.replace(pki_dir / "server-key.pem.new", pki_dir / "server-key.pem")
     os.replace(pki_dir / "server.pem.new", pki_dir / "server.pem")
     material._next_check = 0.0

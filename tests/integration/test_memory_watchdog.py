@@ -22,7 +22,8 @@ from runtime.engine import resources, watchdog
 from runtime.engine.command import RuntimePaths, build_argv
 from runtime.engine.resources import MemoryCaps, gpu_caps
 from runtime.errors import ConfigError
-from tests.support import list_models, process_group, stand_in_harness
+from tests.support import process_group
+from tests.support.harness import list_models, stand_in_harness
 
 MB = 1 << 20
 GIB = 1 << 30

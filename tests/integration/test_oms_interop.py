@@ -21,7 +21,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from runtime.demo import pki
-from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import oms, signature
 from tests.support import run_cli
@@ -31,11 +30,6 @@ from tests.support.sigstore_instance import TestSigstore
 SIGNER = "ml-team@example.com"
 ISSUER = "https://issuer.example"
 EMPTY = "notes.txt"  # a kind of file the model-dir policy allows, and that may be empty
-
-
-@pytest.fixture(scope="module")
-def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("clean") / "model")
 
 
 @pytest.fixture()

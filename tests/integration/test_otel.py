@@ -21,7 +21,8 @@ from runtime import otel, telemetry
 from runtime.demo import assets
 from runtime.errors import ConfigError, SecretsError
 from runtime.secrets.tmpfs import Secret
-from tests.support import REPO, Harness, clean_environ, client_context, fake_engine, otlp_receiver
+from tests.support import REPO, clean_environ, client_context, fake_engine, otlp_receiver
+from tests.support.harness import Harness
 
 TOKEN = "otlp-token-that-must-stay-in-the-headers"
 PROMPT = "a prompt that must never be exported"

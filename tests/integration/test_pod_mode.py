@@ -13,7 +13,8 @@ import pytest
 
 from runtime import config
 from runtime.demo import assets
-from tests.support import LORA, LORA_NAME, POD, list_models, process_group, stand_in_harness
+from tests.support import LORA, LORA_NAME, POD, process_group
+from tests.support.harness import list_models, stand_in_harness
 
 UID = 10001
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="setpriv to uid 10001 needs root")

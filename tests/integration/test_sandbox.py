@@ -22,9 +22,8 @@ from runtime.sandbox import landlock, namespaces, stage_plan
 from runtime.sandbox.seccomp import bpf, configured, oci, policy
 from runtime.sandbox.seccomp.notify import EVENTS_PER_SECOND, Supervisor
 from runtime.sandbox.stage_plan import LandlockPlan, NamespacesPlan, PrivilegesPlan, StagePlan
-from tests.support import POD
+from tests.support import POD, REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
 SUPPORT = REPO / "tests" / "support"
 PROBE = SUPPORT / "sandbox_probe.py"
@@ -584,14 +583,8 @@ def test_shipped_profile_compiles_in_every_mode_and_allows_nothing_on_the_deny_l
     assert "clone3" not in names and not set(policy.FIXED_DENY) & names
 
 
-def _harness(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "runtime", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 def test_seccomp_check_loads_dockers_default_profile() -> None:
-    result = _harness("seccomp", "check", str(DOCKER_DEFAULT), "--json")
+    result = run_cli("seccomp", "check", str(DOCKER_DEFAULT), "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["default_action"] == "SCMP_ACT_ERRNO"
@@ -617,7 +610,7 @@ def test_seccomp_check_refuses_a_broken_profile_naming_the_field(
     edit(profile)
     broken = tmp_path / "broken.json"
     broken.write_text(json.dumps(profile))
-    result = _harness("seccomp", "check", str(broken))
+    result = run_cli("seccomp", "check", str(broken))
     assert result.returncode == 2
     assert where in result.stderr and "fix:" in result.stderr
 
@@ -737,7 +730,7 @@ def test_merge_only_cli_unions_two_profiles(tmp_path: Path, demo_dir: Path) -> N
     a.write_text(json.dumps(recorder.to_profile(recorder.Recording({"read"}, {(1, 1)}), "a")))
     b.write_text(json.dumps(recorder.to_profile(recorder.Recording({"mremap"}, set()), "b")))
     config = demo_dir / "demo.toml"
-    result = _harness(
+    result = run_cli(
         "profile",
         "--config",
         str(config),
@@ -762,7 +755,7 @@ def test_a_refreshed_container_profile_keeps_the_shipped_ones_calls_and_its_trac
     out = tmp_path / "harness.json"
     shipped = CONTAINER_PROFILE
     args = ["profile", "--container", "--config", str(demo_dir / "demo.toml"), "--out", str(out)]
-    result = _harness(*args, "--merge", str(shipped), "--merge-only")
+    result = run_cli(*args, "--merge", str(shipped), "--merge-only")
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
     assert written["defaultAction"] == "SCMP_ACT_TRACE" and "defaultErrnoRet" not in written

@@ -15,16 +15,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import oms, signature
 from tests.support import run_cli
 from tests.support.signing import MODEL_SIGNING, keypair
-
-
-@pytest.fixture(scope="module")
-def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("clean") / "model")
 
 
 @pytest.fixture()

@@ -16,12 +16,11 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from runtime.demo import assets, pki
-from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import signature
 from tests.support import REPO
+from tests.support.signing import MODEL_SIGNING
 
-MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 SIGNER = "ml-team@example.com"
 NOW = dt.datetime.now(dt.UTC)
 
@@ -31,11 +30,6 @@ def _leaf(ca: pki.Issued, folder: Path, name: str, identity: str = SIGNER, **kwa
     issued = pki.issue(ca, name, sans=[x509.RFC822Name(identity)], **kwargs)
     issued.write(folder / f"{name}.pem", folder / f"{name}-key.pem")
     return folder / f"{name}.pem"
-
-
-@pytest.fixture(scope="module")
-def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("clean") / "model")
 
 
 @pytest.fixture()

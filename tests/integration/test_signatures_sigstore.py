@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import signature
 from tests.support import REPO
@@ -22,11 +21,6 @@ from tests.support.sigstore_instance import TestSigstore
 
 IDENTITY = "ml-team@example.com"
 ISSUER = "https://issuer.example"
-
-
-@pytest.fixture(scope="module")
-def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("clean") / "model")
 
 
 @pytest.fixture()

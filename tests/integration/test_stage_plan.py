@@ -22,9 +22,8 @@ from runtime.sandbox.stage_plan import (
     SeccompPlan,
     StagePlan,
 )
-from tests.support import POD
+from tests.support import POD, REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "seccomp" / "engine-cpu.json"
 
 

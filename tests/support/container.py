@@ -1,5 +1,6 @@
 """harness inside its image under podman + runc, run the way deploy/ runs it, observed through the
-same methods as tests.support.Harness so that the end-to-end tests take either as their target.
+same methods as tests.support.harness.Harness so that the end-to-end tests take either as their
+target.
 
 The container: read-only root (`--read-only-tmpfs=false`: podman would otherwise leave /run and
 /var/tmp writable), tmpfs for /run/harness and /tmp, a private /dev/shm, every capability
@@ -20,7 +21,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from tests.support import REPO, Observed, free_port
+from tests.support import REPO, free_port
+from tests.support.harness import Observed
 
 IMAGE = os.environ.get("HARNESS_IMAGE", "localhost/harness:cpu")
 UID = 10001

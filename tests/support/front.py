@@ -255,3 +255,16 @@ def read_status(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -
             raise ConnectionError("closed before a whole response")
         parser.feed_data(chunk)
     return parser.get_status_code()
+
+
+def load_ca(pki_dir: Path) -> pki.Issued:
+    """The test CA that `make_front` wrote, to issue more certificates from."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    return pki.Issued(
+        x509.load_pem_x509_certificate((pki_dir / "ca.pem").read_bytes()),
+        serialization.load_pem_private_key(  # type: ignore[arg-type]
+            (pki_dir / "ca-key.pem").read_bytes(), None
+        ),
+    )

@@ -4,6 +4,7 @@ profiles cite exists."""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import importlib.util
 import re
@@ -98,14 +99,38 @@ def test_what_the_code_cites_exists() -> None:
 CITED_TEST = re.compile(r"(?<![\w/.-])(tests/[\w./-]*\w)")
 
 
+# A dotted name under tests (tests.support.container.Container): a module, then attributes.
+CITED_TEST_MODULE = re.compile(r"(?<![\w.])(tests(?:\.\w+)+)")
+
+
+def _module_exists(dotted: str) -> bool:
+    """Whether `dotted` is a module of the suite, or a name that one of them defines."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 1, -1):
+        base = ROOT.joinpath(*parts[:n])
+        source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if source.is_file():
+            if n == len(parts):
+                return True
+            tree = ast.parse(source.read_text())
+            defined = {
+                target.id if isinstance(target, ast.Name) else getattr(target, "name", "")
+                for node in tree.body
+                for target in (node.targets if isinstance(node, ast.Assign) else [node])
+            }
+            return parts[n] in defined
+    return False
+
+
 def test_every_test_path_the_docs_and_code_name_exists() -> None:
     texts = {p: p.read_text(errors="replace") for p in [*DOCS, *SOURCES, ROOT / "Makefile"]}
     cited = {(p, name) for p, text in texts.items() for name in CITED_TEST.findall(text)}
-    assert cited, "the pattern no longer finds the paths under tests/"
+    dotted = {(p, name) for p, text in texts.items() for name in CITED_TEST_MODULE.findall(text)}
+    assert cited and dotted, "the patterns no longer find the names under tests/"
     missing = sorted(
         f"{p.relative_to(ROOT)}: {name}" for p, name in cited if not (ROOT / name).exists()
-    )
-    assert not missing, f"paths under tests/ that do not exist: {missing}"
+    ) + sorted(f"{p.relative_to(ROOT)}: {name}" for p, name in dotted if not _module_exists(name))
+    assert not missing, f"paths or modules under tests/ that do not exist: {missing}"
 
 
 def _generator() -> ModuleType:

@@ -15,16 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runtime.demo.model import write_model
 from runtime.errors import IntegrityError
 from runtime.integrity import model_dir
 from runtime.integrity.safetensors_header import DTYPE_BITS, header_length, parse_header
-from tests.support import json_values
-
-
-@pytest.fixture(scope="module")
-def clean_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("clean") / "model")
+from tests.support.strategies import json_values
 
 
 @pytest.fixture()

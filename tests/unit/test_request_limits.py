@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection, ToolsSection
 from runtime.front.limits import Rejected, _depth, check
-from tests.support import json_values
+from tests.support.strategies import json_values
 
 LIMITS = LimitsSection(
     max_tokens=64,

@@ -24,12 +24,12 @@ def emitted() -> Any:
 def test_a_burst_is_one_event_at_once_and_one_with_the_rest(emitted: Any) -> None:
     async def burst() -> None:
         throttled = telemetry.Throttled("request_rejected", "blocked")
-        throttled.WINDOW_S = 0.2
+        throttled.WINDOW_S = 0.05
         for _ in range(5):
             throttled.record(reason="too_many_connections", limit=2)
         throttled.record(reason="header_timeout", limit=2)  # other fields: its own window
         assert [e["count"] for e in emitted()] == [1, 1]  # the rest are held back...
-        await asyncio.sleep(0.5)  # the held ones went out at 0.2 s, which opened a new window
+        await asyncio.sleep(0.15)  # the held ones went out at 0.05 s, which opened a new window
         throttled.record(reason="too_many_connections", limit=2)  # past it: at once
 
     asyncio.run(burst())
@@ -58,11 +58,11 @@ def test_held_events_name_their_first_distinct_clients(emitted: Any) -> None:
 
     async def burst() -> None:
         throttled = telemetry.Throttled("tls_handshake_rejected", "blocked")
-        throttled.WINDOW_S = 0.2
+        throttled.WINDOW_S = 0.05
         throttled.MAX_CLIENTS = 3
         for client in ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3", "10.0.0.4", None]:
             throttled.record(client, reason="handshake_timeout", detail="x")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.15)
 
     asyncio.run(burst())
     first, held = emitted()
