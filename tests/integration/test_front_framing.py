@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httptools
 import httpx
 import psutil
 import pytest
@@ -30,6 +29,7 @@ from tests.support.front import (
     COMPLETION,
     Front,
     audit_events,
+    read_response,
     wait_until,
 )
 
@@ -42,35 +42,6 @@ def _connected(front: Front) -> Iterator[ssl.SSLSocket]:
         front.ctx().wrap_socket(raw, server_hostname="localhost") as tls,
     ):
         yield tls
-
-
-def _response(tls: ssl.SSLSocket, head_only: bool = False) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One whole response (`head_only`: to a HEAD): status, headers (lowercased), body."""
-    done: list[bool] = []
-    headers: dict[bytes, bytes] = {}
-    body = bytearray()
-
-    class Callbacks:
-        def on_header(self, name: bytes, value: bytes) -> None:
-            headers[name.lower()] = value
-
-        def on_body(self, chunk: bytes) -> None:
-            body.extend(chunk)
-
-        def on_message_complete(self) -> None:
-            done.append(True)
-
-        def on_headers_complete(self) -> None:
-            if head_only:
-                done.append(True)
-
-    parser = httptools.HttpResponseParser(Callbacks())
-    while not done:
-        chunk = tls.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed before a whole response")
-        parser.feed_data(chunk)
-    return parser.get_status_code(), headers, bytes(body)
 
 
 def _closed(tls: ssl.SSLSocket, timeout: float = 5) -> bool:
@@ -91,7 +62,7 @@ def _exchange(front: Front, *pieces: bytes, pause: float = 0.0) -> tuple[int, di
         for piece in pieces:
             tls.sendall(piece)
             time.sleep(pause)
-        status, headers, body = _response(tls)
+        status, headers, body = read_response(tls)
         assert headers.get(b"connection") == b"close", headers
         assert _closed(tls), "the connection stayed open after a refusal"
     return status, json.loads(body)["error"]
@@ -204,11 +175,11 @@ def test_http_1_0_without_host_and_repeated_accept_within_the_cap_are_served(
 ) -> None:
     with _connected(front) as tls:
         tls.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
     with _connected(front) as tls:
         accepts = b"".join(b"Accept: type/%d\r\n" % i for i in range(framing.MAX_SAME_HEADER))
         tls.sendall(HEAD + accepts + b"\r\n")
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
     # One `accept` reaches the engine, the first (its recorder keeps the last it sees).
     assert [seen["headers"].get(b"accept") for seen in front.upstream.seen] == [None, b"type/0"]
     assert audit_events(front, "request_rejected", count=0, timeout=0) == []
@@ -325,7 +296,7 @@ def test_chunked_and_pipelined_bodies_still_reach_the_engine(front: Front) -> No
                 b"/v1/completions", _chunk(halves[0], b";a=b"), _chunk(halves[1]), b"0\r\n\r\n"
             )
         )
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
         head = (
             b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(BODY)
@@ -333,10 +304,10 @@ def test_chunked_and_pipelined_bodies_still_reach_the_engine(front: Front) -> No
         tls.sendall(head[:-1])
         time.sleep(0.2)
         tls.sendall(head[-1:] + BODY)
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
         tls.sendall((head + BODY) * 2)
-        assert _response(tls)[0] == 200
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
     assert len(front.upstream.seen) == 4
     assert all(json.loads(seen["body"])["prompt"] == "hi" for seen in front.upstream.seen)
 
@@ -346,7 +317,7 @@ def test_a_refused_request_pipelined_behind_a_good_one(front: Front) -> None:
     answered nor forwarded."""
     with _connected(front) as tls:
         tls.sendall(HEAD + b"\r\n" + BEFORE_THE_APP["absolute_form"][0])
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
         assert _closed(tls)
     assert len(front.upstream.seen) == 1
     assert _refused(front, "absolute_form_target")["status"] == 400
@@ -363,7 +334,7 @@ def test_an_endless_header_line_is_cut_at_the_head_cap(front: Front) -> None:
             while sent < 4 * MAX_HEAD_BYTES:
                 tls.sendall(b"a" * 4096)
                 sent += 4096
-        status, _headers, body = _response(tls)
+        status, _headers, body = read_response(tls)
     assert (status, json.loads(body)["error"]["code"]) == (431, "header_too_large")
     assert time.monotonic() - started < 5
     assert _refused(front, "header_too_large")["limit_bytes"] == MAX_HEAD_BYTES
@@ -382,7 +353,7 @@ def test_an_endless_header_line_is_cut_at_the_head_cap(front: Front) -> None:
 def test_a_get_with_a_body_is_refused(front: Front, request_bytes: bytes, method: str) -> None:
     with _connected(front) as tls:
         tls.sendall(request_bytes)
-        status, _headers, body = _response(tls)
+        status, _headers, body = read_response(tls)
     assert (status, json.loads(body)["error"]["code"]) == (400, "body_not_allowed")
     [event] = audit_events(front, "request_rejected")
     assert (event["status"], event["reason"], event["method"]) == (400, "body_not_allowed", method)
@@ -402,7 +373,7 @@ def test_local_routes_answer_get_and_head_only(front: Front) -> None:
             tls.sendall(
                 b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n" % (method, target)
             )
-            assert _response(tls, head_only=method == b"HEAD")[0] == status, (method, target)
+            assert read_response(tls, head_only=method == b"HEAD")[0] == status, (method, target)
     refused = audit_events(front, "request_rejected", count=3)
     assert [(e["route"], e["reason"], e["status"]) for e in refused] == [
         ("/healthz", "method_not_allowed", 405),
@@ -444,7 +415,7 @@ def test_a_body_must_arrive_within_the_body_timeout(make_front: Callable[..., Fr
             time.sleep(0.2)
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 tls.sendall(body[piece : piece + 100])
-        status, headers, answer = _response(tls)
+        status, headers, answer = read_response(tls)
         assert _closed(tls)
     assert 1 <= time.monotonic() - started < 3
     assert (status, json.loads(answer)["error"]["code"]) == (408, "body_timeout")
@@ -470,7 +441,7 @@ def test_a_trickled_body_is_cut_by_the_minimum_rate(make_front: Callable[..., Fr
                 tls.sendall(body[byte : byte + 1])
                 if select.select([tls], [], [], 0.2)[0]:
                     break
-        status, _headers, answer = _response(tls)
+        status, _headers, answer = read_response(tls)
     # The grace (1 s), plus what the bytes sent bought at 1000 B/s.
     assert time.monotonic() - started < 2.5
     assert (status, json.loads(answer)["error"]["code"]) == (408, "body_too_slow")
@@ -487,7 +458,7 @@ def test_a_body_at_a_decent_pace_is_not_cut(make_front: Callable[..., Front]) ->
         for piece in range(0, len(body), 500):  # 2,500 B/s, for 1.2 s
             tls.sendall(body[piece : piece + 500])
             time.sleep(0.2)
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
     assert len(front.upstream.seen) == 1
 
 
@@ -503,7 +474,7 @@ def test_body_bytes_across_connections_are_capped(make_front: Callable[..., Fron
         wait_until(lambda: _held(front) == 2 * (len(body) - 1), "the bodies held are not counted")
         with _connected(front) as third:
             third.sendall(_completion_head(len(body)) + body[:500])
-            status, headers, answer = _response(third)
+            status, headers, answer = read_response(third)
             assert _closed(third)
         assert (status, json.loads(answer)["error"]["code"]) == (503, "body_buffer_full")
         assert headers[b"retry-after"] == b"1"
@@ -513,14 +484,14 @@ def test_body_bytes_across_connections_are_capped(make_front: Callable[..., Fron
         assert (full["status"], full["route"]) == (503, "/v1/completions")
         assert _held(front) == 2 * (len(body) - 1)  # the refused one holds nothing
         first.sendall(body[-1:])  # answered: its share is back once it went to the engine
-        assert _response(first)[0] == 200
+        assert read_response(first)[0] == 200
         wait_until(lambda: _held(front) == len(body) - 1, "a forwarded body is still counted")
     # The second one's client left mid-body.
     wait_until(lambda: _held(front) == 0, "a body whose client left is still counted")
     # Over max_body_bytes while streaming (413), and timed out (408): nothing left either.
     with _connected(front) as tls:
         tls.sendall(_chunked(b"/v1/completions", _chunk(b"x" * 3000), _chunk(b"y" * 3000)))
-        assert _response(tls)[0] == 413
+        assert read_response(tls)[0] == 413
     wait_until(lambda: _held(front) == 0, "a refused body is still counted")
     assert len(front.upstream.seen) == 1
 
@@ -600,7 +571,7 @@ def test_memory_under_a_slow_body_flood_is_bounded_and_comes_back(
     me = psutil.Process()
     with _connected(front) as tls:  # warm up every path once
         tls.sendall(_completion_head(len(BODY)) + BODY)
-        assert _response(tls)[0] == 200
+        assert read_response(tls)[0] == 200
     time.sleep(0.5)
     baseline = me.memory_info().rss
     host, port = front.url.removeprefix("https://").split(":")

@@ -235,18 +235,28 @@ def audit_events(
         time.sleep(0.02)
 
 
-def read_status(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -> int:
-    """One whole response from a keep-alive connection (httptools frames it); its status.
-    Its headers go into `headers` when given."""
+def read_response(
+    tls: ssl.SSLSocket, head_only: bool = False
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One whole response from a kept-alive connection (httptools frames it; `head_only`: the
+    answer to a HEAD): its status, headers (lowercased) and body."""
     done: list[bool] = []
-    found = {} if headers is None else headers
+    headers: dict[bytes, bytes] = {}
+    body = bytearray()
 
     class Callbacks:
         def on_header(self, name: bytes, value: bytes) -> None:
-            found[name.lower()] = value
+            headers[name.lower()] = value
+
+        def on_body(self, chunk: bytes) -> None:
+            body.extend(chunk)
 
         def on_message_complete(self) -> None:
             done.append(True)
+
+        def on_headers_complete(self) -> None:
+            if head_only:
+                done.append(True)
 
     parser = httptools.HttpResponseParser(Callbacks())
     while not done:
@@ -254,7 +264,15 @@ def read_status(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -
         if not chunk:
             raise ConnectionError("closed before a whole response")
         parser.feed_data(chunk)
-    return parser.get_status_code()
+    return parser.get_status_code(), headers, bytes(body)
+
+
+def read_status(tls: ssl.SSLSocket, headers: dict[bytes, bytes] | None = None) -> int:
+    """The status of one whole response; its headers go into `headers` when given."""
+    status, found, _body = read_response(tls)
+    if headers is not None:
+        headers.update(found)
+    return status
 
 
 def load_ca(pki_dir: Path) -> pki.Issued:
