@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from runtime.config import LimitsSection, StructuredOutputsSection
+from runtime.front.flat_requests import fits_flat
 from runtime.front.request_model import ALLOWED_PARAMS, MODELS, first_error
 
 MAX_STOP_BYTES = 256
@@ -123,7 +124,9 @@ def _parse(content_type: bytes | None, raw: bytes, limits: LimitsSection) -> dic
     try:
         # What json.loads does with bytes (UTF-8, -16 or -32, a UTF-8 BOM skipped), with
         # the decoder built once; but strict, where json.loads lets encoded surrogates through.
-        text = raw.decode(json.detect_encoding(raw))
+        # (An object's `{` then a byte other than NUL: UTF-8, as detect_encoding says.)
+        utf8 = raw[:1] == b"{" and raw[1:2] != b"\x00"
+        text = raw.decode("utf-8" if utf8 else json.detect_encoding(raw))
     except UnicodeDecodeError:
         raise _bad("The body is not valid JSON", "invalid_json") from None
     body = _decode(text, "The body", limits.max_json_depth)
@@ -162,15 +165,18 @@ def check(
     the model names none, and requests that carry token ids are refused. `tool_parser`: the
     engine parses tool calls out of the model's text (engine.vllm.tool_call_parser)."""
     body = _parse(content_type, raw, limits)
-    unknown = sorted(body.keys() - ALLOWED_PARAMS[route])
-    if unknown:  # before the model: its error would name only the first, in its own order
-        raise _bad(f"Unsupported parameter '{unknown[0]}'", "unsupported_parameter", unknown[0])
-    try:
-        MODELS[route].model_validate(body)
-    except ValidationError as err:
-        raise _bad(*first_error(err)) from None
+    if not body.keys() <= ALLOWED_PARAMS[route]:
+        # Before the model: its error would name only the first, in its own order.
+        unknown = sorted(body.keys() - ALLOWED_PARAMS[route])[0]
+        raise _bad(f"Unsupported parameter '{unknown}'", "unsupported_parameter", unknown)
+    if not fits_flat(route, body):  # most requests fit without asking the model
+        try:
+            MODELS[route].model_validate(body)
+        except ValidationError as err:
+            raise _bad(*first_error(err)) from None
     # null means unset; vLLM types some of these parameters as non-nullable: leave them out.
-    body = {name: value for name, value in body.items() if value is not None}
+    if None in body.values():
+        body = {name: value for name, value in body.items() if value is not None}
     if body.get("model") not in served:  # a tuple: never a substring match
         raise Rejected(
             404,
@@ -237,12 +243,12 @@ def _check_caps(
                 "limit_exceeded",
                 "prompt",
             )
-        size = len(json.dumps(prompt).encode()) + len(json.dumps(body.get("suffix")).encode())
+        size = _json_bytes(prompt) + _json_bytes(body.get("suffix"))
         param = "prompt"
     else:
         _int(body, "top_logprobs", 0, limits.max_logprobs)
         param = "messages"
-        size = len(json.dumps(body["messages"]).encode())
+        size = _json_bytes(body["messages"])
         # A response format's schema and the tools' may end up in one grammar (a strict tool
         # under "auto"): the caps hold for all of them. The schema is prompt too: the engine
         # compiles it before the first token; the tools, the chat template writes out.
@@ -270,6 +276,22 @@ def _check_caps(
         )
 
 
+def _json_bytes(value: Any) -> int:
+    """The size that counts against limits.max_prompt_bytes: the value as JSON (json.dumps).
+    A printable ASCII string without quotes or backslashes is itself plus its quotes."""
+    if value is None:
+        return 4  # null
+    if (
+        isinstance(value, str)
+        and value.isascii()
+        and value.isprintable()
+        and '"' not in value
+        and "\\" not in value
+    ):
+        return len(value) + 2
+    return len(json.dumps(value).encode())
+
+
 def _prompt_count(prompt: Any) -> int:
     if prompt == "":
         raise _bad("'prompt' is empty", "invalid_value", "prompt")  # vLLM refuses it too
@@ -288,6 +310,8 @@ def _prompt_count(prompt: Any) -> int:
 
 
 def _check_stop(body: dict[str, Any], limits: LimitsSection) -> None:
+    if "stop" not in body and "stop_token_ids" not in body:
+        return
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -309,6 +333,8 @@ def _check_token_ids(body: dict[str, Any], vocab_size: int | None) -> None:
     """Token ids in the prompt, stop_token_ids and logit_bias's keys name tokens of the
     model's vocabulary: [0, vocab_size). Types are checked already."""
     prompt = body.get("prompt")
+    if isinstance(prompt, str) and "stop_token_ids" not in body and "logit_bias" not in body:
+        return  # no token ids (a chat request has no prompt: it goes on below)
     named: list[tuple[str, list[int]]] = []
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str):
         rows = prompt if isinstance(prompt[0], list) else [prompt]

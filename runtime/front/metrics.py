@@ -106,6 +106,9 @@ class FrontMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # Each label set's children of the requests' counter and histogram. Bounded as the
+        # label values are (routes, statuses, outcomes and reasons: small fixed sets).
+        self._children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self.tls_reloads = Counter(
             "harness_tls_reloads", "TLS material reloads", ["outcome"], registry=self.registry
         )
@@ -116,9 +119,16 @@ class FrontMetrics:
             return
         metric, labels, latency, count = found
         if metric == "requests":
-            self.requests.labels(**labels).inc()
+            key = tuple(labels.values())
+            children = self._children.get(key)
+            if children is None:  # labels() costs microseconds on every request: once each
+                children = self._children[key] = (
+                    self.requests.labels(**labels),
+                    self.latency.labels(labels["route"]),
+                )
+            children[0].inc()
             if latency is not None:
-                self.latency.labels(labels["route"]).observe(latency)
+                children[1].observe(latency)
         elif metric == "connections_refused":
             self.connections_refused.labels(**labels).inc(count)
         else:

@@ -57,6 +57,10 @@ WATCH_KEY = "harness.watch"
 REFUSED_KEY = "harness.refused"
 LAST_RESPONSE_KEY = "harness.last_response"
 BODY_KEY = "harness.body"  # the request's share of the body budget
+# Set by the front's protocol once the request's body is parsed whole: the app's first
+# receive() then returns it at once, with no timer to arm.
+BODY_WHOLE_KEY = "harness.body_whole"
+RESPONDED_KEY = "harness.responded"  # a response has started: a deadline cannot answer 504
 # The minimum body rate (front.min_body_bytes_per_s) is an average from the body's start,
 # after this long: a body's first bytes may trail its head by a round trip or two.
 BODY_RATE_GRACE_S = 1.0
@@ -133,8 +137,9 @@ class BodyBudget:
 
 
 class BodyHold:
-    """One request's share of the BodyBudget; `release` gives it all back (once), and the
-    request's task ending gives back what is left."""
+    """One request's share of the BodyBudget; `release` gives it all back (once). The app
+    releases it when the body goes to the engine, and whatever is left when the request ends
+    in any way (FrontApp.__call__)."""
 
     __slots__ = ("_budget", "size")
 
@@ -146,10 +151,6 @@ class BodyHold:
         budget = self._budget
         if budget.held + size > budget.limit:
             return False
-        if not self.size:
-            task = asyncio.current_task()
-            if task is not None:
-                task.add_done_callback(lambda _task: self.release())
         self.size += size
         budget.held += size
         budget._peak = max(budget._peak, budget.held)
@@ -258,12 +259,6 @@ class FrontApp:
             "method": scope["method"],
         }
         route = raw_path.decode("latin-1") if isinstance(raw_path, bytes) else None
-        responded = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal responded
-            responded = responded or message["type"] == "http.response.start"
-            await send(message)
 
         def audit_event(kind: str, outcome: telemetry.Outcome, status: int, **extra: Any) -> None:
             latency_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -272,9 +267,12 @@ class FrontApp:
         watch = scope[WATCH_KEY] = RequestWatch(self.deadline_s)
         try:
             try:
-                status = await self._handle(scope, receive, tracked_send, raw_path, audit)
+                status = await self._handle(scope, receive, send, raw_path, audit)
             finally:
                 watch.disarm()
+                hold = scope.get(BODY_KEY)
+                if hold is not None:  # however the request ended, its body is gone
+                    hold.release()
         except asyncio.CancelledError:
             if watch.reason is None:
                 raise  # not this request's end: the server is stopping
@@ -285,7 +283,7 @@ class FrontApp:
                 audit_event("request", "failed", 499, route=route, reason="client_left")
                 return
             # The deadline covers the body, the wait for a slot and the whole generation.
-            if not responded:
+            if not scope.get(RESPONDED_KEY):
                 await _respond(
                     send, 504, error_body(504, "The request took too long", "deadline_exceeded")
                 )
@@ -323,7 +321,7 @@ class FrontApp:
             if scope["method"] not in LOCAL_METHODS:
                 raise Rejected(405, f"{scope['method']} is not allowed here", "method_not_allowed")
             _no_body(scope)
-            await self._local(raw_path, send)
+            await self._local(scope, raw_path, send)
             return None
         methods = FORWARDED.get(raw_path)
         if methods is None or scope["path"].encode() != raw_path:
@@ -358,7 +356,8 @@ class FrontApp:
         finally:
             self.admission.release()
 
-    async def _local(self, raw_path: bytes, send: Send) -> None:
+    async def _local(self, scope: Scope, raw_path: bytes, send: Send) -> None:
+        scope[RESPONDED_KEY] = True
         if raw_path == b"/healthz":
             await _respond(send, 200, b'{"status":"ok"}')
         elif self.state.ready:
@@ -380,49 +379,55 @@ class FrontApp:
             if name == b"content-length" and (not value.isdigit() or int(value) > limit):
                 raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
         hold = scope[BODY_KEY] = BodyHold(self.bodies)
-        chunks: list[bytes] = []
-        size = 0
+        if scope.get(BODY_WHOLE_KEY):  # the usual case: it came with its head, nothing to time
+            body, more = self._take(scope, await receive(), hold, 0)
+            if not more:
+                return body
+            chunks, size = [body], len(body)  # not reached: the body was whole
+        else:
+            chunks, size = [], 0
         # Slow bodies: the whole body within front.body_timeout_s, and (past a short grace)
         # at front.min_body_bytes_per_s on average; each part that arrives moves the deadline.
         now = asyncio.get_running_loop().time()
         hard, rated = now + self.body_timeout_s, now + BODY_RATE_GRACE_S
         try:
-            async with asyncio.timeout_at(self._body_due(hard, rated, 0)) as timer:
+            async with asyncio.timeout_at(self._body_due(hard, rated, size)) as timer:
                 while True:
-                    message = await receive()
-                    refused = scope.get(REFUSED_KEY)
-                    if refused is not None:  # the protocol refused the body's framing
-                        raise refused
-                    if message["type"] == "http.disconnect":
-                        # Not reached in the front: its protocol tells the watch before uvicorn
-                        # marks the request disconnected. Elsewhere (the app alone), nothing to
-                        # answer.
-                        raise asyncio.CancelledError
-                    chunk = message.get("body", b"")
+                    chunk, more = self._take(scope, await receive(), hold, size)
                     size += len(chunk)
-                    if size > limit:  # counted while it streams in, not after
-                        raise Rejected(
-                            413, f"Request body is larger than {limit} bytes", "body_too_large"
-                        )
-                    if chunk and not hold.take(len(chunk)):
-                        raise Rejected(
-                            503,
-                            "The server holds too many request bodies at once; retry shortly",
-                            "body_buffer_full",
-                            retry_after=1,
-                        )
                     chunks.append(chunk)
-                    if not message.get("more_body", False):
+                    if not more:
                         return b"".join(chunks)
                     timer.reschedule(self._body_due(hard, rated, size))
         except TimeoutError:
-            hold.release()
             if self._body_due(hard, rated, size) < hard:
                 raise Rejected(408, "The request body came too slowly", "body_too_slow") from None
             raise Rejected(408, "The request body took too long", "body_timeout") from None
-        except BaseException:
-            hold.release()
-            raise
+
+    def _take(
+        self, scope: Scope, message: Message, hold: BodyHold, size: int
+    ) -> tuple[bytes, bool]:
+        """One part of the body (`size` bytes came before it), counted against the body's
+        limit and the budget: (its bytes, whether more follow)."""
+        refused = scope.get(REFUSED_KEY)
+        if refused is not None:  # the protocol refused the body's framing
+            raise refused
+        if message["type"] == "http.disconnect":
+            # Not reached in the front: its protocol tells the watch before uvicorn marks the
+            # request disconnected. Elsewhere (the app alone), nothing to answer.
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        limit = self.max_body_bytes
+        if size + len(chunk) > limit:  # counted while it streams in, not after
+            raise Rejected(413, f"Request body is larger than {limit} bytes", "body_too_large")
+        if chunk and not hold.take(len(chunk)):
+            raise Rejected(
+                503,
+                "The server holds too many request bodies at once; retry shortly",
+                "body_buffer_full",
+                retry_after=1,
+            )
+        return chunk, message.get("more_body", False)
 
     def _body_due(self, hard: float, rated: float, size: int) -> float:
         """When a body of which `size` bytes are in is too late (loop time)."""
@@ -449,6 +454,7 @@ class FrontApp:
         except EngineUnavailable:
             raise Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
         try:
+            scope[RESPONDED_KEY] = True
             await self._relay(upstream, send, request_id)
         except EngineBrokeOff:
             # The engine broke off mid-response; the client sees a truncated stream.

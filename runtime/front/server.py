@@ -38,6 +38,7 @@ from runtime.config import FrontSection, split_listen
 from runtime.errors import ConfigError
 from runtime.front import framing
 from runtime.front.proxy import (
+    BODY_WHOLE_KEY,
     IDENTITY_KEY,
     LAST_RESPONSE_KEY,
     REFUSED_KEY,
@@ -240,9 +241,9 @@ class CoalescingTransport:
     does (5-10 % less CPU per request, benchmarks/front_bench.py). The head waits for the
     next write or the end of this turn of the event loop, whichever comes first; everything
     else goes out at once. Anything that ends the connection flushes first: no write is lost
-    or reordered."""
-
-    __slots__ = ("_loop", "_pending", "_transport")
+    or reordered. Once the head is out, the rest of the response (a stream's events) is
+    written by the transport's own `write`, with no Python call in between, until the
+    protocol says the response is complete (`response_done`)."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
@@ -252,6 +253,7 @@ class CoalescingTransport:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._pending is not None:
             data, self._pending = self._pending + data, None
+            self.write = self._transport.write  # type: ignore[method-assign]
         elif bytes(data[:7]) == b"HTTP/1.":  # a response head: hold it for this turn
             self._pending = bytes(data)
             self._loop.call_soon(self.flush)
@@ -261,8 +263,13 @@ class CoalescingTransport:
     def flush(self) -> None:
         if self._pending is not None:
             data, self._pending = self._pending, None
+            self.write = self._transport.write  # type: ignore[method-assign]
             if not self._transport.is_closing():
                 self._transport.write(data)
+
+    def response_done(self) -> None:
+        """The next write is the next response's head: hold it again."""
+        self.__dict__.pop("write", None)
 
     def close(self) -> None:
         self.flush()
@@ -432,7 +439,8 @@ class IdentityCheckingProtocol(HttpToolsProtocol):
                 if self.head_bytes > MAX_HEAD_BYTES:
                     self._refuse(framing.head_too_large(MAX_HEAD_BYTES))
                     return
-                self.head_tail = (self.head_tail + data[max(pos, stop - 3) : stop])[-3:]
+                if stop == end:  # the head may go on in the next read
+                    self.head_tail = (self.head_tail + data[max(pos, stop - 3) : stop])[-3:]
             self.parser.feed_data(view[pos:stop])
             if line_done:
                 self.chunk_line = b""
@@ -440,9 +448,10 @@ class IdentityCheckingProtocol(HttpToolsProtocol):
 
     def _head_end(self, data: bytes, pos: int) -> int:
         """Just past the blank line that ends the head in progress, or the end of data."""
-        split = (self.head_tail + data[pos : pos + 3]).find(b"\r\n\r\n")  # across reads
-        if split >= 0:
-            return pos + split + 4 - len(self.head_tail)
+        if self.head_tail:  # a blank line across reads
+            split = (self.head_tail + data[pos : pos + 3]).find(b"\r\n\r\n")
+            if split >= 0:
+                return pos + split + 4 - len(self.head_tail)
         found = data.find(b"\r\n\r\n", pos)
         return len(data) if found < 0 else found + 4
 
@@ -568,11 +577,14 @@ class IdentityCheckingProtocol(HttpToolsProtocol):
         self.body_left = 0
         if not self.rejected:
             super().on_message_complete()
+            if self.cycle is not None and not self.cycle.more_body:  # read with no body timer
+                self.cycle.scope[BODY_WHOLE_KEY] = True
 
     def on_response_complete(self) -> None:
         # Answered before its body was whole (a refusal: 413, 408...): the rest of that
         # body is not read, and the connection ends with this response.
         cycle = self.cycle
+        self.transport.response_done()  # type: ignore[attr-defined]
         if self.rejected or (cycle is not None and cycle.more_body and not self.pipeline):
             self.rejected = True
             self.transport.close()

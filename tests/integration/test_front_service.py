@@ -110,3 +110,27 @@ def test_a_response_head_goes_out_with_its_body_and_nothing_is_held_past_a_turn(
     assert turn == [b"HTTP/1.1 200 OK\r\n\r\n"]
     assert close == [b"HTTP/1.1 200 OK\r\n\r\n", "close"]
     assert abort == [b"HTTP/1.1 200 OK\r\n\r\n", "abort"]
+
+
+def test_after_its_head_a_response_is_written_straight_through_until_it_is_done() -> None:
+    """A stream's events skip the head check (`write` is the transport's own), and the next
+    response's head is held again once the protocol says the first is complete."""
+
+    async def scenario() -> list[object]:
+        inner = _Recorded()
+        transport = server.CoalescingTransport(inner, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"data: 1\n\n")
+        assert transport.write == inner.write  # straight through
+        transport.write(b"HTTP/1.1 is text in a stream")
+        transport.response_done()
+        transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # the next response: held
+        assert len(inner.calls) == 2
+        await asyncio.sleep(0)
+        return inner.calls
+
+    assert asyncio.run(scenario()) == [
+        b"HTTP/1.1 200 OK\r\n\r\ndata: 1\n\n",
+        b"HTTP/1.1 is text in a stream",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ]

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runtime.config import LimitsSection, MediaSection, StructuredOutputsSection, ToolsSection
-from runtime.front.limits import Rejected, _depth, check
+from runtime.front.limits import Rejected, _depth, _json_bytes, check
 from tests.support.strategies import json_values
 
 LIMITS = LimitsSection(
@@ -279,11 +279,20 @@ def test_the_depth_cap_is_exact(depth: int) -> None:
         assert err.value.code == "json_too_deep"
 
 
-@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+@pytest.mark.parametrize(
+    "encoding", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le"]
+)
 def test_json_in_any_encoding_that_json_loads_reads_is_read(encoding: str) -> None:
     body = json.dumps({"model": "demo", "prompt": "h\u00e9"}, ensure_ascii=False)
     checked = check(COMPLETIONS, b"application/json", body.encode(encoding), LIMITS, "demo")
     assert json.loads(checked.body)["prompt"] == "h\u00e9"
+
+
+@given(st.one_of(st.none(), st.text(), st.lists(st.text(), max_size=3), json_values(8)))
+def test_the_prompt_size_is_its_json_size(value: Any) -> None:
+    """The quick count for plain strings agrees with the JSON that max_prompt_bytes means
+    (quotes, backslashes, control and non-ASCII characters escaped)."""
+    assert _json_bytes(value) == len(json.dumps(value).encode())
 
 
 def test_type_and_model_errors_say_what_to_send() -> None:
