@@ -67,16 +67,16 @@ def _scalar_check(annotation: Any) -> _Check | None:
 def _scalar_checks(model: type[BaseModel]) -> dict[str, _Check] | None:
     """The checks of a model's number, string and boolean fields, by parameter name; None
     where the quick path cannot speak for the model: a required field (a chat request's
-    `messages`: never flat) or a check of the whole model."""
-    fields = model.model_fields
-    if model.__pydantic_decorators__.model_validators or any(
-        field.is_required() for field in fields.values()
-    ):
+    `messages`: never flat) or a check of the whole model. A field with a validator of its
+    own is left to the model."""
+    fields, decorators = model.model_fields, model.__pydantic_decorators__
+    if decorators.model_validators or any(field.is_required() for field in fields.values()):
         return None
+    validated = {name for v in decorators.field_validators.values() for name in v.info.fields}
     return {
         field.alias or name: check
         for name, field in fields.items()
-        if (check := _scalar_check(field.annotation)) is not None
+        if name not in validated and (check := _scalar_check(field.annotation)) is not None
     }
 
 

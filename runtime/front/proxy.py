@@ -60,7 +60,7 @@ BODY_KEY = "harness.body"  # the request's share of the body budget
 # Set by the front's protocol once the request's body is parsed whole: the app's first
 # receive() then returns it at once, with no timer to arm.
 BODY_WHOLE_KEY = "harness.body_whole"
-RESPONDED_KEY = "harness.responded"  # a response has started: a deadline cannot answer 504
+RESPONDED_KEY = "harness.responded"  # a response's head is out: a deadline cannot answer 504
 # The minimum body rate (front.min_body_bytes_per_s) is an average from the body's start,
 # after this long: a body's first bytes may trail its head by a round trip or two.
 BODY_RATE_GRACE_S = 1.0
@@ -193,12 +193,19 @@ def error_body(status: int, message: str, code: str, param: str | None = None) -
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] = ()
-) -> None:  # type: ignore[assignment]
+    send: Send,
+    status: int,
+    body: bytes,
+    extra: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    scope: Scope | None = None,
+) -> None:
+    """The whole response; with `scope`, marked as started once its head is written."""
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send(
         {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
     )
+    if scope is not None:
+        scope[RESPONDED_KEY] = True
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -357,14 +364,13 @@ class FrontApp:
             self.admission.release()
 
     async def _local(self, scope: Scope, raw_path: bytes, send: Send) -> None:
-        scope[RESPONDED_KEY] = True
         if raw_path == b"/healthz":
-            await _respond(send, 200, b'{"status":"ok"}')
+            await _respond(send, 200, b'{"status":"ok"}', scope=scope)
         elif self.state.ready:
-            await _respond(send, 200, b'{"status":"ready"}')
+            await _respond(send, 200, b'{"status":"ready"}', scope=scope)
         else:
             status = "draining" if self.state.draining else "starting"
-            await _respond(send, 503, json.dumps({"status": status}).encode())
+            await _respond(send, 503, json.dumps({"status": status}).encode(), scope=scope)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
         try:
@@ -383,7 +389,7 @@ class FrontApp:
             body, more = self._take(scope, await receive(), hold, 0)
             if not more:
                 return body
-            chunks, size = [body], len(body)  # not reached: the body was whole
+            chunks, size = [body], len(body)  # (whole means none follows; any more is timed)
         else:
             chunks, size = [], 0
         # Slow bodies: the whole body within front.body_timeout_s, and (past a short grace)
@@ -454,8 +460,7 @@ class FrontApp:
         except EngineUnavailable:
             raise Rejected(502, "The model engine is unavailable", "engine_unavailable") from None
         try:
-            scope[RESPONDED_KEY] = True
-            await self._relay(upstream, send, request_id)
+            await self._relay(upstream, send, request_id, scope)
         except EngineBrokeOff:
             # The engine broke off mid-response; the client sees a truncated stream.
             return 502
@@ -466,12 +471,15 @@ class FrontApp:
             upstream.close()
         return upstream.status_code
 
-    async def _relay(self, upstream: Response, send: Send, request_id: str) -> None:
+    async def _relay(self, upstream: Response, send: Send, request_id: str, scope: Scope) -> None:
         headers = [(k, v) for k, v in upstream.headers if k in RESPONSE_HEADERS]
         headers.append((b"x-request-id", request_id.encode()))
         await send(
             {"type": "http.response.start", "status": upstream.status_code, "headers": headers}
         )
+        # Its head is written (send waits only before writing): a deadline now cuts the
+        # response instead of answering 504.
+        scope[RESPONDED_KEY] = True
         # Chunk by chunk: a server-sent-event stream is never buffered whole.
         async for chunk, more in upstream.chunks():
             await send({"type": "http.response.body", "body": chunk, "more_body": more})

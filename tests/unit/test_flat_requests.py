@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import ValidationError, field_validator, model_validator
 
-from runtime.front.flat_requests import fits_flat
-from runtime.front.request_model import ALLOWED_PARAMS, MODELS
+from runtime.front.flat_requests import _scalar_checks, fits_flat
+from runtime.front.request_model import ALLOWED_PARAMS, MODELS, CompletionRequest
 
 COMPLETIONS = b"/v1/completions"
 CHAT = b"/v1/chat/completions"
@@ -87,3 +87,22 @@ def test_chat_requests_always_go_to_the_model() -> None:
     body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
     assert _accepted(CHAT, body)
     assert not fits_flat(CHAT, body)
+
+
+def test_a_field_or_model_with_a_validator_of_its_own_is_left_to_the_model() -> None:
+    """The quick path knows types and bounds only: what a validator checks, it cannot."""
+
+    class Checked(CompletionRequest):
+        @field_validator("temperature")
+        @classmethod
+        def _temperature(cls, value: float) -> float:
+            return value
+
+    class Whole(CompletionRequest):
+        @model_validator(mode="after")
+        def _whole(self) -> Whole:
+            return self
+
+    checks = _scalar_checks(Checked)
+    assert checks is not None and "temperature" not in checks and "top_p" in checks
+    assert _scalar_checks(Whole) is None
