@@ -45,23 +45,40 @@ _log = logging.getLogger(__name__)
 class Usage:
     pids: tuple[int, ...]
     cpu_bytes: int
-    measure: str  # "pss", or "pss+rss" where some process's smaps could not be read
+    # "pss"; "pss+rss" where some process's smaps could not be read; "rss" when the RSS
+    # alone was under the cap (and so was the PSS), or with no CPU memory cap (0 then)
+    measure: str
     gpu_bytes: dict[int, int]  # per device
     gpu_pids_matched: bool = True
     tasks: int = 0  # processes and threads
 
 
+def _parents_and_groups() -> tuple[dict[int, int], dict[int, int]]:
+    """Every visible process's parent and process group, from one read of its /proc stat
+    (psutil and a getpgid call per process took 2 ms a scan for 70 processes here)."""
+    parents: dict[int, int] = {}
+    groups: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                data = stat.read()
+        except OSError:  # gone since the listing
+            continue
+        # `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+        fields = data[data.rindex(b")") + 2 :].split()
+        pid = int(name)
+        parents[pid], groups[pid] = int(fields[1]), int(fields[2])
+    return parents, groups
+
+
 def engine_pids(leader: int) -> set[int]:
     """The leader, its descendants, and the members of its process group."""
-    parents: dict[int, int] = {}
-    group: set[int] = set()
-    for proc in psutil.process_iter(["ppid"]):
-        parents[proc.pid] = proc.info["ppid"]
-        with contextlib.suppress(OSError):
-            if os.getpgid(proc.pid) == leader:
-                group.add(proc.pid)
+    parents, groups = _parents_and_groups()
     if leader not in parents:
         return set()
+    group = {pid for pid, pgid in groups.items() if pgid == leader}
     tree = {leader}
     grew = True
     while grew:
@@ -73,27 +90,38 @@ def engine_pids(leader: int) -> set[int]:
     return tree | group
 
 
-def measure(pids: set[int], gpu: bool, memory: bool = True) -> Usage:
-    """`memory`: sum PSS (reads every mapping: only when a memory cap is set)."""
-    total = 0
-    tasks = 0
-    fallback = False
-    alive = []
+def measure(pids: set[int], gpu: bool, cpu_cap: int | None = None) -> Usage:
+    """The engine's memory against `cpu_cap` (bytes; None: no CPU memory cap, none summed).
+    Memory is PSS, so that pages the engine's processes share count once; but PSS is costly
+    to read (the kernel walks every mapping: 27 ms a second for an idle vLLM here, taken
+    from the CPU the front and vLLM's API server share), and no process's PSS exceeds its
+    RSS, which is cheap. So the RSS is summed first, and only a sum over the cap is measured
+    again as PSS, which decides."""
+    alive, tasks, rss = [], 0, 0
     for pid in sorted(pids):
         try:
             proc = psutil.Process(pid)
             tasks += proc.num_threads()
-            if memory:
+            if cpu_cap is not None:
+                rss += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        alive.append(pid)
+    total, measured = rss, "rss"
+    if cpu_cap is not None and rss > cpu_cap:
+        total, fallback = 0, False
+        for pid in alive:
+            try:
+                proc = psutil.Process(pid)
                 try:
                     total += proc.memory_full_info().pss
                 except psutil.AccessDenied:
                     total += proc.memory_info().rss
                     fallback = True
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        alive.append(pid)
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        measured = "pss+rss" if fallback else "pss"
     gpu_bytes, matched = resources.gpu_usage(set(alive)) if gpu else ({}, True)
-    measured = "pss+rss" if fallback else "pss"
     return Usage(tuple(alive), total, measured, gpu_bytes, matched, tasks)
 
 
@@ -171,7 +199,7 @@ class MemoryWatchdog:
                 usage = measure(
                     engine_pids(leader),
                     gpu=self.caps.gpu_bytes is not None,
-                    memory=self.caps.watched,
+                    cpu_cap=self.caps.cpu_bytes,
                 )
                 failures = 0
             except Exception as exc:

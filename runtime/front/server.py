@@ -13,6 +13,7 @@ pinned to the tested range and checked when the front is prepared (`check_versio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.metadata
 import resource
@@ -659,13 +660,35 @@ class FrontServer(uvicorn.Server):
         self.state = state
         self.stop_signal: int | None = None
         self.handshakes = handshakes
+        self._stopping = asyncio.Event()  # wakes main_loop at once
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         loop = asyncio.get_running_loop()
         if not isinstance(loop, HandshakeBoundLoop):  # not through run(): no handshake bound
             raise RuntimeError("the front must run on front.server.run()'s event loop")
         loop.handshakes = self.handshakes
+        self._loop = loop
         await super().startup(sockets)
+
+    # uvicorn's main loop wakes ten times a second to see whether it should stop. Each
+    # wake-up of an idle front costs CPU that, on a small node, vLLM's API server could
+    # use (benchmarks/README.md). This one wakes once a second, to refresh the Date
+    # header as uvicorn does, and at once when told to stop.
+    TICK_S = 1.0
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            counter += 10  # on_tick refreshes the Date header when counter % 10 == 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.TICK_S):
+                    await self._stopping.wait()
+
+    def _wake(self) -> None:
+        # Safe from the signal handler too: it only schedules the set on the loop.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.state.draining = True
@@ -674,10 +697,12 @@ class FrontServer(uvicorn.Server):
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl+C: stop waiting
         self.should_exit = True
+        self._wake()
 
     def request_stop(self) -> None:
         self.state.draining = True
         self.should_exit = True
+        self._wake()
 
 
 def build_server(

@@ -16,10 +16,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import uvicorn
 
 from runtime.engine.process import Engine
 from runtime.errors import ConfigError
 from runtime.front import server
+from runtime.front.proxy import FrontState
+from runtime.front.tls import Handshakes
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -134,3 +137,30 @@ def test_after_its_head_a_response_is_written_straight_through_until_it_is_done(
         b"HTTP/1.1 is text in a stream",
         b"HTTP/1.1 204 No Content\r\n\r\n",
     ]
+
+
+@pytest.mark.parametrize("how", ["request_stop", "signal"])
+def test_the_front_wakes_at_once_when_told_to_stop(how: str) -> None:
+    """The main loop ticks once a second (uvicorn's, ten times), so a stop must wake it:
+    with a tick of an hour, it still ends, draining."""
+
+    async def scenario() -> bool:
+        config = uvicorn.Config(app=_refusing_app, log_config=None)
+        config.load()
+        front = server.FrontServer(config, FrontState(), handshakes=Handshakes())
+        front.TICK_S = 3600.0
+        front._loop = asyncio.get_running_loop()
+        loop = asyncio.ensure_future(front.main_loop())
+        await asyncio.sleep(0.01)  # in its wait
+        if how == "signal":
+            front.handle_exit(signal.SIGTERM, None)
+        else:
+            front.request_stop()
+        await asyncio.wait_for(loop, 30)
+        return front.state.draining
+
+    assert asyncio.run(scenario())
+
+
+async def _refusing_app(scope: object, receive: object, send: object) -> None:
+    raise AssertionError("no request reaches this server")

@@ -111,6 +111,42 @@ def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, An
         proc.wait()
 
 
+# A parent that touches SHARED_MB and then forks: the child shares those pages copy-on-write,
+# so each process's RSS counts them and their PSS counts them once between the two.
+SHARED = """
+import os, sys, time
+held = bytearray(b"\\x01") * (int(sys.argv[1]) << 20)
+os.fork()
+os.write(1, b"held\\n")
+time.sleep(120)
+"""
+SHARED_MB = 100
+
+
+def test_a_tree_over_the_cap_by_rss_but_under_it_by_pss_runs_on(
+    events: list[dict[str, Any]],
+) -> None:
+    """The RSS is only the quick look: pages two processes share count once (PSS), and the
+    PSS decides. Under the cap by RSS too, the costly PSS is not read at all."""
+    proc = _holding(SHARED, SHARED_MB, lines=2)
+    try:
+        pids = watchdog.engine_pids(proc.pid)
+        assert len(pids) == 2
+        cap = int(SHARED_MB * 1.5) * MB  # over the RSS sum (~2 x 100 MB), not the PSS (~100)
+        shared = watchdog.measure(pids, gpu=False, cpu_cap=cap)
+        assert shared.measure == "pss" and shared.cpu_bytes <= cap
+        roomy = watchdog.measure(pids, gpu=False, cpu_cap=4 * SHARED_MB * MB)
+        assert roomy.measure == "rss" and roomy.cpu_bytes > cap  # the RSS sum, double-counted
+        caps = MemoryCaps(cpu_bytes=cap)
+        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
+            time.sleep(0.5)
+        assert dog.tripped is None and proc.poll() is None
+        assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 THREADS = """
 import sys, threading
 hold = threading.Event()
@@ -291,3 +327,21 @@ def test_the_default_cpu_cap_is_nine_tenths_of_the_cgroup_limit_or_the_machine(
     assert cfg.engine.max_rss_bytes == "auto"
     caps = resources.compute(cfg.engine)
     assert caps.cpu_bytes == expected and caps.watched and caps.max_tasks == 4096
+
+
+def test_a_process_named_like_its_stat_fields_is_still_read_right() -> None:
+    """The scan reads each /proc/PID/stat after the command name's last parenthesis: a name
+    with spaces and parentheses in it (any process may choose its own) changes nothing."""
+    code = (
+        "import os, time; open('/proc/self/comm', 'w').write(') 1 1 (x'); "
+        "os.write(1, b'held\\n'); time.sleep(60)"
+    )
+    proc = _holding(code, 0, lines=1)
+    try:
+        assert Path(f"/proc/{proc.pid}/comm").read_text().strip() == ") 1 1 (x"
+        assert watchdog.engine_pids(proc.pid) == {proc.pid}
+        parents, groups = watchdog._parents_and_groups()
+        assert parents[proc.pid] == os.getpid() and groups[proc.pid] == proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
