@@ -542,8 +542,9 @@ def main() -> None:
             )
             targets = {"direct": Target(uds=sock), "front": Target(port=port, ssl=ctx)}
             processes = {"front": psutil.Process(proc.pid)}
-            # Stage 2 execs vLLM: the engine_start pid is its API server (or the stand-in).
-            engine_api = psutil.Process(starts[0]["pid"])
+            # vLLM's API server (or the stand-in): stage 2 execs it, or, in a PID namespace,
+            # forks it and waits outside (engine_start's `pid`; then `engine_pid` is vLLM's).
+            engine_api = psutil.Process(starts[0].get("engine_pid") or starts[0]["pid"])
             api_servers = {"direct": engine_api, "front": engine_api}
             if vllm_tls is not None:
                 targets[VLLM_TLS] = Target(port=tls_port, ssl=ctx)

@@ -71,6 +71,10 @@ def test_front_bench_with_the_stand_in_engine() -> None:
         assert low <= row["throughput_ratio"] <= high, row
     # The front path went through harness: its process spent CPU on every shape's requests.
     assert all(row["front_cpu_ms_per_request"] > 0 for row in shapes), shapes
+    # And the engine's own process (found inside its PID namespace) served both paths.
+    for row in shapes:
+        api = row["api_server_cpu_ms_per_request"]
+        assert api["direct"] > 0 and api["front"] > 0, row
     # The baselines ran in the same rounds, each through its own process.
     for name in ("relay", "httptools", "uvicorn"):
         for row in shapes:
