@@ -64,12 +64,12 @@ def _parents_and_groups() -> tuple[dict[int, int], dict[int, int]]:
         try:
             with open(f"/proc/{name}/stat", "rb") as stat:
                 data = stat.read()
-        except OSError:  # gone since the listing
+            # `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
+            fields = data[data.rindex(b")") + 2 :].split()
+            parent, group = int(fields[1]), int(fields[2])
+        except (OSError, ValueError, IndexError):  # gone since the listing (empty, or ESRCH)
             continue
-        # `pid (comm) state ppid pgrp ...`; comm may hold spaces and parentheses.
-        fields = data[data.rindex(b")") + 2 :].split()
-        pid = int(name)
-        parents[pid], groups[pid] = int(fields[1]), int(fields[2])
+        parents[int(name)], groups[int(name)] = parent, group
     return parents, groups
 
 
