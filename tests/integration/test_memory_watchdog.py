@@ -101,14 +101,19 @@ def test_watchdog_stops_a_process_tree_over_the_cap(events: list[dict[str, Any]]
 def test_watchdog_leaves_a_process_under_the_cap_alone(events: list[dict[str, Any]]) -> None:
     proc = _hungry(10)
     try:
-        caps = MemoryCaps(cpu_bytes=200 * MB)
-        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
-            time.sleep(1)
-        assert dog.tripped is None and proc.poll() is None
-        assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
+        _watched_and_left_alone(proc, MemoryCaps(cpu_bytes=200 * MB), events)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _watched_and_left_alone(
+    proc: subprocess.Popen[str], caps: MemoryCaps, events: list[dict[str, Any]]
+) -> None:
+    with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
+        time.sleep(1)
+    assert dog.tripped is None and proc.poll() is None
+    assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
 
 
 # A parent that touches SHARED_MB and then forks: the child shares those pages copy-on-write,
@@ -132,16 +137,12 @@ def test_a_tree_over_the_cap_by_rss_but_under_it_by_pss_runs_on(
     try:
         pids = watchdog.engine_pids(proc.pid)
         assert len(pids) == 2
-        cap = int(SHARED_MB * 1.5) * MB  # over the RSS sum (~2 x 100 MB), not the PSS (~100)
+        cap = int(SHARED_MB * 1.5) * MB  # under the RSS sum (~2 x 100 MB), over the PSS (~100)
         shared = watchdog.measure(pids, gpu=False, cpu_cap=cap)
         assert shared.measure == "pss" and shared.cpu_bytes <= cap
         roomy = watchdog.measure(pids, gpu=False, cpu_cap=4 * SHARED_MB * MB)
         assert roomy.measure == "rss" and roomy.cpu_bytes > cap  # the RSS sum, double-counted
-        caps = MemoryCaps(cpu_bytes=cap)
-        with watchdog.MemoryWatchdog(caps, lambda: _running(proc), interval_s=0.05) as dog:
-            time.sleep(0.5)
-        assert dog.tripped is None and proc.poll() is None
-        assert not [e for e in events if e["event_type"] == "memory_cap_exceeded"]
+        _watched_and_left_alone(proc, MemoryCaps(cpu_bytes=cap), events)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
