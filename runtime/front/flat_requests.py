@@ -57,7 +57,9 @@ def _scalar_check(annotation: Any) -> _Check | None:
             bounds.append((compare, getattr(item, attribute)))
         else:
             return None  # a constraint this quick path does not know: the models decide
-    if inner is float and len(bounds) < 2:
+    compares = {compare for compare, _limit in bounds}
+    below, above = compares & {operator.ge, operator.gt}, compares & {operator.le, operator.lt}
+    if inner is float and not (below and above):
         # Not bounded both ways: an integer too large for a float (the models refuse it)
         # would pass here. Integers there are left to the models.
         kinds = (float,)

@@ -3,12 +3,12 @@ from: it may say "fits" only where the models accept the body."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from runtime.front.flat_requests import _scalar_checks, fits_flat
 from runtime.front.request_model import ALLOWED_PARAMS, MODELS, CompletionRequest
@@ -108,3 +108,20 @@ def test_a_field_or_model_with_a_validator_of_its_own_is_left_to_the_model() -> 
     checks = _scalar_checks(Checked)
     assert checks is not None and "temperature" not in checks and "top_p" in checks
     assert _scalar_checks(Whole) is None
+
+
+def test_an_integer_in_a_number_field_bounded_one_way_is_left_to_the_model() -> None:
+    """The models refuse an integer too large for a float (2**1024); the quick path takes
+    integers as numbers only where both bounds keep them small."""
+
+    class LowerOnly(BaseModel):
+        model_config = ConfigDict(strict=True, allow_inf_nan=False)
+        weight: Annotated[float, Field(ge=0, gt=-1)] | None = None
+
+    checks = _scalar_checks(LowerOnly)
+    assert checks is not None and checks["weight"][0] == (float,)
+    with pytest.raises(ValidationError):
+        LowerOnly.model_validate({"weight": 2**1024})
+    # The models' own numbers are bounded both ways: integers there take the quick path.
+    completions = _scalar_checks(CompletionRequest)
+    assert completions is not None and int in completions["temperature"][0]
