@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from vllm.entrypoints.openai.chat_completion import protocol as chat_protocol
 from vllm.entrypoints.openai.completion import protocol
@@ -179,7 +179,7 @@ def _requests(values: dict[str, st.SearchStrategy[Any]], required: str) -> st.Se
     )
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None)
 @given(
     route_body=st.one_of(
         st.tuples(st.just(b"/v1/completions"), _requests(_completion_values, "prompt")),

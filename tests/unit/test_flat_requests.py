@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -36,9 +36,7 @@ def _accepted(route: bytes, body: dict[str, Any]) -> bool:
     return True
 
 
-# too_slow: the first text strategy of a fresh checkout builds hypothesis's Unicode table
-# (about a second, in the first draw), and this may be the first test to use one.
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400)
 @given(
     st.sampled_from([COMPLETIONS, CHAT]).flatmap(
         lambda route: st.tuples(
